@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m budgetalloc.demo
+	$(BIN)/budgetalloc simulate --out data/trial.parquet
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -213,3 +213,23 @@ def load_params(path: str | Path | None = None) -> Params:
 def params_to_dict(params: Params) -> dict:
     """A plain JSON/YAML-serialisable dict of the params (tuples become lists)."""
     return params.model_dump(mode="json")
+
+
+def with_overrides(params: Params, changes: dict, *, source: str = "command line") -> Params:
+    """A copy of ``params`` with dotted-key overrides (``{"simulate.world": "gmv"}``) validated.
+
+    Keys whose value is ``None`` are ignored (an option the user did not give).
+
+    Raises:
+        ParamsError: an unknown key or an invalid value, named.
+    """
+    raw = params_to_dict(params)
+    for dotted, value in changes.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return params_from_dict(raw, source=source)

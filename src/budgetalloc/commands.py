@@ -1,0 +1,37 @@
+"""What each CLI command does, as plain functions (the CLI only parses and prints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from budgetalloc.data import arm_summary, trial_from_frame
+from budgetalloc.files import write_table
+from budgetalloc.params import load_params, with_overrides
+from budgetalloc.simulate import simulate_population, simulate_trial, truth_frame
+
+
+def run_simulate(
+    *,
+    out: Path,
+    population: Path | None,
+    truth: Path | None,
+    population_size: int,
+    params_path: Path | None,
+    seed: int | None,
+    overrides: dict,
+) -> pd.DataFrame:
+    """Simulate a trial (and optionally a population with its truth); return the arm summary."""
+    params = with_overrides(
+        load_params(params_path), {f"simulate.{k}": v for k, v in overrides.items()} | {"seed": seed}
+    )
+    sim, seed = params.simulate, params.seed
+    world = simulate_trial(sim, seed=seed)
+    write_table(world.frame, out)
+    if population is not None:
+        pop = simulate_population(sim, seed=seed + 1, n_users=population_size)
+        write_table(pop.frame, population)
+        if truth is not None:
+            write_table(truth_frame(pop), truth)
+    return arm_summary(trial_from_frame(world.frame, source=str(out)))

@@ -1,0 +1,377 @@
+"""The data contract: load and validate trial and population tables.
+
+A trial (a randomized incentive experiment) has ``user_id``, numeric feature
+columns, ``treatment`` (int arm, 0 = control), ``response``, ``cost`` and an
+optional ``propensity``. A population to allocate is the same without the last
+four. Both may be Parquet or CSV. Every violation raises :class:`DataError` with
+one line naming the file and the column or value; nothing is coerced silently.
+
+Missing feature values are allowed: :class:`Preprocessor` imputes them with the
+training medians it stores (and the count is reported), then standardises.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from budgetalloc.errors import DataError
+
+USER_ID = "user_id"
+TREATMENT = "treatment"
+RESPONSE = "response"
+COST = "cost"
+PROPENSITY = "propensity"
+TRIAL_COLUMNS = (TREATMENT, RESPONSE, COST)
+RESERVED = (USER_ID, TREATMENT, RESPONSE, COST, PROPENSITY)
+MAX_ARMS = 64
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A validated randomized trial as typed arrays."""
+
+    user_id: np.ndarray
+    X: np.ndarray  # float32 (n, d), may hold NaN
+    treatment: np.ndarray  # int32 (n,)
+    response: np.ndarray  # float64 (n,)
+    cost: np.ndarray  # float64 (n,)
+    propensity: np.ndarray  # float64 (n,), probability of the received arm
+    feature_names: tuple[str, ...]
+    n_arms: int
+    arm_shares: tuple[float, ...]
+    binary_response: bool
+    source: str = "<memory>"
+
+    @property
+    def n(self) -> int:
+        return int(self.treatment.shape[0])
+
+    @property
+    def ipw(self) -> np.ndarray:
+        """Inverse-propensity weights normalised so uniform assignment gives 1."""
+        return 1.0 / (self.n_arms * self.propensity)
+
+    def subset(self, index: np.ndarray) -> Trial:
+        """The rows at ``index`` (a bool mask or integer array) as a new Trial."""
+        return Trial(
+            user_id=self.user_id[index],
+            X=self.X[index],
+            treatment=self.treatment[index],
+            response=self.response[index],
+            cost=self.cost[index],
+            propensity=self.propensity[index],
+            feature_names=self.feature_names,
+            n_arms=self.n_arms,
+            arm_shares=self.arm_shares,
+            binary_response=self.binary_response,
+            source=self.source,
+        )
+
+
+@dataclass(frozen=True)
+class Population:
+    """A validated population to allocate."""
+
+    user_id: np.ndarray
+    X: np.ndarray  # float32 (n, d) in the policy's feature order, may hold NaN
+    feature_names: tuple[str, ...]
+    source: str = "<memory>"
+
+    @property
+    def n(self) -> int:
+        return int(self.user_id.shape[0])
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a Parquet or CSV file into a DataFrame, with one-line errors.
+
+    Args:
+        path: a ``.parquet``/``.pq`` or ``.csv`` file (other suffixes are sniffed).
+
+    Returns:
+        The table.
+
+    Raises:
+        DataError: missing file, unreadable content, or no rows.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    table = _read_arrow(path)
+    if table.num_rows == 0:
+        raise DataError(f"{path}: table has no rows")
+    return table.to_pandas()
+
+
+def _read_arrow(path: Path) -> pa.Table:
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    suffix = path.suffix.lower()
+    try:
+        if magic == b"PAR1" or suffix in (".parquet", ".pq"):
+            return pq.read_table(path)
+        if suffix in (".csv", ".txt", ""):
+            return pacsv.read_csv(path)
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as err:
+        kind = "Parquet" if magic == b"PAR1" or suffix in (".parquet", ".pq") else "CSV"
+        detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise DataError(f"{path}: not a readable {kind} file ({detail})") from None
+    raise DataError(f"{path}: unsupported format '{suffix}' (expected .parquet or .csv)")
+
+
+def feature_columns(df: pd.DataFrame, features: tuple[str, ...] | None, source: str) -> tuple[str, ...]:
+    """The feature columns: ``features`` if given, else every non-reserved column."""
+    if features is None:
+        names = tuple(c for c in df.columns if c not in RESERVED)
+    else:
+        names = tuple(features)
+        missing = [c for c in names if c not in df.columns]
+        if missing:
+            raise DataError(f"{source}: missing feature column '{missing[0]}'")
+    if not names:
+        raise DataError(f"{source}: no feature columns")
+    return names
+
+
+def _feature_matrix(df: pd.DataFrame, names: tuple[str, ...], source: str) -> np.ndarray:
+    out = np.empty((len(df), len(names)), dtype=np.float32)
+    for j, name in enumerate(names):
+        col = df[name]
+        if col.dtype == bool:
+            col = col.astype(np.float64)
+        if not pd.api.types.is_numeric_dtype(col.dtype):
+            bad = _first_non_numeric(col)
+            raise DataError(f"{source}: feature column '{name}' is not numeric (value {_show(bad)})")
+        values = col.to_numpy(dtype=np.float64, na_value=np.nan)
+        if np.isinf(values).any():
+            raise DataError(f"{source}: feature column '{name}' has infinite values")
+        if (np.abs(values) > _F32_MAX).any():
+            raise DataError(f"{source}: feature column '{name}' has values beyond float32 range")
+        out[:, j] = values
+    return out
+
+
+def _show(value) -> str:
+    """repr of a cell value without numpy's type wrappers."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _first_non_numeric(col: pd.Series):
+    coerced = pd.to_numeric(col, errors="coerce")
+    bad = col[coerced.isna() & col.notna()]
+    return bad.iloc[0] if len(bad) else col.iloc[0]
+
+
+def _user_ids(df: pd.DataFrame, source: str) -> np.ndarray:
+    if USER_ID not in df.columns:
+        raise DataError(f"{source}: missing column '{USER_ID}'")
+    ids = df[USER_ID]
+    if ids.isna().any():
+        raise DataError(f"{source}: column '{USER_ID}' has missing values")
+    dup = ids.duplicated()
+    if dup.any():
+        raise DataError(f"{source}: duplicate {USER_ID} {_show(ids[dup].iloc[0])}")
+    if pd.api.types.is_integer_dtype(ids.dtype):
+        return ids.to_numpy(dtype=np.int64)
+    return ids.astype(str).to_numpy(dtype=object)
+
+
+def _treatment(df: pd.DataFrame, source: str) -> tuple[np.ndarray, int]:
+    col = df[TREATMENT]
+    if col.isna().any():
+        raise DataError(f"{source}: column '{TREATMENT}' has missing values")
+    if not pd.api.types.is_numeric_dtype(col.dtype) or col.dtype == bool:
+        raise DataError(f"{source}: column '{TREATMENT}' must be integer (value {_show(col.iloc[0])})")
+    values = col.to_numpy(dtype=np.float64)
+    frac = values != np.round(values)
+    if frac.any():
+        raise DataError(f"{source}: column '{TREATMENT}' must be integer (value {_show(values[frac][0])})")
+    if (values < 0).any():
+        raise DataError(f"{source}: column '{TREATMENT}' has negative arm {int(values.min())}")
+    if (values > MAX_ARMS - 1).any():
+        raise DataError(f"{source}: column '{TREATMENT}' has arm {_show(values.max())}, more than {MAX_ARMS} arms")
+    t = values.astype(np.int32)
+    n_arms = int(t.max()) + 1
+    counts = np.bincount(t, minlength=n_arms)
+    if counts[0] == 0:
+        raise DataError(f"{source}: no control rows (arm 0) in column '{TREATMENT}'")
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise DataError(f"{source}: arm {int(empty[0])} has no rows in column '{TREATMENT}'")
+    return t, n_arms
+
+
+def _numeric_target(df: pd.DataFrame, name: str, source: str) -> np.ndarray:
+    col = df[name]
+    if not pd.api.types.is_numeric_dtype(col.dtype):
+        raise DataError(f"{source}: column '{name}' is not numeric (value {_show(_first_non_numeric(col))})")
+    values = col.to_numpy(dtype=np.float64, na_value=np.nan)
+    if np.isnan(values).any():
+        raise DataError(f"{source}: column '{name}' has NaN at row {int(np.flatnonzero(np.isnan(values))[0])}")
+    if np.isinf(values).any():
+        raise DataError(f"{source}: column '{name}' has infinite values")
+    return values
+
+
+def _propensity(df: pd.DataFrame, t: np.ndarray, n_arms: int, source: str) -> np.ndarray:
+    if PROPENSITY not in df.columns:
+        shares = np.bincount(t, minlength=n_arms) / t.shape[0]
+        return shares[t]
+    p = _numeric_target(df, PROPENSITY, source)
+    bad = (p <= 0) | (p > 1)
+    if bad.any():
+        raise DataError(f"{source}: column '{PROPENSITY}' value {_show(p[bad][0])} outside (0, 1]")
+    return p
+
+
+def trial_from_frame(
+    df: pd.DataFrame, *, features: tuple[str, ...] | None = None, source: str = "<memory>"
+) -> Trial:
+    """Validate a trial DataFrame against the contract.
+
+    Args:
+        df: the table.
+        features: feature column names; default every non-reserved column.
+        source: file name used in error messages.
+
+    Returns:
+        A :class:`Trial`.
+
+    Raises:
+        DataError: on the first violation, naming the column and value.
+    """
+    if len(df) == 0:
+        raise DataError(f"{source}: table has no rows")
+    for name in TRIAL_COLUMNS:
+        if name not in df.columns:
+            raise DataError(f"{source}: missing column '{name}'")
+    ids = _user_ids(df, source)
+    t, n_arms = _treatment(df, source)
+    response = _numeric_target(df, RESPONSE, source)
+    cost = _numeric_target(df, COST, source)
+    if (cost < 0).any():
+        raise DataError(f"{source}: column '{COST}' has negative value {_show(cost[cost < 0][0])}")
+    names = feature_columns(df, features, source)
+    X = _feature_matrix(df, names, source)
+    shares = np.bincount(t, minlength=n_arms) / t.shape[0]
+    return Trial(
+        user_id=ids,
+        X=X,
+        treatment=t,
+        response=response,
+        cost=cost,
+        propensity=_propensity(df, t, n_arms, source),
+        feature_names=names,
+        n_arms=n_arms,
+        arm_shares=tuple(float(s) for s in shares),
+        binary_response=bool(np.isin(response, (0.0, 1.0)).all()),
+        source=source,
+    )
+
+
+def load_trial(path: str | Path, *, features: tuple[str, ...] | None = None) -> Trial:
+    """Load and validate a trial file (Parquet or CSV). See :func:`trial_from_frame`."""
+    return trial_from_frame(read_table(path), features=features, source=str(path))
+
+
+def population_from_frame(
+    df: pd.DataFrame, feature_names: tuple[str, ...], *, source: str = "<memory>"
+) -> Population:
+    """Validate a population table; extra columns are ignored.
+
+    Args:
+        df: the table.
+        feature_names: the policy's features, in its order.
+        source: file name used in error messages.
+
+    Returns:
+        A :class:`Population` whose ``X`` follows ``feature_names``.
+    """
+    if len(df) == 0:
+        raise DataError(f"{source}: table has no rows")
+    ids = _user_ids(df, source)
+    names = feature_columns(df, tuple(feature_names), source)
+    return Population(user_id=ids, X=_feature_matrix(df, names, source), feature_names=names, source=source)
+
+
+def load_population(path: str | Path, feature_names: tuple[str, ...]) -> Population:
+    """Load and validate a population file. See :func:`population_from_frame`."""
+    return population_from_frame(read_table(path), feature_names, source=str(path))
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Median imputation then standardisation, fitted on training rows."""
+
+    medians: np.ndarray
+    means: np.ndarray
+    scales: np.ndarray
+
+    @classmethod
+    def fit(cls, X: np.ndarray) -> Preprocessor:
+        """Learn medians, means and scales from ``X`` (NaN allowed; all-NaN columns get 0)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            medians = np.nanmedian(X.astype(np.float64), axis=0)
+        medians = np.where(np.isnan(medians), 0.0, medians)
+        filled = np.where(np.isnan(X), medians, X).astype(np.float64)
+        means = filled.mean(axis=0)
+        scales = filled.std(axis=0)
+        scales = np.where(scales > 1e-12, scales, 1.0)
+        return cls(medians=medians, means=means, scales=scales)
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Impute NaN with the stored medians and standardise; float32 out."""
+        filled = np.where(np.isnan(X), self.medians.astype(X.dtype), X)
+        return ((filled - self.means) / self.scales).astype(np.float32)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k).tolist() for k in ("medians", "means", "scales")}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Preprocessor:
+        return cls(**{k: np.asarray(raw[k], dtype=np.float64) for k in ("medians", "means", "scales")})
+
+
+def count_missing(X: np.ndarray) -> int:
+    """Number of missing feature values (these get imputed)."""
+    return int(np.isnan(X).sum())
+
+
+def trial_frame(trial: Trial) -> pd.DataFrame:
+    """A trial as a DataFrame in the contract's column layout."""
+    df = pd.DataFrame(trial.X, columns=list(trial.feature_names))
+    df.insert(0, USER_ID, trial.user_id)
+    df[TREATMENT] = trial.treatment.astype(np.int64)
+    df[RESPONSE] = trial.response
+    df[COST] = trial.cost
+    return df
+
+
+def arm_summary(trial: Trial) -> pd.DataFrame:
+    """Rows, share, mean response and mean cost per arm."""
+    counts = np.bincount(trial.treatment, minlength=trial.n_arms)
+    resp = np.bincount(trial.treatment, weights=trial.response, minlength=trial.n_arms)
+    cost = np.bincount(trial.treatment, weights=trial.cost, minlength=trial.n_arms)
+    return pd.DataFrame(
+        {
+            "arm": np.arange(trial.n_arms),
+            "rows": counts,
+            "share": counts / trial.n,
+            "mean_response": resp / counts,
+            "mean_cost": cost / counts,
+        }
+    )

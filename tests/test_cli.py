@@ -1,0 +1,34 @@
+"""The CLI: commands work, and user errors exit 2 with one line and no traceback."""
+
+from __future__ import annotations
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from budgetalloc.cli import app
+
+runner = CliRunner()
+
+
+def test_simulate_writes_trial_population_and_truth(tmp_path):
+    out, pop, truth = tmp_path / "t.parquet", tmp_path / "p.parquet", tmp_path / "truth.parquet"
+    res = runner.invoke(
+        app,
+        ["simulate", "--out", str(out), "--population", str(pop), "--truth", str(truth),
+         "--n-users", "2000", "--population-size", "300", "--world", "gmv"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "mean_response" in res.output
+    trial = pd.read_parquet(out)
+    assert len(trial) == 2000 and {"treatment", "response", "cost"} <= set(trial.columns)
+    assert len(pd.read_parquet(pop)) == 300
+    assert "true_cost_4" in pd.read_parquet(truth).columns
+
+
+def test_bad_option_value_exits_2_with_one_line(tmp_path):
+    out = tmp_path / "t.parquet"
+    res = runner.invoke(app, ["simulate", "--out", str(out), "--world", "mars"])
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "simulate.world" in lines[0] and "Traceback" not in res.output
+    assert not out.exists()
