@@ -85,7 +85,9 @@ class StatisticsParams(_Section):
     """Per-cluster, per-arm estimates and bootstrap scenarios (stage 3)."""
 
     estimator: Literal["mean", "winsorize", "median_of_means"] = "winsorize"
-    winsor_quantile: float = Field(0.01, ge=0.0, lt=0.5)
+    clip_z: float = Field(
+        5.0, gt=0.0, description="winsorize: non-zero values clipped to median +- clip_z robust sd"
+    )
     mom_blocks: int = Field(10, ge=2)
     shrinkage: float = Field(
         20.0, ge=0.0, description="pseudo-rows of the network's prediction in each cell"

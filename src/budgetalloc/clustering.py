@@ -1,0 +1,194 @@
+"""k-means on the standardised hidden representation (stage 2).
+
+The representation ``h(x)`` is standardised per unit (mean 0, variance 1, from the
+training embeddings) so that no unit dominates the Euclidean distance, then
+partitioned into ``K`` groups:
+
+* in memory (up to ``streaming_threshold`` rows): ``KMeans`` fitted on a seeded
+  sample of at most ``fit_sample`` rows. k-means cost grows with rows x K x
+  iterations; a 200k-row sample already pins 64-256 centroids down to well
+  below the spread of the clusters, and every row is then *assigned* in batches.
+* streaming (more rows, or an iterator of batches, e.g. Parquet partitions):
+  one pass for the standardiser's moments, then ``MiniBatchKMeans.partial_fit``
+  over the batches. Memory is bounded by one batch.
+
+Assignment is a vectorised nearest-centroid search in float32 batches
+(``|x|^2 - 2 x.c + |c|^2``) with no sklearn on the hot path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.cluster import KMeans, MiniBatchKMeans
+
+from budgetalloc.params import ClusterParams
+
+ASSIGN_BATCH = 65_536
+STREAM_PASSES = 3  # passes of MiniBatchKMeans over a streamed source
+
+
+@dataclass(frozen=True)
+class ClusterModel:
+    """Centroids in standardised embedding space, with the standardiser."""
+
+    centers: np.ndarray  # float32 (K, H)
+    mean: np.ndarray  # float32 (H,)
+    scale: np.ndarray  # float32 (H,)
+    inertia: float
+
+    @property
+    def k(self) -> int:
+        return int(self.centers.shape[0])
+
+    def standardise(self, emb: np.ndarray) -> np.ndarray:
+        return ((emb - self.mean) / self.scale).astype(np.float32)
+
+
+@dataclass
+class _Moments:
+    """Running sums for a streaming mean and variance (float64)."""
+
+    n: int = 0
+    total: np.ndarray | None = None
+    total_sq: np.ndarray | None = None
+
+    def update(self, batch: np.ndarray) -> None:
+        b = batch.astype(np.float64)
+        s, sq = b.sum(axis=0), (b * b).sum(axis=0)
+        self.total = s if self.total is None else self.total + s
+        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
+        self.n += b.shape[0]
+
+    def mean_scale(self) -> tuple[np.ndarray, np.ndarray]:
+        mean = self.total / self.n
+        var = np.maximum(self.total_sq / self.n - mean * mean, 0.0)
+        scale = np.sqrt(var)
+        return mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
+
+
+def effective_k(requested: int, n_rows: int, n_arms: int, *, rows_per_cell: int = 30) -> int:
+    """The K the data support: at least ``rows_per_cell`` rows per (cluster, arm) on average.
+
+    Args:
+        requested: ``cluster.k`` from params.
+        n_rows: rows that will estimate the cluster statistics.
+        n_arms: arms in the trial.
+        rows_per_cell: average rows wanted per (cluster, arm) cell.
+
+    Returns:
+        ``min(requested, n_rows // (n_arms * rows_per_cell))``, and at least 2.
+    """
+    return int(max(2, min(requested, n_rows // (n_arms * rows_per_cell))))
+
+
+def fit_clusters(emb: np.ndarray, *, k: int, params: ClusterParams, seed: int) -> ClusterModel:
+    """Fit k-means on in-memory embeddings (streams above ``streaming_threshold`` rows).
+
+    Args:
+        emb: (n, H) embeddings of the training users.
+        k: number of clusters (see :func:`effective_k`).
+        params: the ``cluster`` section.
+        seed: random seed (sampling and k-means initialisation).
+
+    Returns:
+        The fitted :class:`ClusterModel`.
+    """
+    if emb.shape[0] > params.streaming_threshold:
+        step = params.batch_size
+        return fit_clusters_streaming(
+            lambda: (emb[i : i + step] for i in range(0, emb.shape[0], step)), k=k, params=params, seed=seed
+        )
+    moments = _Moments()
+    moments.update(emb)
+    mean, scale = moments.mean_scale()
+    rng = np.random.default_rng(seed)
+    sample = emb if emb.shape[0] <= params.fit_sample else emb[np.sort(rng.choice(emb.shape[0], params.fit_sample, replace=False))]
+    z = ((sample - mean) / scale).astype(np.float32)
+    km = KMeans(n_clusters=k, n_init=params.n_init, max_iter=params.max_iter, random_state=seed)
+    km.fit(z)
+    return ClusterModel(_ordered(km.cluster_centers_), mean, scale, float(km.inertia_))
+
+
+def fit_clusters_streaming(batches, *, k: int, params: ClusterParams, seed: int) -> ClusterModel:
+    """Fit MiniBatchKMeans over a re-iterable source of embedding batches.
+
+    Args:
+        batches: a zero-argument callable returning a fresh iterator of (b, H)
+            arrays each time (two passes are made: moments, then partial_fit).
+        k: number of clusters.
+        params: the ``cluster`` section.
+        seed: random seed.
+
+    Returns:
+        The fitted :class:`ClusterModel` (inertia is the last batch's, per row).
+    """
+    moments = _Moments()
+    for batch in batches():
+        moments.update(batch)
+    mean, scale = moments.mean_scale()
+    km = MiniBatchKMeans(n_clusters=k, batch_size=params.batch_size, random_state=seed, n_init=params.n_init)
+    pending: list[np.ndarray] = []
+    for _ in range(STREAM_PASSES):
+        for batch in batches():
+            pending.append(((batch - mean) / scale).astype(np.float32))
+            # partial_fit needs at least k rows in its first call; small batches are pooled.
+            if sum(p.shape[0] for p in pending) >= k:
+                km.partial_fit(np.concatenate(pending))
+                pending = []
+    if pending:
+        km.partial_fit(np.concatenate(pending))
+    return ClusterModel(_ordered(km.cluster_centers_), mean, scale, float(km.inertia_))
+
+
+def _ordered(centers: np.ndarray) -> np.ndarray:
+    """Centroids in a canonical order (lexicographic), so ids do not depend on init order."""
+    c = np.asarray(centers, dtype=np.float32)
+    return c[np.lexsort(c.T[::-1])]
+
+
+def assign_clusters(model: ClusterModel, emb: np.ndarray, *, batch_size: int = ASSIGN_BATCH) -> np.ndarray:
+    """Nearest-centroid cluster id per row, int32."""
+    centers = model.centers
+    c_sq = (centers * centers).sum(axis=1)
+    out = np.empty(emb.shape[0], dtype=np.int32)
+    for start in range(0, emb.shape[0], batch_size):
+        z = model.standardise(emb[start : start + batch_size])
+        out[start : start + z.shape[0]] = np.argmin(c_sq[None, :] - 2.0 * z @ centers.T, axis=1)
+    return out
+
+
+def centroid_soft_targets(model: ClusterModel, emb: np.ndarray, *, temperature: float) -> np.ndarray:
+    """Soft cluster memberships ``softmax(-d^2 / (temperature * H))`` for distillation."""
+    z = model.standardise(emb)
+    d2 = (z * z).sum(axis=1, keepdims=True) - 2.0 * z @ model.centers.T + (model.centers**2).sum(axis=1)
+    logits = -d2 / (temperature * z.shape[1])
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def cluster_sizes(labels: np.ndarray, k: int) -> np.ndarray:
+    """Users per cluster (int64, length ``k``)."""
+    return np.bincount(labels, minlength=k).astype(np.int64)
+
+
+def save_clusters(model: ClusterModel, directory: str | Path) -> None:
+    """Write ``clusters.npz`` (no pickle) and ``clusters.json`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    np.savez(directory / "clusters.npz", centers=model.centers, mean=model.mean, scale=model.scale)
+    (directory / "clusters.json").write_text(json.dumps({"k": model.k, "inertia": model.inertia}, indent=2) + "\n")
+
+
+def load_clusters(directory: str | Path) -> ClusterModel:
+    """Read what :func:`save_clusters` wrote."""
+    directory = Path(directory)
+    with np.load(directory / "clusters.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in ("centers", "mean", "scale")}
+    meta = json.loads((directory / "clusters.json").read_text())
+    return ClusterModel(**arrays, inertia=float(meta["inertia"]))
+

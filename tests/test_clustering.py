@@ -1,0 +1,70 @@
+"""k-means on embeddings: recovers separated groups, streaming agrees, stable ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from budgetalloc.clustering import (
+    assign_clusters,
+    centroid_soft_targets,
+    effective_k,
+    fit_clusters,
+    fit_clusters_streaming,
+    load_clusters,
+    save_clusters,
+)
+from budgetalloc.params import ClusterParams
+
+
+def blobs(n=6000, k=5, h=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=6.0, size=(k, h))
+    truth = rng.integers(0, k, n)
+    return (centers[truth] + rng.normal(size=(n, h))).astype(np.float32), truth
+
+
+def _purity(labels, truth):
+    return sum(np.bincount(truth[labels == c]).max() for c in np.unique(labels)) / len(truth)
+
+
+def test_recovers_separated_blobs_and_is_deterministic():
+    emb, truth = blobs()
+    params = ClusterParams(k=5, n_init=2)
+    a = fit_clusters(emb, k=5, params=params, seed=0)
+    b = fit_clusters(emb, k=5, params=params, seed=0)
+    np.testing.assert_array_equal(a.centers, b.centers)
+    labels = assign_clusters(a, emb, batch_size=777)
+    assert _purity(labels, truth) > 0.99
+    assert len(np.unique(labels)) == 5
+
+
+def test_streaming_matches_in_memory():
+    emb, truth = blobs(n=8000)
+    params = ClusterParams(k=5, batch_size=500)
+    model = fit_clusters_streaming(lambda: (emb[i : i + 1000] for i in range(0, len(emb), 1000)),
+                                   k=5, params=params, seed=0)
+    assert _purity(assign_clusters(model, emb), truth) > 0.99
+    forced = fit_clusters(emb, k=5, params=ClusterParams(k=5, streaming_threshold=100, batch_size=500), seed=0)
+    assert _purity(assign_clusters(forced, emb), truth) > 0.99
+
+
+def test_soft_targets_are_distributions_peaking_at_assignment():
+    emb, _ = blobs(n=500)
+    model = fit_clusters(emb, k=5, params=ClusterParams(k=5), seed=0)
+    soft = centroid_soft_targets(model, emb, temperature=0.1)
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(soft.argmax(axis=1), assign_clusters(model, emb))
+
+
+def test_save_load_roundtrip(tmp_path):
+    emb, _ = blobs(n=500)
+    model = fit_clusters(emb, k=4, params=ClusterParams(k=4), seed=0)
+    save_clusters(model, tmp_path)
+    back = load_clusters(tmp_path)
+    np.testing.assert_array_equal(assign_clusters(back, emb), assign_clusters(model, emb))
+
+
+@pytest.mark.parametrize("n,expected", [(100, 2), (3000, 20), (10**7, 64)])
+def test_effective_k_adapts_to_data(n, expected):
+    assert effective_k(64, n, 5) == expected

@@ -1,0 +1,101 @@
+"""Cluster statistics: unbiased on a known world, robust to outliers, honest scenarios."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from budgetalloc.params import StatisticsParams
+from budgetalloc.statistics import ClusterStatistics, cluster_statistics, robust_clip
+
+
+def _world(n=60_000, k=4, m=3, seed=0, outliers=0.0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    t = rng.integers(0, m, n)
+    true_r = 0.1 + 0.05 * np.arange(k)[:, None] + 0.04 * np.arange(m)[None, :] * (1 + np.arange(k)[:, None] % 2)
+    coupon = np.array([0.0, 1.0, 2.0])[:m]
+    y = (rng.random(n) < true_r[labels, t]).astype(float)
+    c = y * coupon[t]
+    if outliers:
+        c[rng.random(n) < outliers] *= 10.0
+    return labels, t, y, c, true_r, true_r * coupon[None, :]
+
+
+@pytest.mark.parametrize("estimator", ["mean", "winsorize", "median_of_means"])
+@pytest.mark.parametrize("pred_bias", [0.0, 0.1])
+def test_unbiased_whatever_the_predictions(estimator, pred_bias):
+    """A biased network prediction is corrected by the honest rows (doubly robust)."""
+    labels, t, y, c, tr, tc = _world()
+    n, m = len(t), tr.shape[1]
+    pred_r = np.full((n, m), y.mean() + pred_bias)
+    pred_c = np.full((n, m), c.mean())
+    params = StatisticsParams(estimator=estimator, shrinkage=0.0, n_scenarios=5)
+    st = cluster_statistics(labels, t, y, c, np.ones(n), pred_r, pred_c, k=4, params=params, seed=0)
+    np.testing.assert_allclose(st.response, tr, atol=5 * st.response_se.max() + 0.01)
+    np.testing.assert_allclose(st.cost, tc, atol=0.03)
+    assert np.all(st.cost[:, 0] == 0.0)
+
+
+def test_shrinkage_pulls_small_cells_to_predictions():
+    labels, t, y, c, tr, _ = _world(n=400)
+    n, m = len(t), tr.shape[1]
+    pred = np.full((n, m), 0.5)
+    heavy = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4,
+                               params=StatisticsParams(shrinkage=1e6, n_scenarios=2), seed=0)
+    np.testing.assert_allclose(heavy.response, 0.5, atol=1e-3)
+    none = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4,
+                              params=StatisticsParams(shrinkage=0.0, n_scenarios=2, estimator="mean"), seed=0)
+    cell = (labels == 0) & (t == 1)
+    assert none.response[0, 1] == pytest.approx(y[cell].mean())
+
+
+def test_robust_estimate_beats_mean_under_cost_outliers():
+    labels, t, y, c, _, tc = _world(outliers=0.03)
+    n, m = len(t), tc.shape[1]
+    pred = np.zeros((n, m))
+    errs = {}
+    for est in ("mean", "winsorize"):
+        st = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4,
+                                params=StatisticsParams(estimator=est, shrinkage=0.0, n_scenarios=2), seed=0)
+        errs[est] = np.abs(st.cost - tc).max()
+    assert errs["winsorize"] < 0.03 < errs["mean"]
+
+
+def test_robust_clip_keeps_zeros_and_typical_values():
+    t = np.array([1, 1, 1, 1, 1, 0])
+    v = np.array([0.0, 2.0, 2.0, 2.0, 20.0, 0.0])
+    out = robust_clip(v, t, 2, clip_z=5.0)
+    np.testing.assert_array_equal(out, [0.0, 2.0, 2.0, 2.0, 2.0, 0.0])
+
+
+def test_scenarios_spread_like_standard_errors_and_roundtrip(tmp_path):
+    labels, t, y, c, tr, _ = _world(n=20_000)
+    n, m = len(t), tr.shape[1]
+    pred = np.full((n, m), y.mean())
+    params = StatisticsParams(estimator="mean", shrinkage=0.0, n_scenarios=200)
+    st = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4, params=params, seed=1)
+    boot_sd = st.response_scenarios.std(axis=0)
+    ratio = boot_sd[:, 1:] / st.response_se[:, 1:]
+    assert np.all((ratio > 0.7) & (ratio < 1.4))
+    assert st.response_scenarios.shape == (200, 4, m)
+    st.save(tmp_path / "s.npz")
+    back = ClusterStatistics.load(tmp_path / "s.npz")
+    np.testing.assert_array_equal(back.cost_scenarios, st.cost_scenarios)
+    again = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4, params=params, seed=1)
+    np.testing.assert_array_equal(again.response_scenarios, st.response_scenarios)
+
+
+def test_inverse_propensity_weights_correct_unbalanced_assignment():
+    rng = np.random.default_rng(3)
+    n = 80_000
+    x = rng.random(n)
+    labels = np.zeros(n, dtype=int)
+    p1 = np.where(x > 0.5, 0.8, 0.2)  # arm 1 mostly given to high-x users
+    t = (rng.random(n) < p1).astype(int)
+    y = (rng.random(n) < 0.1 + 0.4 * x).astype(float)  # no treatment effect at all
+    prop = np.where(t == 1, p1, 1 - p1)
+    pred = np.zeros((n, 2))
+    st = cluster_statistics(labels, t, y, np.zeros(n), 1.0 / (2 * prop), pred, pred, k=1,
+                            params=StatisticsParams(estimator="mean", shrinkage=0.0, n_scenarios=2), seed=0)
+    assert st.response[0, 1] - st.response[0, 0] == pytest.approx(0.0, abs=0.01)
