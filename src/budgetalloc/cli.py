@@ -98,6 +98,56 @@ def simulate(
         console.print("note: --truth is written only together with --population")
 
 
+@app.command()
+@handle_errors
+def fit(
+    data: Annotated[Path, typer.Option("--data", help="RCT trial file (.parquet or .csv)")],
+    out: Annotated[Path, typer.Option("--out", help="policy directory to write")],
+    params: ParamsOpt = None,
+) -> None:
+    """Fit a policy: representation, clustering, distillation, statistics, budget table."""
+    from budgetalloc.commands import run_fit
+    from budgetalloc.progress import RichReporter
+
+    with RichReporter(console) as reporter:
+        summary = run_fit(data=data, out=out, params_path=params, reporter=reporter)
+    lo, hi = summary["budget_per_user_range"]
+    table = Table(title=f"Policy written to {out}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for item, value in (
+        ("trial rows (train / honest)", f"{summary['rows']} ({summary['train_rows']} / {summary['honest_rows']})"),
+        ("clusters K", str(summary["k"])),
+        ("arms", str(summary["n_arms"])),
+        ("student agreement (held-out)", f"{summary['student_agreement']:.4f}"),
+        ("representation epochs", str(summary["representation_epochs"])),
+        ("budget per user in table", f"{lo:.4g} .. {hi:.4g}"),
+    ):
+        table.add_row(item, value)
+    console.print(table)
+
+
+@app.command()
+@handle_errors
+def allocate(
+    policy: Annotated[Path, typer.Option("--policy", help="policy directory from `fit`")],
+    users: Annotated[Path, typer.Option("--users", help="population file (.parquet or .csv)")],
+    budget: Annotated[str, typer.Option("--budget", help="total budget for this population, in cost units")],
+    out: Annotated[Path, typer.Option("--out", help="allocation file to write (.parquet or .csv)")],
+) -> None:
+    """Allocate a population under a total budget: one arm per user."""
+    from budgetalloc.commands import run_allocate
+
+    result = run_allocate(policy_dir=policy, users=users, budget=budget, out=out)
+    shares = result.frame["treatment"].value_counts().sort_index()
+    console.print(f"allocated {len(result.frame)} users to {out} (solver: {result.solution.status})")
+    console.print("users per arm: " + ", ".join(f"{arm}: {n}" for arm, n in shares.items()))
+    console.print(f"total expected spend {result.expected_cost:.6g} of budget {result.budget:.6g}")
+    console.print(f"total expected response {result.expected_response:.6g}")
+    if result.unspent > 0:
+        console.print(f"note: {result.unspent:.6g} of the budget cannot be usefully spent and is left unspent")
+
+
 def main() -> None:
     """Console entry point."""
     app()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from budgetalloc.data import arm_summary, trial_from_frame
+from budgetalloc.data import arm_summary, load_population, load_trial, trial_from_frame
 from budgetalloc.files import write_table
 from budgetalloc.params import load_params, with_overrides
 from budgetalloc.simulate import simulate_population, simulate_trial, truth_frame
@@ -35,3 +35,28 @@ def run_simulate(
         if truth is not None:
             write_table(truth_frame(pop), truth)
     return arm_summary(trial_from_frame(world.frame, source=str(out)))
+
+
+def run_fit(*, data: Path, out: Path, params_path: Path | None, reporter=None) -> dict:
+    """Load and validate the trial, fit every stage, write the policy atomically; return its summary."""
+    from budgetalloc.pipeline import fit_policy
+    from budgetalloc.policy import save_policy
+
+    params = load_params(params_path)
+    trial = load_trial(data, features=params.data.features)
+    policy = fit_policy(trial, params, reporter)
+    save_policy(policy, out)
+    return policy.summary
+
+
+def run_allocate(*, policy_dir: Path, users: Path, budget, out: Path):
+    """Allocate a population file under a total budget and write the allocation atomically."""
+    from budgetalloc.allocate import allocate_population, check_budget
+    from budgetalloc.policy import load_policy
+
+    budget = check_budget(budget)
+    policy = load_policy(policy_dir)
+    population = load_population(users, policy.feature_names)
+    allocation = allocate_population(policy, population, budget)
+    write_table(allocation.frame, out)
+    return allocation

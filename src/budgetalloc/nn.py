@@ -1,0 +1,367 @@
+"""Machinery shared by the two networks: the epoch loop, batched inference, artifacts.
+
+Both the multi-task representation network (``representation.py``) and the serving
+student (``distill.py``) are Flax NNX modules trained the same way, so the training
+loop, the inference loop and the weight files live here once.
+
+Design choices, and why:
+
+* **Pure state, split once.** A module is split into ``(graphdef, params)`` with
+  ``nnx.split``; ``params`` and the optax state travel as a plain pytree
+  (:class:`TrainState`), and the module is rebuilt with ``nnx.merge`` inside the
+  traced functions. This keeps ``train_step(state, batch) -> (state, metrics)`` pure
+  and costs nothing at run time (the merge happens while tracing), whereas
+  ``nnx.jit`` re-walks the object graph on every call.
+* **One jitted call per epoch.** The data stay on the device for the whole fit; an
+  epoch is a ``lax.scan`` of ``train_step`` over a ``(n_batches, batch_size)`` matrix
+  of row indices drawn in numpy from the seed, and each step gathers its rows on the
+  device. On two CPU cores the per-batch Python dispatch of a plain loop costs as
+  much as a small network's step, and a scan removes it.
+* **Fixed shapes.** The last partial batch is padded with row 0 at weight 0, so
+  every epoch has the same shape and nothing recompiles. A loss function returns
+  ``(sum of weighted losses, sum of weights)``; padded rows therefore count for
+  nothing, and the epoch loss is the exact weighted mean over real rows.
+* **Inference** pads the last batch too, and uses batches of ``min(batch_size,
+  next power of two >= n)`` rows so that small inputs neither recompile per size
+  nor pay for a huge padded batch. Batches are dispatched one ahead of collection so
+  that host-side slicing overlaps the (asynchronous) device computation.
+* **Artifacts** are two files: ``weights.msgpack`` (``flax.serialization`` of the
+  pure parameter dict; never pickle) and ``config.json`` naming the kind, the
+  configuration, the training history and the SHA-256 of the weights, so an edited or truncated file is
+  an error rather than silently different predictions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from budgetalloc.errors import PolicyError
+
+#: ``loss_fn(module, batch) -> (sum of weighted row losses, sum of row weights)``.
+LossFn = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
+#: ``progress(epoch, {"train_loss": ..., "val_loss": ...})`` after every epoch.
+Progress = Callable[[int, dict[str, float]], None]
+
+WEIGHTS_FILE = "weights.msgpack"
+CONFIG_FILE = "config.json"
+_FORMAT_VERSION = 1
+_MIN_IMPROVEMENT = 1e-4  # relative: smaller gains in validation loss do not reset patience
+INFERENCE_CHUNK = 4096  # rows per step inside a compiled batch: activations stay in cache
+
+
+class TrainState(NamedTuple):
+    """Everything an optimisation step changes."""
+
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+@dataclass(frozen=True)
+class FitHistory:
+    """What the epoch loop did."""
+
+    epochs_run: int
+    best_epoch: int
+    best_val_loss: float
+    stopped_early: bool
+    train_loss: tuple[float, ...]
+    val_loss: tuple[float, ...]
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> FitHistory:
+        """Rebuild from the JSON form written by :func:`save_model`."""
+        return cls(**{**raw, "train_loss": tuple(raw["train_loss"]), "val_loss": tuple(raw["val_loss"])})
+
+
+def split_rows(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random train/validation split of ``range(n)``; both parts non-empty.
+
+    Returns:
+        ``(train_idx, val_idx)``, each sorted int64.
+    """
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    perm = rng.permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def batch_plan(rows: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut ``rows`` into fixed-size batches, padding the last with row 0 at weight 0.
+
+    Returns:
+        ``idx`` int32 ``(n_batches, batch_size)`` and ``valid`` float32 of the same shape.
+    """
+    n_batches = math.ceil(len(rows) / batch_size)
+    idx = np.zeros(n_batches * batch_size, dtype=np.int32)
+    valid = np.zeros(n_batches * batch_size, dtype=np.float32)
+    idx[: len(rows)] = rows
+    valid[: len(rows)] = 1.0
+    return idx.reshape(n_batches, batch_size), valid.reshape(n_batches, batch_size)
+
+
+def _gather(data: dict[str, jax.Array], idx: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+    batch = {key: value[idx] for key, value in data.items()}
+    batch["weight"] = batch["weight"] * valid
+    return batch
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation):
+    """The pure step ``train_step(state, batch) -> (state, (loss_sum, weight_sum))``."""
+
+    def objective(params, batch):
+        loss_sum, weight_sum = loss_fn(nnx.merge(graphdef, params), batch)
+        return loss_sum / jnp.maximum(weight_sum, 1e-12), (loss_sum, weight_sum)
+
+    def train_step(state: TrainState, batch):
+        grads, sums = jax.grad(objective, has_aux=True)(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state), sums
+
+    return train_step
+
+
+def make_train_epoch(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation):
+    """A jitted ``train_epoch(state, data, idx, valid) -> (state, mean loss)``: one scan."""
+    train_step = make_train_step(graphdef, loss_fn, tx)
+
+    def train_epoch(state, data, idx, valid):
+        def body(carry, plan):
+            return train_step(carry, _gather(data, *plan))
+
+        state, (loss_sums, weight_sums) = jax.lax.scan(body, state, (idx, valid))
+        return state, jnp.sum(loss_sums) / jnp.maximum(jnp.sum(weight_sums), 1e-12)
+
+    return jax.jit(train_epoch, donate_argnums=0)
+
+
+def make_evaluate(graphdef: nnx.GraphDef, loss_fn: LossFn):
+    """A jitted ``evaluate(params, data, idx, valid) -> weighted mean loss``."""
+
+    def evaluate(params, data, idx, valid):
+        def body(carry, plan):
+            loss_sum, weight_sum = loss_fn(nnx.merge(graphdef, params), _gather(data, *plan))
+            return (carry[0] + loss_sum, carry[1] + weight_sum), None
+
+        (loss_sum, weight_sum), _ = jax.lax.scan(body, (0.0, 0.0), (idx, valid))
+        return loss_sum / jnp.maximum(weight_sum, 1e-12)
+
+    return jax.jit(evaluate)
+
+
+def fit(
+    module: nnx.Module,
+    loss_fn: LossFn,
+    data: dict[str, np.ndarray],
+    *,
+    tx: optax.GradientTransformation,
+    epochs: int,
+    batch_size: int,
+    patience: int,
+    val_fraction: float,
+    seed: int,
+    progress: Progress | None = None,
+) -> tuple[nnx.GraphDef, nnx.State, FitHistory]:
+    """Minibatch training with a validation split and early stopping.
+
+    Args:
+        module: the initialised network (left unchanged).
+        loss_fn: ``(module, batch) -> (loss_sum, weight_sum)``.
+        data: equal-length arrays, one of them ``"weight"`` (row weights).
+        tx: the optax optimiser.
+        epochs: the most passes over the training rows.
+        batch_size: rows per step (the last batch is padded at weight 0).
+        patience: epochs without a relative improvement of the validation loss
+            larger than 1e-4 before stopping.
+        val_fraction: share of rows held out for validation.
+        seed: seeds the split and the per-epoch shuffles (numpy Generator).
+        progress: called after every epoch with ``(epoch, {"train_loss", "val_loss"})``.
+
+    Returns:
+        ``(graphdef, params, history)`` with the parameters of the best validation epoch.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(data["weight"])
+    train_rows, val_rows = split_rows(n, val_fraction, rng)
+    device_data = {key: jnp.asarray(value) for key, value in data.items()}
+    graphdef, params = nnx.split(module)
+    params = jax.tree.map(jnp.copy, params)  # the epoch donates its state: never the caller's
+    train_epoch, evaluate = make_train_epoch(graphdef, loss_fn, tx), make_evaluate(graphdef, loss_fn)
+    val_plan = batch_plan(val_rows, min(max(batch_size, 8192), len(val_rows)))
+    state = TrainState(params, tx.init(params))
+    best_params, best_loss, best_epoch = None, math.inf, 0
+    train_hist: list[float] = []
+    val_hist: list[float] = []
+    for epoch in range(1, epochs + 1):
+        plan = batch_plan(rng.permutation(train_rows), min(batch_size, len(train_rows)))
+        state, train_loss = train_epoch(state, device_data, *plan)
+        val_loss = float(evaluate(state.params, device_data, *val_plan))
+        train_hist.append(float(train_loss))
+        val_hist.append(val_loss)
+        if progress is not None:
+            progress(epoch, {"train_loss": train_hist[-1], "val_loss": val_loss})
+        if best_params is None or val_loss < best_loss - _MIN_IMPROVEMENT * abs(best_loss):
+            best_params = jax.tree.map(jnp.copy, state.params)
+            best_loss, best_epoch = val_loss, epoch
+        elif epoch - best_epoch >= patience:
+            break
+    history = FitHistory(
+        epochs_run=len(val_hist),
+        best_epoch=best_epoch,
+        best_val_loss=best_loss,
+        stopped_early=len(val_hist) < epochs,
+        train_loss=tuple(train_hist),
+        val_loss=tuple(val_hist),
+    )
+    return graphdef, best_params, history
+
+
+@partial(jax.jit, static_argnames=("graphdef", "method", "chunk"))
+def _apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, method: str, chunk: int):
+    fn = getattr(nnx.merge(graphdef, params), method)
+    if x.shape[0] <= chunk:
+        return fn(x)
+    out = jax.lax.map(fn, x.reshape(-1, chunk, x.shape[1]))
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out)
+
+
+def inference_batch_size(n: int, batch_size: int) -> int:
+    """``min(batch_size, next power of two >= n)``, a multiple of ``INFERENCE_CHUNK`` above it.
+
+    Few distinct shapes (so few compilations) and little padding for small inputs.
+    """
+    size = max(1, min(batch_size, 1 << max(0, n - 1).bit_length()))
+    return size if size <= INFERENCE_CHUNK else -(-size // INFERENCE_CHUNK) * INFERENCE_CHUNK
+
+
+def batched_apply(
+    graphdef: nnx.GraphDef, params: nnx.State, X: np.ndarray, *, method: str, batch_size: int
+) -> Any:
+    """Apply ``module.<method>`` to ``X`` in fixed-shape batches (last one padded).
+
+    Args:
+        graphdef, params: the split module.
+        X: float32 ``(n, d)``.
+        method: name of a module method mapping ``(b, d)`` to arrays with leading ``b``.
+        batch_size: the largest batch.
+
+    Returns:
+        The method's output pytree for all ``n`` rows, as numpy arrays.
+    """
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    n = X.shape[0]
+    size = inference_batch_size(n, batch_size)
+    result, pending = None, None
+    for start in range(0, max(n, 1), size):
+        chunk = X[start : start + size]
+        if chunk.shape[0] < size:
+            chunk = np.concatenate([chunk, np.zeros((size - chunk.shape[0], X.shape[1]), np.float32)])
+        current = (_apply(graphdef, params, chunk, method, INFERENCE_CHUNK), start)
+        if pending is not None:
+            result = _write(result, *pending, n)
+        pending = current
+    return _write(result, *pending, n)
+
+
+def _write(result: Any, out: Any, start: int, n: int) -> Any:
+    """Copy one batch's outputs into the preallocated ``result`` (allocated on first use)."""
+    if result is None:
+        result = jax.tree.map(lambda a: np.empty((n, *a.shape[1:]), a.dtype), out)
+    rows = min(n - start, jax.tree.leaves(out)[0].shape[0])
+
+    def copy(dst, src):
+        dst[start : start + rows] = np.asarray(src)[:rows]
+
+    jax.tree.map(copy, result, out)
+    return result
+
+
+def save_model(directory: str | Path, *, kind: str, config: Any, params: nnx.State,
+               history: FitHistory) -> Path:
+    """Write ``weights.msgpack`` and ``config.json`` (config, history, weights' SHA-256).
+
+    Args:
+        directory: created if missing.
+        kind: the artifact's kind, checked on load.
+        config: a dataclass of JSON-serialisable fields that rebuilds the network.
+        params: the network's parameters.
+        history: the training history.
+
+    Returns:
+        The directory.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = flax.serialization.to_bytes(jax.tree.map(np.asarray, nnx.to_pure_dict(params)))
+    (directory / WEIGHTS_FILE).write_bytes(weights)
+    meta = {"kind": kind, "format": _FORMAT_VERSION, "sha256": hashlib.sha256(weights).hexdigest(),
+            "config": asdict(config), "history": asdict(history)}
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def load_model(directory: str | Path, *, kind: str, config_cls: type, build: Callable[[Any], nnx.Module]):
+    """Read an artifact written by :func:`save_model`, checking kind, checksum and shapes.
+
+    Args:
+        directory: the artifact's folder.
+        kind: the expected kind.
+        config_cls: the configuration dataclass.
+        build: ``config -> module`` (only its structure is used, via ``nnx.eval_shape``).
+
+    Returns:
+        ``(config, graphdef, params, history)``.
+
+    Raises:
+        PolicyError: a file is missing, unreadable, of another kind, edited, or its
+            weights do not fit its configuration.
+    """
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        weights = (directory / WEIGHTS_FILE).read_bytes()
+    except (OSError, ValueError) as err:
+        raise PolicyError(f"{directory}: cannot read the {kind} artifact ({err})") from None
+    if not isinstance(meta, dict) or meta.get("kind") != kind or meta.get("format") != _FORMAT_VERSION:
+        raise PolicyError(f"{directory}: not a {kind} artifact of format {_FORMAT_VERSION}")
+    if hashlib.sha256(weights).hexdigest() != meta.get("sha256"):
+        raise PolicyError(f"{directory / WEIGHTS_FILE}: checksum mismatch (edited or truncated)")
+    try:
+        config = config_cls(**meta["config"])
+        history = FitHistory.from_dict(meta["history"])
+    except (KeyError, TypeError) as err:
+        raise PolicyError(f"{directory / CONFIG_FILE}: malformed {kind} configuration ({err})") from None
+    template = nnx.eval_shape(lambda: build(config))
+    graphdef, params = _restore_params(template, flax.serialization.msgpack_restore(weights),
+                                       source=str(directory))
+    return config, graphdef, params, history
+
+
+def _restore_params(template: nnx.Module, pure: dict, *, source: str) -> tuple[nnx.GraphDef, nnx.State]:
+    """Fill a template module's structure (e.g. from ``nnx.eval_shape``) with saved weights.
+
+    Raises:
+        PolicyError: the saved weights do not match the template's names or shapes.
+    """
+    graphdef, state = nnx.split(template)
+    expected = jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(state))
+    try:
+        found = jax.tree.map(lambda a: (a.shape, a.dtype), pure)
+    except Exception:  # noqa: BLE001 - any malformed payload is one error to the user
+        found = None
+    if found != expected:
+        raise PolicyError(f"{source}: saved weights do not match the configured network")
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+    return graphdef, state

@@ -1,0 +1,245 @@
+"""The fit pipeline, stage by stage: the same functions serve the CLI, DVC and Prefect.
+
+Order and why:
+
+1. ``split_rows``: a seeded split of the trial into *train* rows (the network,
+   k-means and the student learn from them) and *honest* rows (the cluster
+   statistics are estimated on them only, so the group means are not optimistic).
+2. ``train_stage``: imputation/standardisation (features only, so fitting it on
+   all rows leaks no outcome) and the multi-task network on train rows.
+3. ``cluster_stage``: ``h(x)`` of the train rows, k-means with K adapted to the
+   honest rows available.
+4. ``distill_stage``: the student learns the teacher's clusters on train rows;
+   its agreement is measured on the honest rows it never saw.
+5. ``statistics_stage``: honest rows are grouped *by the student*, because the
+   student is what assigns users at serving time: the statistics describe the
+   groups that will actually be allocated. The teacher's predictions on those
+   rows feed the doubly-robust estimator.
+6. ``program_stage``: the budget table over the trial population's own cluster
+   sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from budgetalloc.clustering import (
+    ClusterModel,
+    assign_clusters,
+    centroid_soft_targets,
+    effective_k,
+    fit_clusters,
+)
+from budgetalloc.data import Preprocessor, Trial, count_missing
+from budgetalloc.distill import StudentModel, predict_clusters, train_student
+from budgetalloc.params import Params
+from budgetalloc.policy import Policy
+from budgetalloc.program import AllocationProgram, solve_budget_table
+from budgetalloc.representation import (
+    RepresentationModel,
+    embed,
+    predict_outcomes,
+    train_representation,
+)
+from budgetalloc.statistics import ClusterStatistics, cluster_statistics
+
+EpochCallback = Callable[[int, dict], None]
+MIN_HONEST_ROWS_PER_CELL = 30
+
+
+class Reporter:
+    """Progress sink: the CLI shows rich bars, Prefect publishes a progress artifact."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def stage(self, name: str) -> None:
+        """A stage starts."""
+
+    def epoch(self, stage: str, epoch: int, total: int, metrics: dict) -> None:
+        """A training epoch of ``stage`` ended."""
+
+    def note(self, message: str) -> None:
+        """Something the user should know (data-size adaptations, fallbacks)."""
+        self.notes.append(message)
+
+    def epoch_callback(self, stage: str, total: int) -> EpochCallback:
+        return lambda epoch, metrics: self.epoch(stage, epoch, total, metrics)
+
+
+@dataclass
+class FitState:
+    """What the stages produce, in order."""
+
+    preprocessor: Preprocessor | None = None
+    representation: RepresentationModel | None = None
+    clusters: ClusterModel | None = None
+    student: StudentModel | None = None
+    statistics: ClusterStatistics | None = None
+    budget_table: list[dict] | None = None
+    summary: dict = field(default_factory=dict)
+
+
+def split_rows(n: int, *, honest_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, honest) row indices, each sorted."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_honest = int(round(n * honest_fraction))
+    return np.sort(perm[n_honest:]), np.sort(perm[:n_honest])
+
+
+def train_stage(trial: Trial, train_idx: np.ndarray, params: Params, reporter: Reporter):
+    """Fit the preprocessor on all rows and the multi-task network on train rows."""
+    reporter.stage("representation")
+    pre = Preprocessor.fit(trial.X)
+    missing = count_missing(trial.X)
+    if missing:
+        reporter.note(f"{missing} missing feature values imputed with training medians")
+    Z = pre.transform(trial.X[train_idx])
+    model = train_representation(
+        Z,
+        trial.treatment[train_idx],
+        trial.response[train_idx],
+        trial.cost[train_idx],
+        trial.ipw[train_idx],
+        n_arms=trial.n_arms,
+        binary_response=trial.binary_response,
+        params=params.train,
+        seed=params.seed,
+        progress=reporter.epoch_callback("representation", params.train.epochs),
+    )
+    return pre, model
+
+
+def cluster_stage(Z_train: np.ndarray, model: RepresentationModel, *, n_honest: int, n_arms: int,
+                  params: Params, reporter: Reporter) -> tuple[ClusterModel, np.ndarray, np.ndarray]:
+    """k-means on the train rows' representation; returns the model, embeddings and labels."""
+    reporter.stage("clustering")
+    k = effective_k(params.cluster.k, n_honest, n_arms, rows_per_cell=MIN_HONEST_ROWS_PER_CELL)
+    if k < params.cluster.k:
+        reporter.note(
+            f"cluster.k lowered from {params.cluster.k} to {k}: {n_honest} honest rows support "
+            f"about {MIN_HONEST_ROWS_PER_CELL} rows per (cluster, arm) cell at K={k}"
+        )
+    emb = embed(model, Z_train)
+    clusters = fit_clusters(emb, k=k, params=params.cluster, seed=params.seed)
+    return clusters, emb, assign_clusters(clusters, emb)
+
+
+def distill_stage(Z_train, emb_train, labels_train, clusters: ClusterModel, params: Params,
+                  reporter: Reporter) -> StudentModel:
+    """Train the student on the teacher's clusters (soft targets when configured)."""
+    reporter.stage("distillation")
+    soft = None
+    if params.distill.soft_temperature > 0:
+        soft = centroid_soft_targets(clusters, emb_train, temperature=params.distill.soft_temperature)
+    return train_student(
+        Z_train,
+        labels_train,
+        n_clusters=clusters.k,
+        params=params.distill,
+        seed=params.seed,
+        soft_targets=soft,
+        progress=reporter.epoch_callback("distillation", params.distill.epochs),
+    )
+
+
+def statistics_stage(trial: Trial, honest_idx, Z_honest, model, student, params: Params,
+                     reporter: Reporter) -> tuple[ClusterStatistics, np.ndarray]:
+    """Estimate per-(cluster, arm) statistics on the honest rows grouped by the student."""
+    reporter.stage("statistics")
+    labels = predict_clusters(student, Z_honest)
+    pred_r, pred_c = predict_outcomes(model, Z_honest)
+    stats = cluster_statistics(
+        labels,
+        trial.treatment[honest_idx],
+        trial.response[honest_idx],
+        trial.cost[honest_idx],
+        trial.ipw[honest_idx],
+        pred_r,
+        pred_c,
+        k=student.n_clusters,
+        params=params.statistics,
+        seed=params.seed,
+    )
+    return stats, labels
+
+
+def budget_scale(n_users: np.ndarray, stats: ClusterStatistics) -> float:
+    """Total expected spend if every user got the most expensive arm."""
+    return float((n_users * stats.cost.max(axis=1)).sum())
+
+
+def program_stage(stats: ClusterStatistics, n_users: np.ndarray, params: Params, reporter: Reporter) -> list[dict]:
+    """The budget table: per-user budget levels -> expected response, spend and arm shares."""
+    reporter.stage("integer program")
+    program = AllocationProgram(stats.response, stats.cost, stats.response_scenarios, stats.cost_scenarios,
+                                params=params.program)
+    total = int(n_users.sum())
+    scale = budget_scale(n_users, stats)
+    budgets = [level * scale for level in params.program.budget_levels]
+    solutions = solve_budget_table(program, n_users, budgets)
+    table = []
+    for level, sol in zip(params.program.budget_levels, solutions):
+        table.append(
+            {
+                "level": float(level),
+                "budget_per_user": sol.budget / total,
+                "expected_response_per_user": sol.expected_response / total,
+                "expected_cost_per_user": sol.expected_cost / total,
+                "status": sol.status,
+                "arm_shares": (sol.counts / np.maximum(n_users, 1)[:, None]).round(6).tolist(),
+            }
+        )
+    return table
+
+
+def fit_policy(trial: Trial, params: Params, reporter: Reporter | None = None) -> Policy:
+    """Run every stage on ``trial`` and return the fitted :class:`Policy`.
+
+    Args:
+        trial: a validated randomized trial.
+        params: all params (each stage reads its own section).
+        reporter: progress sink; silent by default.
+
+    Returns:
+        The policy (not yet saved; see :func:`budgetalloc.policy.save_policy`).
+    """
+    reporter = reporter or Reporter()
+    train_idx, honest_idx = split_rows(trial.n, honest_fraction=params.data.honest_fraction, seed=params.seed)
+    pre, model = train_stage(trial, train_idx, params, reporter)
+    Z_train = pre.transform(trial.X[train_idx])
+    Z_honest = pre.transform(trial.X[honest_idx])
+    clusters, emb, labels = cluster_stage(Z_train, model, n_honest=len(honest_idx), n_arms=trial.n_arms,
+                                          params=params, reporter=reporter)
+    student = distill_stage(Z_train, emb, labels, clusters, params, reporter)
+    teacher_honest = assign_clusters(clusters, embed(model, Z_honest))
+    stats, student_honest = statistics_stage(trial, honest_idx, Z_honest, model, student, params, reporter)
+    n_users = np.bincount(np.concatenate([predict_clusters(student, Z_train), student_honest]),
+                          minlength=clusters.k).astype(np.int64)
+    table = program_stage(stats, n_users, params, reporter)
+    summary = {
+        "rows": trial.n,
+        "train_rows": len(train_idx),
+        "honest_rows": len(honest_idx),
+        "k": clusters.k,
+        "n_arms": trial.n_arms,
+        "student_agreement": float(np.mean(student_honest == teacher_honest)),
+        "representation_epochs": int(model.history.epochs_run),
+        "cluster_sizes": n_users.tolist(),
+        "budget_per_user_range": [table[0]["budget_per_user"], table[-1]["budget_per_user"]],
+        "notes": list(reporter.notes),
+    }
+    return Policy(
+        feature_names=trial.feature_names,
+        n_arms=trial.n_arms,
+        binary_response=trial.binary_response,
+        preprocessor=pre,
+        student=student,
+        statistics=stats,
+        budget_table=table,
+        params=params,
+        summary=summary,
+    )

@@ -1,0 +1,46 @@
+"""Rich progress for long commands: one line per stage, a bar per training loop."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from budgetalloc.pipeline import Reporter
+
+
+class RichReporter(Reporter):
+    """Shows each stage as it starts and each training epoch on a progress bar."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def stage(self, name: str) -> None:
+        self.progress.console.print(f"[bold]stage[/bold] {name}")
+
+    def epoch(self, stage: str, epoch: int, total: int, metrics: dict) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(f"  {stage} epochs", total=total, metrics="")
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
+        self.progress.update(self.tasks[stage], completed=epoch + 1, metrics=shown)
+
+    def note(self, message: str) -> None:
+        super().note(message)
+        self.progress.console.print(f"[yellow]note[/yellow] {message}")
