@@ -84,10 +84,14 @@ class FitHistory:
     @classmethod
     def from_dict(cls, raw: dict) -> FitHistory:
         """Rebuild from the JSON form written by :func:`save_model`."""
-        return cls(**{**raw, "train_loss": tuple(raw["train_loss"]), "val_loss": tuple(raw["val_loss"])})
+        return cls(
+            **{**raw, "train_loss": tuple(raw["train_loss"]), "val_loss": tuple(raw["val_loss"])}
+        )
 
 
-def split_rows(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(
+    n: int, val_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """A random train/validation split of ``range(n)``; both parts non-empty.
 
     Returns:
@@ -198,7 +202,10 @@ def fit(
     device_data = {key: jnp.asarray(value) for key, value in data.items()}
     graphdef, params = nnx.split(module)
     params = jax.tree.map(jnp.copy, params)  # the epoch donates its state: never the caller's
-    train_epoch, evaluate = make_train_epoch(graphdef, loss_fn, tx), make_evaluate(graphdef, loss_fn)
+    train_epoch, evaluate = (
+        make_train_epoch(graphdef, loss_fn, tx),
+        make_evaluate(graphdef, loss_fn),
+    )
     val_plan = batch_plan(val_rows, min(max(batch_size, 8192), len(val_rows)))
     state = TrainState(params, tx.init(params))
     best_params, best_loss, best_epoch = None, math.inf, 0
@@ -267,7 +274,9 @@ def batched_apply(
     for start in range(0, max(n, 1), size):
         chunk = X[start : start + size]
         if chunk.shape[0] < size:
-            chunk = np.concatenate([chunk, np.zeros((size - chunk.shape[0], X.shape[1]), np.float32)])
+            chunk = np.concatenate(
+                [chunk, np.zeros((size - chunk.shape[0], X.shape[1]), np.float32)]
+            )
         current = (_apply(graphdef, params, chunk, method, INFERENCE_CHUNK), start)
         if pending is not None:
             result = _write(result, *pending, n)
@@ -288,8 +297,9 @@ def _write(result: Any, out: Any, start: int, n: int) -> Any:
     return result
 
 
-def save_model(directory: str | Path, *, kind: str, config: Any, params: nnx.State,
-               history: FitHistory) -> Path:
+def save_model(
+    directory: str | Path, *, kind: str, config: Any, params: nnx.State, history: FitHistory
+) -> Path:
     """Write ``weights.msgpack`` and ``config.json`` (config, history, weights' SHA-256).
 
     Args:
@@ -306,13 +316,20 @@ def save_model(directory: str | Path, *, kind: str, config: Any, params: nnx.Sta
     directory.mkdir(parents=True, exist_ok=True)
     weights = flax.serialization.to_bytes(jax.tree.map(np.asarray, nnx.to_pure_dict(params)))
     (directory / WEIGHTS_FILE).write_bytes(weights)
-    meta = {"kind": kind, "format": _FORMAT_VERSION, "sha256": hashlib.sha256(weights).hexdigest(),
-            "config": asdict(config), "history": asdict(history)}
+    meta = {
+        "kind": kind,
+        "format": _FORMAT_VERSION,
+        "sha256": hashlib.sha256(weights).hexdigest(),
+        "config": asdict(config),
+        "history": asdict(history),
+    }
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return directory
 
 
-def load_model(directory: str | Path, *, kind: str, config_cls: type, build: Callable[[Any], nnx.Module]):
+def load_model(
+    directory: str | Path, *, kind: str, config_cls: type, build: Callable[[Any], nnx.Module]
+):
     """Read an artifact written by :func:`save_model`, checking kind, checksum and shapes.
 
     Args:
@@ -334,7 +351,11 @@ def load_model(directory: str | Path, *, kind: str, config_cls: type, build: Cal
         weights = (directory / WEIGHTS_FILE).read_bytes()
     except (OSError, ValueError) as err:
         raise PolicyError(f"{directory}: cannot read the {kind} artifact ({err})") from None
-    if not isinstance(meta, dict) or meta.get("kind") != kind or meta.get("format") != _FORMAT_VERSION:
+    if (
+        not isinstance(meta, dict)
+        or meta.get("kind") != kind
+        or meta.get("format") != _FORMAT_VERSION
+    ):
         raise PolicyError(f"{directory}: not a {kind} artifact of format {_FORMAT_VERSION}")
     if hashlib.sha256(weights).hexdigest() != meta.get("sha256"):
         raise PolicyError(f"{directory / WEIGHTS_FILE}: checksum mismatch (edited or truncated)")
@@ -342,14 +363,19 @@ def load_model(directory: str | Path, *, kind: str, config_cls: type, build: Cal
         config = config_cls(**meta["config"])
         history = FitHistory.from_dict(meta["history"])
     except (KeyError, TypeError) as err:
-        raise PolicyError(f"{directory / CONFIG_FILE}: malformed {kind} configuration ({err})") from None
+        raise PolicyError(
+            f"{directory / CONFIG_FILE}: malformed {kind} configuration ({err})"
+        ) from None
     template = nnx.eval_shape(lambda: build(config))
-    graphdef, params = _restore_params(template, flax.serialization.msgpack_restore(weights),
-                                       source=str(directory))
+    graphdef, params = _restore_params(
+        template, flax.serialization.msgpack_restore(weights), source=str(directory)
+    )
     return config, graphdef, params, history
 
 
-def _restore_params(template: nnx.Module, pure: dict, *, source: str) -> tuple[nnx.GraphDef, nnx.State]:
+def _restore_params(
+    template: nnx.Module, pure: dict, *, source: str
+) -> tuple[nnx.GraphDef, nnx.State]:
     """Fill a template module's structure (e.g. from ``nnx.eval_shape``) with saved weights.
 
     Raises:

@@ -27,6 +27,11 @@ Design choices, and why:
   the first epochs from only learning the base rates.
 * **Training** is :func:`budgetalloc.nn.fit`: optax ``adamw``, a validation split,
   early stopping that keeps the best epoch, one jitted scan per epoch.
+* **Speed** (two CPU cores, measured while shared with other jobs): one epoch over
+  1M x 40 rows (900k trained, 100k validated) takes 8-9 s with hidden 256,
+  head_hidden 32 and batches of 2048 (about 5 us per trained row when quiet). The
+  towers cost as much as the shared bottom, so head_hidden 16 saves about a
+  quarter. Batches of 1024-2048 are the fastest on CPU; larger ones fall out of cache.
 """
 
 from __future__ import annotations
@@ -55,7 +60,9 @@ class TaskTowers(nnx.Module):
         self.w1 = nnx.Param(stacked(rngs.params(), (n_tasks, in_dim, width)))
         self.b1 = nnx.Param(jnp.zeros((n_tasks, width)))
         self.w2 = nnx.Param(jax.random.normal(rngs.params(), (n_tasks, width)) / np.sqrt(width))
-        self.b2 = nnx.Param(jnp.zeros((n_tasks,)) if bias is None else jnp.asarray(bias, jnp.float32))
+        self.b2 = nnx.Param(
+            jnp.zeros((n_tasks,)) if bias is None else jnp.asarray(bias, jnp.float32)
+        )
 
     def __call__(self, h: jax.Array) -> jax.Array:
         z = jax.nn.relu(jnp.einsum("bh,thk->btk", h, self.w1[...]) + self.b1[...])
@@ -65,8 +72,16 @@ class TaskTowers(nnx.Module):
 class MultiTaskNet(nnx.Module):
     """Shared bottom ``d -> hidden -> hidden`` (relu) and 2M towers: response, then cost."""
 
-    def __init__(self, n_features: int, *, hidden: int, head_hidden: int, n_arms: int,
-                 rngs: nnx.Rngs, output_bias=None):
+    def __init__(
+        self,
+        n_features: int,
+        *,
+        hidden: int,
+        head_hidden: int,
+        n_arms: int,
+        rngs: nnx.Rngs,
+        output_bias=None,
+    ):
         self.bottom1 = nnx.Linear(n_features, hidden, rngs=rngs)
         self.bottom2 = nnx.Linear(hidden, hidden, rngs=rngs)
         self.towers = TaskTowers(hidden, head_hidden, 2 * n_arms, rngs=rngs, bias=output_bias)
@@ -131,7 +146,9 @@ def robust_center_scale(values: np.ndarray) -> tuple[float, float]:
     return center, scale
 
 
-def _arm_means(values: np.ndarray, treatment: np.ndarray, weight: np.ndarray, n_arms: int) -> np.ndarray:
+def _arm_means(
+    values: np.ndarray, treatment: np.ndarray, weight: np.ndarray, n_arms: int
+) -> np.ndarray:
     sums = np.bincount(treatment, weights=weight * values, minlength=n_arms)
     counts = np.bincount(treatment, weights=weight, minlength=n_arms)
     overall = np.sum(weight * values) / max(np.sum(weight), 1e-12)
@@ -147,8 +164,9 @@ def _initial_bias(data: dict[str, np.ndarray], n_arms: int, binary: bool) -> np.
     return np.concatenate([response, _arm_means(data["cost"], arm, w, n_arms)])
 
 
-def multitask_loss(module: MultiTaskNet, batch: dict[str, jax.Array], *, binary: bool,
-                   huber_delta: float) -> tuple[jax.Array, jax.Array]:
+def multitask_loss(
+    module: MultiTaskNet, batch: dict[str, jax.Array], *, binary: bool, huber_delta: float
+) -> tuple[jax.Array, jax.Array]:
     """Masked multi-task loss: each row scores only the towers of its own arm.
 
     Args:
@@ -177,7 +195,12 @@ def _check_inputs(X, treatment, response, cost, weight, n_arms: int) -> None:
     n = X.shape[0] if X.ndim == 2 else -1
     if X.ndim != 2 or n < 2:
         raise DataError(f"features must be a 2-D array of at least 2 rows, got shape {X.shape}")
-    for name, v in (("treatment", treatment), ("response", response), ("cost", cost), ("weight", weight)):
+    for name, v in (
+        ("treatment", treatment),
+        ("response", response),
+        ("cost", cost),
+        ("weight", weight),
+    ):
         if v.shape != (n,):
             raise DataError(f"{name} has shape {v.shape}, expected ({n},)")
     if treatment.min() < 0 or treatment.max() >= n_arms:
@@ -188,14 +211,22 @@ def _check_inputs(X, treatment, response, cost, weight, n_arms: int) -> None:
         raise DataError("weights must be finite and >= 0")
 
 
-def _config_and_data(X, treatment, response, cost, weight, *, n_arms: int, binary: bool,
-                     params: TrainParams) -> tuple[RepresentationConfig, dict[str, np.ndarray]]:
+def _config_and_data(
+    X, treatment, response, cost, weight, *, n_arms: int, binary: bool, params: TrainParams
+) -> tuple[RepresentationConfig, dict[str, np.ndarray]]:
     r_center, r_scale = (0.0, 1.0) if binary else robust_center_scale(response)
     c_center, c_scale = robust_center_scale(cost)
     config = RepresentationConfig(
-        n_features=X.shape[1], hidden=params.hidden, head_hidden=params.head_hidden,
-        n_arms=n_arms, binary_response=binary, response_center=r_center,
-        response_scale=r_scale, cost_center=c_center, cost_scale=c_scale)
+        n_features=X.shape[1],
+        hidden=params.hidden,
+        head_hidden=params.head_hidden,
+        n_arms=n_arms,
+        binary_response=binary,
+        response_center=r_center,
+        response_scale=r_scale,
+        cost_center=c_center,
+        cost_scale=c_scale,
+    )
     data = {
         "x": np.ascontiguousarray(X, dtype=np.float32),
         "arm": treatment.astype(np.int32),
@@ -207,14 +238,29 @@ def _config_and_data(X, treatment, response, cost, weight, *, n_arms: int, binar
 
 
 def _build(config: RepresentationConfig, seed: int, output_bias=None) -> MultiTaskNet:
-    return MultiTaskNet(config.n_features, hidden=config.hidden, head_hidden=config.head_hidden,
-                        n_arms=config.n_arms, rngs=nnx.Rngs(seed), output_bias=output_bias)
+    return MultiTaskNet(
+        config.n_features,
+        hidden=config.hidden,
+        head_hidden=config.head_hidden,
+        n_arms=config.n_arms,
+        rngs=nnx.Rngs(seed),
+        output_bias=output_bias,
+    )
 
 
-def train_representation(X: np.ndarray, treatment: np.ndarray, response: np.ndarray,
-                         cost: np.ndarray, weight: np.ndarray, *, n_arms: int,
-                         binary_response: bool, params: TrainParams, seed: int,
-                         progress: nn.Progress | None = None) -> RepresentationModel:
+def train_representation(
+    X: np.ndarray,
+    treatment: np.ndarray,
+    response: np.ndarray,
+    cost: np.ndarray,
+    weight: np.ndarray,
+    *,
+    n_arms: int,
+    binary_response: bool,
+    params: TrainParams,
+    seed: int,
+    progress: nn.Progress | None = None,
+) -> RepresentationModel:
     """Train the multi-task network on an RCT.
 
     Args:
@@ -237,17 +283,26 @@ def train_representation(X: np.ndarray, treatment: np.ndarray, response: np.ndar
     """
     X, treatment, response, cost, weight = map(np.asarray, (X, treatment, response, cost, weight))
     _check_inputs(X, treatment, response, cost, weight, n_arms)
-    config, data = _config_and_data(X, treatment, response, cost, weight, n_arms=n_arms,
-                                    binary=binary_response, params=params)
+    config, data = _config_and_data(
+        X, treatment, response, cost, weight, n_arms=n_arms, binary=binary_response, params=params
+    )
     module = _build(config, seed, _initial_bias(data, n_arms, binary_response))
 
     def loss_fn(m, batch):
         return multitask_loss(m, batch, binary=binary_response, huber_delta=params.huber_delta)
 
     graphdef, best, history = nn.fit(
-        module, loss_fn, data, tx=optax.adamw(params.learning_rate, weight_decay=params.weight_decay),
-        epochs=params.epochs, batch_size=params.batch_size, patience=params.patience,
-        val_fraction=params.val_fraction, seed=seed, progress=progress)
+        module,
+        loss_fn,
+        data,
+        tx=optax.adamw(params.learning_rate, weight_decay=params.weight_decay),
+        epochs=params.epochs,
+        batch_size=params.batch_size,
+        patience=params.patience,
+        val_fraction=params.val_fraction,
+        seed=seed,
+        progress=progress,
+    )
     return RepresentationModel(graphdef, best, config, history)
 
 
@@ -265,8 +320,9 @@ def embed(model: RepresentationModel, X: np.ndarray, *, batch_size: int = 65536)
     return nn.batched_apply(model.graphdef, model.params, X, method="embed", batch_size=batch_size)
 
 
-def predict_outcomes(model: RepresentationModel, X: np.ndarray, *,
-                     batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def predict_outcomes(
+    model: RepresentationModel, X: np.ndarray, *, batch_size: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
     """Expected response and cost of every row under every arm, in original units.
 
     Args:
@@ -279,7 +335,8 @@ def predict_outcomes(model: RepresentationModel, X: np.ndarray, *,
         when it is binary; cost is clipped at 0 (costs are non-negative by contract).
     """
     response_out, cost_out = nn.batched_apply(
-        model.graphdef, model.params, X, method="__call__", batch_size=batch_size)
+        model.graphdef, model.params, X, method="__call__", batch_size=batch_size
+    )
     c = model.config
     if c.binary_response:
         response = 1.0 / (1.0 + np.exp(-response_out.astype(np.float64)))
@@ -295,8 +352,9 @@ def save_representation(model: RepresentationModel, directory: str | Path) -> Pa
     Returns:
         The directory.
     """
-    return nn.save_model(directory, kind=KIND, config=model.config, params=model.params,
-                         history=model.history)
+    return nn.save_model(
+        directory, kind=KIND, config=model.config, params=model.params, history=model.history
+    )
 
 
 def load_representation(directory: str | Path) -> RepresentationModel:
@@ -306,5 +364,6 @@ def load_representation(directory: str | Path) -> RepresentationModel:
         PolicyError: files missing, edited, or not matching their configuration.
     """
     config, graphdef, params, history = nn.load_model(
-        directory, kind=KIND, config_cls=RepresentationConfig, build=lambda c: _build(c, 0))
+        directory, kind=KIND, config_cls=RepresentationConfig, build=lambda c: _build(c, 0)
+    )
     return RepresentationModel(graphdef, params, config, history)
