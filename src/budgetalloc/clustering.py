@@ -1,8 +1,19 @@
 """k-means on the standardised hidden representation (stage 2).
 
-The representation ``h(x)`` is standardised per unit (mean 0, variance 1, from the
-training embeddings) so that no unit dominates the Euclidean distance, then
-partitioned into ``K`` groups:
+The representation ``h(x)`` is centred and projected before k-means:
+``z = (h - mean) @ P``. Two choices of ``P`` (``cluster.metric``):
+
+* ``task`` (default): the metric the task heads induce on ``h``
+  (:func:`budgetalloc.representation.task_metric`): distances follow how much the
+  predicted uplift and cost of every arm differ, to first order. Per-unit
+  standardisation gives every one of the 256 units equal say, including units the
+  heads barely read; measured on the default simulated world (200k rows, K=64,
+  capture of the cluster partition with true cluster means): per-unit
+  standardised 0.866, raw ``h`` 0.890, task metric (rank 16) 0.902; at 1M rows
+  standardised 0.862, raw 0.914.
+* ``standardised``: ``P = diag(1 / sd)``, the textbook per-unit standardisation.
+
+Then ``z`` is partitioned into ``K`` groups:
 
 * in memory (up to ``streaming_threshold`` rows): ``KMeans`` fitted on a seeded
   sample of at most ``fit_sample`` rows. k-means cost grows with rows x K x
@@ -35,9 +46,9 @@ STREAM_PASSES = 3  # passes of MiniBatchKMeans over a streamed source
 class ClusterModel:
     """Centroids in standardised embedding space, with the standardiser."""
 
-    centers: np.ndarray  # float32 (K, H)
+    centers: np.ndarray  # float32 (K, R)
     mean: np.ndarray  # float32 (H,)
-    scale: np.ndarray  # float32 (H,)
+    projection: np.ndarray  # float32 (H, R)
     inertia: float
 
     @property
@@ -45,7 +56,8 @@ class ClusterModel:
         return int(self.centers.shape[0])
 
     def standardise(self, emb: np.ndarray) -> np.ndarray:
-        return ((emb - self.mean) / self.scale).astype(np.float32)
+        """Centred, projected embeddings: the space the centroids live in."""
+        return ((emb - self.mean) @ self.projection).astype(np.float32)
 
 
 @dataclass
@@ -63,11 +75,15 @@ class _Moments:
         self.total_sq = sq if self.total_sq is None else self.total_sq + sq
         self.n += b.shape[0]
 
-    def mean_scale(self) -> tuple[np.ndarray, np.ndarray]:
+    def mean_projection(self, projection: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The mean, and ``projection`` or else the per-unit standardising diagonal."""
         mean = self.total / self.n
+        if projection is not None:
+            return mean.astype(np.float32), np.asarray(projection, dtype=np.float32)
         var = np.maximum(self.total_sq / self.n - mean * mean, 0.0)
         scale = np.sqrt(var)
-        return mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
+        inv = 1.0 / np.where(scale > 1e-6, scale, 1.0)
+        return mean.astype(np.float32), np.diag(inv).astype(np.float32)
 
 
 def effective_k(requested: int, n_rows: int, n_arms: int, *, rows_per_cell: int = 30) -> int:
@@ -85,7 +101,8 @@ def effective_k(requested: int, n_rows: int, n_arms: int, *, rows_per_cell: int 
     return int(max(2, min(requested, n_rows // (n_arms * rows_per_cell))))
 
 
-def fit_clusters(emb: np.ndarray, *, k: int, params: ClusterParams, seed: int) -> ClusterModel:
+def fit_clusters(emb: np.ndarray, *, k: int, params: ClusterParams, seed: int,
+                 projection: np.ndarray | None = None) -> ClusterModel:
     """Fit k-means on in-memory embeddings (streams above ``streaming_threshold`` rows).
 
     Args:
@@ -93,6 +110,7 @@ def fit_clusters(emb: np.ndarray, *, k: int, params: ClusterParams, seed: int) -
         k: number of clusters (see :func:`effective_k`).
         params: the ``cluster`` section.
         seed: random seed (sampling and k-means initialisation).
+        projection: (H, R) metric projection; ``None`` standardises each unit.
 
     Returns:
         The fitted :class:`ClusterModel`.
@@ -100,20 +118,23 @@ def fit_clusters(emb: np.ndarray, *, k: int, params: ClusterParams, seed: int) -
     if emb.shape[0] > params.streaming_threshold:
         step = params.batch_size
         return fit_clusters_streaming(
-            lambda: (emb[i : i + step] for i in range(0, emb.shape[0], step)), k=k, params=params, seed=seed
+            lambda: (emb[i : i + step] for i in range(0, emb.shape[0], step)),
+            k=k, params=params, seed=seed, projection=projection,
         )
     moments = _Moments()
     moments.update(emb)
-    mean, scale = moments.mean_scale()
+    mean, proj = moments.mean_projection(projection)
     rng = np.random.default_rng(seed)
-    sample = emb if emb.shape[0] <= params.fit_sample else emb[np.sort(rng.choice(emb.shape[0], params.fit_sample, replace=False))]
-    z = ((sample - mean) / scale).astype(np.float32)
+    n = emb.shape[0]
+    sample = emb if n <= params.fit_sample else emb[np.sort(rng.choice(n, params.fit_sample, replace=False))]
+    z = ((sample - mean) @ proj).astype(np.float32)
     km = KMeans(n_clusters=k, n_init=params.n_init, max_iter=params.max_iter, random_state=seed)
     km.fit(z)
-    return ClusterModel(_ordered(km.cluster_centers_), mean, scale, float(km.inertia_))
+    return ClusterModel(_ordered(km.cluster_centers_), mean, proj, float(km.inertia_))
 
 
-def fit_clusters_streaming(batches, *, k: int, params: ClusterParams, seed: int) -> ClusterModel:
+def fit_clusters_streaming(batches, *, k: int, params: ClusterParams, seed: int,
+                           projection: np.ndarray | None = None) -> ClusterModel:
     """Fit MiniBatchKMeans over a re-iterable source of embedding batches.
 
     Args:
@@ -122,26 +143,27 @@ def fit_clusters_streaming(batches, *, k: int, params: ClusterParams, seed: int)
         k: number of clusters.
         params: the ``cluster`` section.
         seed: random seed.
+        projection: (H, R) metric projection; ``None`` standardises each unit.
 
     Returns:
-        The fitted :class:`ClusterModel` (inertia is the last batch's, per row).
+        The fitted :class:`ClusterModel` (inertia as MiniBatchKMeans reports it).
     """
     moments = _Moments()
     for batch in batches():
         moments.update(batch)
-    mean, scale = moments.mean_scale()
+    mean, proj = moments.mean_projection(projection)
     km = MiniBatchKMeans(n_clusters=k, batch_size=params.batch_size, random_state=seed, n_init=params.n_init)
     pending: list[np.ndarray] = []
     for _ in range(STREAM_PASSES):
         for batch in batches():
-            pending.append(((batch - mean) / scale).astype(np.float32))
+            pending.append(((batch - mean) @ proj).astype(np.float32))
             # partial_fit needs at least k rows in its first call; small batches are pooled.
             if sum(p.shape[0] for p in pending) >= k:
                 km.partial_fit(np.concatenate(pending))
                 pending = []
     if pending:
         km.partial_fit(np.concatenate(pending))
-    return ClusterModel(_ordered(km.cluster_centers_), mean, scale, float(km.inertia_))
+    return ClusterModel(_ordered(km.cluster_centers_), mean, proj, float(km.inertia_))
 
 
 def _ordered(centers: np.ndarray) -> np.ndarray:
@@ -180,7 +202,7 @@ def save_clusters(model: ClusterModel, directory: str | Path) -> None:
     """Write ``clusters.npz`` (no pickle) and ``clusters.json`` into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    np.savez(directory / "clusters.npz", centers=model.centers, mean=model.mean, scale=model.scale)
+    np.savez(directory / "clusters.npz", centers=model.centers, mean=model.mean, projection=model.projection)
     (directory / "clusters.json").write_text(json.dumps({"k": model.k, "inertia": model.inertia}, indent=2) + "\n")
 
 
@@ -188,7 +210,7 @@ def load_clusters(directory: str | Path) -> ClusterModel:
     """Read what :func:`save_clusters` wrote."""
     directory = Path(directory)
     with np.load(directory / "clusters.npz", allow_pickle=False) as z:
-        arrays = {k: z[k] for k in ("centers", "mean", "scale")}
+        arrays = {k: z[k] for k in ("centers", "mean", "projection")}
     meta = json.loads((directory / "clusters.json").read_text())
     return ClusterModel(**arrays, inertia=float(meta["inertia"]))
 

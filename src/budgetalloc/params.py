@@ -72,6 +72,10 @@ class ClusterParams(_Section):
     """k-means on the standardised hidden representation (stage 2)."""
 
     k: int = Field(64, ge=2)
+    metric: Literal["task", "standardised"] = Field(
+        "task", description="task: the metric the task heads induce on h; standardised: per unit"
+    )
+    metric_rank: int = Field(16, ge=1)
     n_init: int = Field(3, ge=1)
     max_iter: int = Field(100, ge=1)
     fit_sample: int = Field(200_000, ge=100, description="rows k-means is fitted on")
@@ -123,14 +127,17 @@ class ProgramParams(_Section):
 class DistillParams(_Section):
     """The student classifier used for serving (stage 5)."""
 
-    hidden: int = Field(128, ge=4)
-    epochs: int = Field(30, ge=1)
+    hidden: int = Field(256, ge=4)
+    epochs: int = Field(50, ge=1)
     batch_size: int = Field(2048, ge=1)
     learning_rate: float = Field(3e-3, gt=0.0)
     soft_temperature: float = Field(
         0.0, ge=0.0, description="0: hard labels; >0: soft targets from centroid distances"
     )
     patience: int = Field(3, ge=1)
+    holdout_fraction: float = Field(
+        0.1, gt=0.0, lt=0.5, description="rows kept from the student to measure its agreement"
+    )
 
 
 class AllocateParams(_Section):

@@ -42,6 +42,7 @@ from budgetalloc.representation import (
     RepresentationModel,
     embed,
     predict_outcomes,
+    task_metric,
     train_representation,
 )
 from budgetalloc.statistics import ClusterStatistics, cluster_statistics
@@ -124,7 +125,10 @@ def cluster_stage(Z_train: np.ndarray, model: RepresentationModel, *, n_honest: 
             f"about {MIN_HONEST_ROWS_PER_CELL} rows per (cluster, arm) cell at K={k}"
         )
     emb = embed(model, Z_train)
-    clusters = fit_clusters(emb, k=k, params=params.cluster, seed=params.seed)
+    projection = None
+    if params.cluster.metric == "task":
+        projection = task_metric(model, emb, rank=params.cluster.metric_rank, seed=params.seed)
+    clusters = fit_clusters(emb, k=k, params=params.cluster, seed=params.seed, projection=projection)
     return clusters, emb, assign_clusters(clusters, emb)
 
 
@@ -199,6 +203,10 @@ def program_stage(stats: ClusterStatistics, n_users: np.ndarray, params: Params,
 def fit_policy(trial: Trial, params: Params, reporter: Reporter | None = None) -> Policy:
     """Run every stage on ``trial`` and return the fitted :class:`Policy`.
 
+    The student learns the teacher's clusters from every row except a seeded
+    ``distill.holdout_fraction`` kept to measure its agreement: cluster labels come
+    from features alone, so using the honest rows' features here leaks no outcome.
+
     Args:
         trial: a validated randomized trial.
         params: all params (each stage reads its own section).
@@ -210,15 +218,18 @@ def fit_policy(trial: Trial, params: Params, reporter: Reporter | None = None) -
     reporter = reporter or Reporter()
     train_idx, honest_idx = split_rows(trial.n, honest_fraction=params.data.honest_fraction, seed=params.seed)
     pre, model = train_stage(trial, train_idx, params, reporter)
-    Z_train = pre.transform(trial.X[train_idx])
-    Z_honest = pre.transform(trial.X[honest_idx])
-    clusters, emb, labels = cluster_stage(Z_train, model, n_honest=len(honest_idx), n_arms=trial.n_arms,
-                                          params=params, reporter=reporter)
-    student = distill_stage(Z_train, emb, labels, clusters, params, reporter)
-    teacher_honest = assign_clusters(clusters, embed(model, Z_honest))
-    stats, student_honest = statistics_stage(trial, honest_idx, Z_honest, model, student, params, reporter)
-    n_users = np.bincount(np.concatenate([predict_clusters(student, Z_train), student_honest]),
-                          minlength=clusters.k).astype(np.int64)
+    Z = pre.transform(trial.X)
+    clusters, _, _ = cluster_stage(Z[train_idx], model, n_honest=len(honest_idx), n_arms=trial.n_arms,
+                                   params=params, reporter=reporter)
+    emb = embed(model, Z)
+    teacher = assign_clusters(clusters, emb)
+    student_idx, holdout_idx = split_rows(trial.n, honest_fraction=params.distill.holdout_fraction,
+                                          seed=params.seed + 1)
+    student = distill_stage(Z[student_idx], emb[student_idx], teacher[student_idx], clusters, params, reporter)
+    del emb
+    student_all = predict_clusters(student, Z)
+    stats, _ = statistics_stage(trial, honest_idx, Z[honest_idx], model, student, params, reporter)
+    n_users = np.bincount(student_all, minlength=clusters.k).astype(np.int64)
     table = program_stage(stats, n_users, params, reporter)
     summary = {
         "rows": trial.n,
@@ -226,7 +237,7 @@ def fit_policy(trial: Trial, params: Params, reporter: Reporter | None = None) -
         "honest_rows": len(honest_idx),
         "k": clusters.k,
         "n_arms": trial.n_arms,
-        "student_agreement": float(np.mean(student_honest == teacher_honest)),
+        "student_agreement": float(np.mean(student_all[holdout_idx] == teacher[holdout_idx])),
         "representation_epochs": int(model.history.epochs_run),
         "cluster_sizes": n_users.tolist(),
         "budget_per_user_range": [table[0]["budget_per_user"], table[-1]["budget_per_user"]],

@@ -367,3 +367,55 @@ def load_representation(directory: str | Path) -> RepresentationModel:
         directory, kind=KIND, config_cls=RepresentationConfig, build=lambda c: _build(c, 0)
     )
     return RepresentationModel(graphdef, params, config, history)
+
+
+def _decision_outputs(model: RepresentationModel):
+    """``h -> (uplift of every coupon arm, cost of every coupon arm)`` in original units."""
+    module, c, m = model.module, model.config, model.config.n_arms
+
+    def outputs(h: jax.Array) -> jax.Array:
+        out = module.towers(h[None])[0]
+        if c.binary_response:
+            response = jax.nn.sigmoid(out[:m])
+        else:
+            response = c.response_scale * out[:m]
+        cost = c.cost_scale * out[m:]
+        return jnp.concatenate([response[1:] - response[0], cost[1:]])
+
+    return outputs
+
+
+def task_metric(model: RepresentationModel, emb: np.ndarray, *, rank: int = 16, sample: int = 5000,
+                seed: int = 0) -> np.ndarray:
+    """A projection of ``h`` whose Euclidean distances follow what the task heads read from it.
+
+    With ``J(h)`` the Jacobian of the decision outputs (each arm's uplift over control
+    and each arm's cost, every output divided by its spread across users) with respect
+    to ``h``, the metric is ``G = E[J^T J]``; the projection keeps its top ``rank``
+    eigenvectors scaled by the square roots of their eigenvalues, so that
+    ``|P^T (h - h')|^2 ~ |outputs(h) - outputs(h')|^2`` to first order.
+
+    Args:
+        model: the trained network.
+        emb: ``(n, hidden)`` embeddings of training users (a seeded sample is used).
+        rank: number of metric directions kept.
+        sample: users averaged over.
+        seed: sampling seed.
+
+    Returns:
+        float32 ``(hidden, rank)`` projection.
+    """
+    rng = np.random.default_rng(seed)
+    rows = emb if emb.shape[0] <= sample else emb[np.sort(rng.choice(emb.shape[0], sample, replace=False))]
+    outputs = _decision_outputs(model)
+    jac = np.asarray(jax.jit(jax.vmap(jax.jacrev(outputs)))(jnp.asarray(rows)), dtype=np.float64)
+    values = np.asarray(jax.jit(jax.vmap(outputs))(jnp.asarray(rows)), dtype=np.float64)
+    spread = values.std(axis=0)
+    jac /= np.where(spread > 1e-12, spread, 1.0)[None, :, None]
+    gram = np.einsum("nop,noq->pq", jac, jac) / jac.shape[0]
+    eigval, eigvec = np.linalg.eigh(gram)
+    order = np.argsort(eigval)[::-1][: min(rank, gram.shape[0])]
+    # Sign-normalise eigenvectors so the projection is reproducible bit for bit.
+    vecs = eigvec[:, order]
+    vecs *= np.where(vecs[np.argmax(np.abs(vecs), axis=0), np.arange(vecs.shape[1])] < 0, -1.0, 1.0)
+    return (vecs * np.sqrt(np.maximum(eigval[order], 0.0))).astype(np.float32)
