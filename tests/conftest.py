@@ -18,6 +18,34 @@ from budgetalloc.params import SimulateParams  # noqa: E402
 from budgetalloc.simulate import simulate_trial  # noqa: E402
 
 
+TINY_PARAMS = {
+    "seed": 3,
+    "train": {"hidden": 32, "head_hidden": 8, "epochs": 8, "batch_size": 512, "patience": 2},
+    "cluster": {"k": 12, "n_init": 1},
+    "distill": {"hidden": 32, "epochs": 8, "batch_size": 512},
+    "statistics": {"n_scenarios": 10},
+    "program": {"budget_levels": [0.05, 0.2, 0.5]},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_fitted(tmp_path_factory):
+    """A policy fitted on a 12,000-row trial with tiny params, saved; plus a population with truth."""
+    from budgetalloc.data import trial_from_frame
+    from budgetalloc.params import params_from_dict
+    from budgetalloc.pipeline import fit_policy
+    from budgetalloc.policy import save_policy
+    from budgetalloc.simulate import simulate_population
+
+    world = simulate_trial(SimulateParams(n_users=12_000), seed=1)
+    params = params_from_dict(TINY_PARAMS)
+    policy = fit_policy(trial_from_frame(world.frame, source="trial"), params)
+    directory = tmp_path_factory.mktemp("policy") / "policy"
+    save_policy(policy, directory)
+    pop = simulate_population(SimulateParams(), seed=2, n_users=8000)
+    return directory, pop, params
+
+
 @pytest.fixture(scope="session")
 def small_world():
     """A 6,000-row binary trial with truth."""

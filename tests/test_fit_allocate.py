@@ -16,14 +16,7 @@ from budgetalloc.pipeline import fit_policy
 from budgetalloc.policy import load_policy, save_policy
 from budgetalloc.simulate import SimulateParams, max_spend, score_allocation, simulate_population, simulate_trial
 
-TINY = {
-    "seed": 3,
-    "train": {"hidden": 32, "head_hidden": 8, "epochs": 8, "batch_size": 512, "patience": 2},
-    "cluster": {"k": 12, "n_init": 1},
-    "distill": {"hidden": 32, "epochs": 8, "batch_size": 512},
-    "statistics": {"n_scenarios": 10},
-    "program": {"budget_levels": [0.05, 0.2, 0.5]},
-}
+from conftest import TINY_PARAMS as TINY
 
 
 def random_allocation(rng, true_cost, budget):
@@ -37,16 +30,9 @@ def random_allocation(rng, true_cost, budget):
     return out
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    world = simulate_trial(SimulateParams(n_users=12_000), seed=1)
-    trial = trial_from_frame(world.frame, source="trial")
-    params = params_from_dict(TINY)
-    policy = fit_policy(trial, params)
-    directory = tmp_path_factory.mktemp("policy") / "policy"
-    save_policy(policy, directory)
-    pop = simulate_population(SimulateParams(), seed=2, n_users=8000)
-    return directory, pop, params
+@pytest.fixture()
+def fitted(tiny_fitted):
+    return tiny_fitted
 
 
 def test_allocation_beats_random_and_respects_budget(fitted):

@@ -60,3 +60,17 @@ def run_allocate(*, policy_dir: Path, users: Path, budget, out: Path):
     allocation = allocate_population(policy, population, budget)
     write_table(allocation.frame, out)
     return allocation
+
+
+def run_evaluate(*, policy_dir: Path, data: Path, out: Path) -> dict:
+    """Evaluate a policy on a held-out trial file; write metrics.json, curve.json, curve.png."""
+    from budgetalloc.evaluate import evaluate_policy
+    from budgetalloc.policy import load_policy
+
+    policy = load_policy(policy_dir)
+    trial = load_trial(data, features=policy.feature_names)
+    if trial.n_arms > policy.n_arms:
+        from budgetalloc.errors import DataError
+
+        raise DataError(f"{data}: trial has {trial.n_arms} arms, the policy knows {policy.n_arms}")
+    return evaluate_policy(policy, trial, out)

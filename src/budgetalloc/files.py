@@ -61,6 +61,24 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def atomic_files(directory: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory; on success move each file in it into ``directory``.
+
+    Unlike :func:`atomic_directory` the target may hold other files (``reports/``):
+    they are kept, and the new files appear only once all of them are complete.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".incoming.", suffix=".tmp", dir=directory))
+    try:
+        yield tmp
+        for item in sorted(tmp.iterdir()):
+            os.replace(item, directory / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
     """Write ``df`` to Parquet atomically (no pandas index)."""
     with atomic_path(path) as tmp:

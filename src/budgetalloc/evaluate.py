@@ -1,0 +1,137 @@
+"""Offline evaluation of a policy on a held-out randomized trial.
+
+For a grid of total budgets the policy allocates the test users (student ->
+program for the test population's own cluster sizes -> arms), and the
+allocation's response and spend per user are estimated by inverse propensity
+(:func:`budgetalloc.metrics.ips_curve`), with 95% confidence intervals. Budgets
+are totals for the test population, in the same units as ``allocate``.
+
+References drawn with the curve: all-control (the IPS value of giving nobody a
+coupon, at zero spend) and random allocation (a random share of users given a
+uniformly random coupon arm: the straight line from all-control to the IPS value
+of the uniform-coupon policy).
+
+AUCC ranks test users by the policy's predicted incremental ROI: each user's
+cluster recommends the coupon arm with the best ``(r[k, j] - r[k, 0]) / c[k, j]``,
+and that ratio is the score (:func:`budgetalloc.metrics.multi_arm_aucc`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from budgetalloc.allocate import arms_in_file_order, population_clusters, program_for  # noqa: E402
+from budgetalloc.data import Trial  # noqa: E402
+from budgetalloc.files import atomic_files, write_json  # noqa: E402
+from budgetalloc.metrics import ips_curve, ips_value, multi_arm_aucc  # noqa: E402
+from budgetalloc.pipeline import budget_scale  # noqa: E402
+from budgetalloc.policy import Policy  # noqa: E402
+
+DEFAULT_LEVELS = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.45, 0.6, 0.8, 1.0)
+
+
+def cluster_roi(policy: Policy) -> tuple[np.ndarray, np.ndarray]:
+    """Per cluster: the coupon arm with the best incremental ROI, and that ROI."""
+    s = policy.statistics
+    gain = s.response[:, 1:] - s.response[:, :1]
+    roi = gain / np.maximum(s.cost[:, 1:], 1e-12)
+    best = np.argmax(roi, axis=1)
+    return best + 1, roi[np.arange(len(best)), best]
+
+
+def policy_curve(policy: Policy, trial: Trial, levels=DEFAULT_LEVELS) -> tuple[list[dict], np.ndarray]:
+    """IPS response/cost per user of the policy at each budget level; also the clusters.
+
+    Args:
+        policy: a fitted policy.
+        trial: held-out trial (not used to fit the policy).
+        levels: budgets as fractions of the test population's all-max-arm spend.
+
+    Returns:
+        ``(rows, clusters)``: one row per budget with ``budget`` (total), per-user
+        ``response``/``cost`` and their CIs, ``expected_response``/``expected_cost``
+        per user from the policy's own estimates, and the solver status.
+    """
+    clusters = population_clusters(policy, trial.X, batch_size=policy.params.allocate.batch_size)
+    n_users = np.bincount(clusters, minlength=policy.k).astype(np.int64)
+    program = program_for(policy)
+    scale = budget_scale(n_users, policy.statistics)
+    budgets = [float(level * scale) for level in levels]
+    solutions = [program.solve(n_users, b) for b in budgets]
+    arms = [arms_in_file_order(clusters, sol.counts)[0] for sol in solutions]
+    rows = ips_curve(arms, budgets, trial.treatment, trial.response, trial.cost, trial.propensity)
+    for row, sol in zip(rows, solutions, strict=True):
+        row["expected_response"] = sol.expected_response / trial.n
+        row["expected_cost"] = sol.expected_cost / trial.n
+        row["status"] = sol.status
+    return rows, clusters
+
+
+def reference_points(trial: Trial) -> dict:
+    """IPS values of all-control and of a uniformly random coupon arm, per user."""
+    control = ips_value(np.zeros(trial.n, dtype=np.int64), trial.treatment, trial.response, trial.cost,
+                        trial.propensity)
+    coupon = [ips_value(np.full(trial.n, j), trial.treatment, trial.response, trial.cost, trial.propensity)
+              for j in range(1, trial.n_arms)]
+    return {
+        "control": {"response": control.response, "cost": control.cost},
+        "random_coupon": {"response": float(np.mean([c.response for c in coupon])),
+                          "cost": float(np.mean([c.cost for c in coupon]))},
+    }
+
+
+def plot_curve(rows: list[dict], refs: dict, path: Path, *, title: str) -> None:
+    """Response versus spend per user with CIs and the two references, as PNG."""
+    cost = np.array([r["cost"] for r in rows])
+    resp = np.array([r["response"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    ax.fill_between(cost, [r["response_lo"] for r in rows], [r["response_hi"] for r in rows], alpha=0.2,
+                    label="95% CI")
+    ax.plot(cost, resp, "o-", label="policy (IPS)")
+    c0, rc = refs["control"], refs["random_coupon"]
+    ax.plot([c0["cost"], rc["cost"]], [c0["response"], rc["response"]], "--", color="grey", label="random")
+    ax.axhline(c0["response"], color="black", lw=0.8, ls=":", label="all control")
+    ax.set_xlabel("spend per user")
+    ax.set_ylabel("response per user")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate_policy(policy: Policy, trial: Trial, out_dir: str | Path, *, levels=DEFAULT_LEVELS) -> dict:
+    """Evaluate ``policy`` on a held-out ``trial``; write metrics.json and curve.png atomically.
+
+    Args:
+        policy: a fitted policy.
+        trial: a held-out randomized trial with the policy's features.
+        out_dir: directory for ``metrics.json``, ``curve.json`` and ``curve.png``.
+        levels: budget grid as fractions of the all-max-arm spend (>= 10 points).
+
+    Returns:
+        The metrics dict (``aucc``, ``curve``, references, sizes).
+    """
+    rows, clusters = policy_curve(policy, trial, levels)
+    best_arm, roi = cluster_roi(policy)
+    aucc = multi_arm_aucc(roi[clusters], best_arm[clusters], trial.treatment, trial.response, trial.cost,
+                          trial.propensity)
+    refs = reference_points(trial)
+    metrics = {
+        "aucc": float(aucc),
+        "curve": rows,
+        "references": refs,
+        "n_test": trial.n,
+        "k": policy.k,
+    }
+    with atomic_files(out_dir) as tmp:
+        write_json(metrics, tmp / "metrics.json")
+        write_json([{k: r[k] for k in ("budget", "response", "cost")} for r in rows], tmp / "curve.json")
+        plot_curve(rows, refs, tmp / "curve.png", title=f"policy on {trial.n} held-out users")
+    return metrics
