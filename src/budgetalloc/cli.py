@@ -169,6 +169,15 @@ def evaluate(
     console.print(f"wrote {out / 'metrics.json'} and {out / 'curve.png'}")
 
 
+def _register_extra_commands() -> None:
+    from budgetalloc.cli_extra import register
+
+    register(app)
+
+
+_register_extra_commands()
+
+
 def main() -> None:
     """Console entry point."""
     app()

@@ -149,7 +149,7 @@ def feature_columns(df: pd.DataFrame, features: tuple[str, ...] | None, source: 
 def _feature_matrix(df: pd.DataFrame, names: tuple[str, ...], source: str) -> np.ndarray:
     out = np.empty((len(df), len(names)), dtype=np.float32)
     for j, name in enumerate(names):
-        col = df[name]
+        col = _null_as_float(df[name])
         if col.dtype == bool:
             col = col.astype(np.float64)
         if not pd.api.types.is_numeric_dtype(col.dtype):
@@ -162,6 +162,11 @@ def _feature_matrix(df: pd.DataFrame, names: tuple[str, ...], source: str) -> np
             raise DataError(f"{source}: feature column '{name}' has values beyond float32 range")
         out[:, j] = values
     return out
+
+
+def _null_as_float(col: pd.Series) -> pd.Series:
+    """A column with no values at all (CSV readers type it as null) as float NaN."""
+    return col.astype(np.float64) if col.isna().all() else col
 
 
 def _show(value) -> str:
@@ -215,7 +220,7 @@ def _treatment(df: pd.DataFrame, source: str) -> tuple[np.ndarray, int]:
 
 
 def _numeric_target(df: pd.DataFrame, name: str, source: str) -> np.ndarray:
-    col = df[name]
+    col = _null_as_float(df[name])
     if not pd.api.types.is_numeric_dtype(col.dtype):
         raise DataError(f"{source}: column '{name}' is not numeric (value {_show(_first_non_numeric(col))})")
     values = col.to_numpy(dtype=np.float64, na_value=np.nan)
