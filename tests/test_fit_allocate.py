@@ -107,17 +107,19 @@ def test_cli_fit_allocate_roundtrip(tmp_path):
     import yaml
 
     runner = CliRunner()
-    world = simulate_trial(SimulateParams(n_users=4000), seed=5)
+    # a small, unbalanced trial (propensity column written) with missing feature values
+    world = simulate_trial(SimulateParams(n_users=4000, arm_shares=(0.4, 0.3, 0.1, 0.1, 0.1)), seed=5)
     frame = world.frame.copy()
-    frame.loc[::50, "x3"] = np.nan  # missing values are imputed
+    frame.loc[::50, "x3"] = np.nan
     frame.to_parquet(tmp_path / "trial.parquet")
     pop = simulate_population(SimulateParams(), seed=6, n_users=500).frame.assign(extra="kept out")
     pop.to_csv(tmp_path / "pop.csv", index=False)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY, "cluster": {"k": 40, "n_init": 1}}))
     res = runner.invoke(app, ["fit", "--data", str(tmp_path / "trial.parquet"), "--out", str(tmp_path / "pol"),
                               "--params", str(tmp_path / "params.yaml")])
     assert res.exit_code == 0, res.output
     assert "student agreement" in res.output and "imputed" in res.output
+    assert "cluster.k lowered from 40" in res.output  # K adapts to the honest rows and says so
     out = tmp_path / "alloc.parquet"
     res = runner.invoke(app, ["allocate", "--policy", str(tmp_path / "pol"), "--users", str(tmp_path / "pop.csv"),
                               "--budget", "40", "--out", str(out)])
