@@ -167,3 +167,118 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         "fit_s": g["fit_s"].mean(),
         "allocate_s": g["allocate_s"].mean(),
     }).reset_index()
+
+
+@dataclass(frozen=True)
+class BenchmarkSize:
+    """Row counts of one benchmark run."""
+
+    n_train: int
+    n_test: int
+    n_population: int
+
+
+QUICK = BenchmarkSize(n_train=40_000, n_test=20_000, n_population=20_000)
+FULL = BenchmarkSize(n_train=300_000, n_test=100_000, n_population=100_000)
+
+
+def plot_noise_sweep(summary: pd.DataFrame, cases: list[Case], path) -> None:
+    """Mean capture against each noise knob's level, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    knobs = [k for k in ("label_noise", "cost_outliers", "feature_noise") if any(c.noise == k for c in cases)]
+    fig, axes = plt.subplots(1, max(len(knobs), 1), figsize=(4.2 * max(len(knobs), 1), 3.6), dpi=110,
+                             squeeze=False)
+    for ax, knob in zip(axes[0], knobs, strict=False):
+        names = ["binary"] + [c.name for c in cases if c.noise == knob]
+        levels = [0.0] + [c.level for c in cases if c.noise == knob]
+        for method in summary["method"].unique():
+            sub = summary[summary["method"] == method].set_index("case")
+            ax.plot(levels, [sub.loc[n, "capture_mean"] if n in sub.index else np.nan for n in names],
+                    "o-", label=method)
+        ax.set_xlabel(knob)
+        ax.set_ylabel("capture of oracle uplift")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_cost_curves(results: pd.DataFrame, case: str, path) -> None:
+    """IPS response versus IPS spend per user on the test trial, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=110)
+    for method, sub in results[results["case"] == case].groupby("method", sort=False):
+        sub = sub.sort_values("budget_level")
+        ax.plot(sub["ips_cost"], sub["ips_response"], "o-", label=method)
+    ax.set_xlabel("spend per user (IPS, test trial)")
+    ax.set_ylabel("response per user (IPS)")
+    ax.set_title(f"cost curves, {case} world")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def benchmark_markdown(summary: pd.DataFrame, meta: dict) -> str:
+    """The report: run description and one table per case."""
+    lines = ["# Benchmark: HRC against six baselines", "",
+             "| " + " | ".join(f"{k}: {v}" for k, v in meta.items()) + " |", "", ]
+    cols = ["method", "capture_mean", "capture_min", "spend_ratio_max", "aucc", "fit_s", "allocate_s"]
+    for case, sub in summary.groupby("case", sort=False):
+        lines += [f"## {case}", "", sub[cols].to_markdown(index=False, floatfmt=".3f"), ""]
+    return "\n".join(lines)
+
+
+def run_benchmark(out_dir, params: Params, *, quick: bool, seed: int = 0, methods=METHODS,
+                  size: BenchmarkSize | None = None, cases: list[Case] | None = None,
+                  log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Run every method on every case; write benchmark.csv, benchmark.md and plots atomically.
+
+    Args:
+        out_dir: output directory.
+        params: params for HRC (baselines use their own defaults).
+        quick: the small configuration (minutes) instead of the full one.
+        seed: seed family of the simulated data and every fit.
+        methods: method names (``METHODS`` by default).
+        size: row counts (default ``QUICK`` or ``FULL``).
+        cases: worlds (default :func:`default_cases`).
+        log: progress sink, one line per (case, method).
+
+    Returns:
+        The summary table (one row per case and method).
+    """
+    from budgetalloc.files import atomic_files
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        from budgetalloc.errors import BudgetallocError
+
+        raise BudgetallocError(f"unknown method '{unknown[0]}' (choose from {', '.join(METHODS)})")
+    size = size or (QUICK if quick else FULL)
+    cases = cases or default_cases(n_users=size.n_train, quick=quick)
+    started = time.time()
+    rows = []
+    for case in cases:
+        world = case.world.model_copy(update={"n_users": size.n_train})
+        rows += run_case(Case(case.name, world, case.noise, case.level), methods, params, seed=seed,
+                         n_test=size.n_test, n_population=size.n_population, quick=quick, log=log)
+    results = pd.DataFrame(rows)
+    summary = summarise(results)
+    meta = {"quick": quick, "train rows": size.n_train, "population": size.n_population,
+            "test rows": size.n_test, "seed": seed, "seconds": round(time.time() - started, 1),
+            "machine": "2 CPU cores"}
+    with atomic_files(out_dir) as tmp:
+        results.to_csv(tmp / "benchmark.csv", index=False)
+        summary.to_csv(tmp / "benchmark_summary.csv", index=False)
+        (tmp / "benchmark.md").write_text(benchmark_markdown(summary, meta) + "\n")
+        plot_noise_sweep(summary, cases, tmp / "noise_sweep.png")
+        plot_cost_curves(results, cases[0].name, tmp / "cost_curves.png")
+    return summary

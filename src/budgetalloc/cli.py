@@ -169,6 +169,25 @@ def evaluate(
     console.print(f"wrote {out / 'metrics.json'} and {out / 'curve.png'}")
 
 
+@app.command()
+@handle_errors
+def benchmark(
+    out: Annotated[Path, typer.Option("--out", help="directory for benchmark.csv, benchmark.md, plots")],
+    quick: Annotated[bool, typer.Option("--quick", help="small worlds: about 10 minutes on 2 cores")] = False,
+    methods: Annotated[str | None, typer.Option(help="comma-separated subset, e.g. HRC,TPM-XL")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the worlds and fits")] = 0,
+    params: ParamsOpt = None,
+) -> None:
+    """HRC and the six baselines on simulated worlds with a noise sweep."""
+    from budgetalloc.benchmark import METHODS, run_benchmark
+    from budgetalloc.params import load_params
+
+    chosen = tuple(m.strip() for m in methods.split(",")) if methods else METHODS
+    summary = run_benchmark(out, load_params(params), quick=quick, seed=seed, methods=chosen,
+                            log=lambda line: console.print(line, markup=False, highlight=False))
+    console.print(frame_table(summary, f"Benchmark written to {out}", digits=3))
+
+
 def _register_extra_commands() -> None:
     from budgetalloc.cli_extra import register
 
