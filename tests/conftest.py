@@ -11,12 +11,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
-from budgetalloc.params import SimulateParams  # noqa: E402
-from budgetalloc.simulate import simulate_trial  # noqa: E402
-
+from budgetalloc.params import SimulateParams
+from budgetalloc.simulate import simulate_trial
 
 TINY_PARAMS = {
     "seed": 3,

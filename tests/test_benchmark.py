@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pandas as pd
+from conftest import TINY_PARAMS
 from typer.testing import CliRunner
 
 from budgetalloc.benchmark import METHODS, BenchmarkSize, Case, run_benchmark
 from budgetalloc.cli import app
 from budgetalloc.params import SimulateParams, params_from_dict
-from conftest import TINY_PARAMS
 
 
 def test_tiny_benchmark_all_methods(tmp_path):

@@ -5,18 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TINY_PARAMS as TINY
 from typer.testing import CliRunner
 
 from budgetalloc.allocate import allocate_population, arms_in_file_order
 from budgetalloc.cli import app
 from budgetalloc.data import population_from_frame, trial_from_frame
 from budgetalloc.errors import PolicyError
-from budgetalloc.params import params_from_dict
 from budgetalloc.pipeline import fit_policy
 from budgetalloc.policy import load_policy, save_policy
-from budgetalloc.simulate import SimulateParams, max_spend, score_allocation, simulate_population, simulate_trial
-
-from conftest import TINY_PARAMS as TINY
+from budgetalloc.simulate import (
+    SimulateParams,
+    max_spend,
+    score_allocation,
+    simulate_population,
+    simulate_trial,
+)
 
 
 def random_allocation(rng, true_cost, budget):

@@ -23,15 +23,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from budgetalloc.allocate import arms_in_file_order, population_clusters, program_for  # noqa: E402
-from budgetalloc.data import Trial  # noqa: E402
-from budgetalloc.files import atomic_files, write_json  # noqa: E402
-from budgetalloc.metrics import ips_curve, ips_value, multi_arm_aucc  # noqa: E402
-from budgetalloc.pipeline import budget_scale  # noqa: E402
-from budgetalloc.policy import Policy  # noqa: E402
+from budgetalloc.allocate import arms_in_file_order, population_clusters, program_for
+from budgetalloc.data import Trial
+from budgetalloc.files import atomic_files, write_json
+from budgetalloc.metrics import ips_curve, ips_value, multi_arm_aucc
+from budgetalloc.pipeline import budget_scale
+from budgetalloc.policy import Policy
 
 DEFAULT_LEVELS = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.45, 0.6, 0.8, 1.0)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -25,7 +27,7 @@ class RichReporter(Reporter):
         )
         self.tasks: dict[str, int] = {}
 
-    def __enter__(self) -> RichReporter:
+    def __enter__(self) -> Self:
         self.progress.start()
         return self
 
