@@ -179,7 +179,7 @@ class BenchmarkSize:
 
 
 QUICK = BenchmarkSize(n_train=40_000, n_test=20_000, n_population=20_000)
-FULL = BenchmarkSize(n_train=300_000, n_test=100_000, n_population=100_000)
+FULL = BenchmarkSize(n_train=200_000, n_test=100_000, n_population=100_000)
 
 
 def plot_noise_sweep(summary: pd.DataFrame, cases: list[Case], path) -> None:

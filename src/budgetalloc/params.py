@@ -145,6 +145,9 @@ class AllocateParams(_Section):
 
     budget: float = Field(10_000.0, ge=0.0)
     batch_size: int = Field(262_144, ge=1)
+    users: str = Field(
+        "data/population.csv", min_length=1, description="population file the `allocate` stage reads"
+    )
 
 
 class Params(_Section):

@@ -30,6 +30,7 @@ from budgetalloc.clustering import (
     ClusterModel,
     assign_clusters,
     centroid_soft_targets,
+    cluster_sizes,
     effective_k,
     fit_clusters,
 )
@@ -87,8 +88,18 @@ class FitState:
 def split_rows(n: int, *, honest_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (train, honest) row indices, each sorted."""
     perm = np.random.default_rng(seed).permutation(n)
-    n_honest = int(round(n * honest_fraction))
+    n_honest = round(n * honest_fraction)
     return np.sort(perm[n_honest:]), np.sort(perm[:n_honest])
+
+
+def train_honest_rows(n: int, params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """The (train, honest) split of ``n`` trial rows: ``data.honest_fraction``, ``seed``."""
+    return split_rows(n, honest_fraction=params.data.honest_fraction, seed=params.seed)
+
+
+def student_rows(n: int, params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """The (student, holdout) split: ``distill.holdout_fraction``, ``seed + 1``."""
+    return split_rows(n, honest_fraction=params.distill.holdout_fraction, seed=params.seed + 1)
 
 
 def train_stage(trial: Trial, train_idx: np.ndarray, params: Params, reporter: Reporter):
@@ -200,12 +211,74 @@ def program_stage(stats: ClusterStatistics, n_users: np.ndarray, params: Params,
     return table
 
 
+def budget_stage(trial: Trial, Z: np.ndarray, honest_idx: np.ndarray, model: RepresentationModel,
+                 student: StudentModel, params: Params, reporter: Reporter):
+    """Cluster statistics and the budget table over the trial's own (student) cluster sizes.
+
+    Args:
+        trial: the trial the policy is fitted on.
+        Z: its preprocessed features, every row.
+        honest_idx: the rows the statistics are estimated on.
+        model, student: the fitted representation network and student.
+        params: all params (``statistics`` and ``program`` are read).
+        reporter: progress sink.
+
+    Returns:
+        ``(statistics, student_labels, n_users, budget_table)``: the student's cluster
+        for every row and the users per cluster come along for the summary.
+    """
+    student_all = predict_clusters(student, Z)
+    stats, _ = statistics_stage(trial, honest_idx, Z[honest_idx], model, student, params, reporter)
+    n_users = cluster_sizes(student_all, student.n_clusters)
+    table = program_stage(stats, n_users, params, reporter)
+    return stats, student_all, n_users, table
+
+
+def student_agreement(student_labels: np.ndarray, teacher_labels: np.ndarray, holdout_idx: np.ndarray) -> float:
+    """Share of the held-out rows that the student puts in the teacher's cluster."""
+    return float(np.mean(student_labels[holdout_idx] == teacher_labels[holdout_idx]))
+
+
+def fit_summary(trial: Trial, *, train_rows: int, honest_rows: int, k: int, agreement: float,
+                epochs: int, n_users: np.ndarray, table: list[dict], notes: list[str]) -> dict:
+    """The fit diagnostics stored in the policy (``summary.json``)."""
+    return {
+        "rows": trial.n,
+        "train_rows": train_rows,
+        "honest_rows": honest_rows,
+        "k": k,
+        "n_arms": trial.n_arms,
+        "student_agreement": agreement,
+        "representation_epochs": epochs,
+        "cluster_sizes": n_users.tolist(),
+        "budget_per_user_range": [table[0]["budget_per_user"], table[-1]["budget_per_user"]],
+        "notes": list(notes),
+    }
+
+
+def assemble_policy(trial: Trial, params: Params, *, preprocessor: Preprocessor, student: StudentModel,
+                    statistics: ClusterStatistics, budget_table: list[dict], summary: dict) -> Policy:
+    """The :class:`Policy` from the fitted parts (not yet saved)."""
+    return Policy(
+        feature_names=trial.feature_names,
+        n_arms=trial.n_arms,
+        binary_response=trial.binary_response,
+        preprocessor=preprocessor,
+        student=student,
+        statistics=statistics,
+        budget_table=budget_table,
+        params=params,
+        summary=summary,
+    )
+
+
 def fit_policy(trial: Trial, params: Params, reporter: Reporter | None = None) -> Policy:
     """Run every stage on ``trial`` and return the fitted :class:`Policy`.
 
     The student learns the teacher's clusters from every row except a seeded
     ``distill.holdout_fraction`` kept to measure its agreement: cluster labels come
     from features alone, so using the honest rows' features here leaks no outcome.
+    The DVC stages (:mod:`budgetalloc.stages`) run the same functions one by one.
 
     Args:
         trial: a validated randomized trial.
@@ -216,41 +289,27 @@ def fit_policy(trial: Trial, params: Params, reporter: Reporter | None = None) -
         The policy (not yet saved; see :func:`budgetalloc.policy.save_policy`).
     """
     reporter = reporter or Reporter()
-    train_idx, honest_idx = split_rows(trial.n, honest_fraction=params.data.honest_fraction, seed=params.seed)
+    train_idx, honest_idx = train_honest_rows(trial.n, params)
     pre, model = train_stage(trial, train_idx, params, reporter)
     Z = pre.transform(trial.X)
     clusters, _, _ = cluster_stage(Z[train_idx], model, n_honest=len(honest_idx), n_arms=trial.n_arms,
                                    params=params, reporter=reporter)
     emb = embed(model, Z)
     teacher = assign_clusters(clusters, emb)
-    student_idx, holdout_idx = split_rows(trial.n, honest_fraction=params.distill.holdout_fraction,
-                                          seed=params.seed + 1)
+    student_idx, holdout_idx = student_rows(trial.n, params)
     student = distill_stage(Z[student_idx], emb[student_idx], teacher[student_idx], clusters, params, reporter)
     del emb
-    student_all = predict_clusters(student, Z)
-    stats, _ = statistics_stage(trial, honest_idx, Z[honest_idx], model, student, params, reporter)
-    n_users = np.bincount(student_all, minlength=clusters.k).astype(np.int64)
-    table = program_stage(stats, n_users, params, reporter)
-    summary = {
-        "rows": trial.n,
-        "train_rows": len(train_idx),
-        "honest_rows": len(honest_idx),
-        "k": clusters.k,
-        "n_arms": trial.n_arms,
-        "student_agreement": float(np.mean(student_all[holdout_idx] == teacher[holdout_idx])),
-        "representation_epochs": int(model.history.epochs_run),
-        "cluster_sizes": n_users.tolist(),
-        "budget_per_user_range": [table[0]["budget_per_user"], table[-1]["budget_per_user"]],
-        "notes": list(reporter.notes),
-    }
-    return Policy(
-        feature_names=trial.feature_names,
-        n_arms=trial.n_arms,
-        binary_response=trial.binary_response,
-        preprocessor=pre,
-        student=student,
-        statistics=stats,
-        budget_table=table,
-        params=params,
-        summary=summary,
+    stats, student_all, n_users, table = budget_stage(trial, Z, honest_idx, model, student, params, reporter)
+    summary = fit_summary(
+        trial,
+        train_rows=len(train_idx),
+        honest_rows=len(honest_idx),
+        k=clusters.k,
+        agreement=student_agreement(student_all, teacher, holdout_idx),
+        epochs=int(model.history.epochs_run),
+        n_users=n_users,
+        table=table,
+        notes=reporter.notes,
     )
+    return assemble_policy(trial, params, preprocessor=pre, student=student, statistics=stats,
+                           budget_table=table, summary=summary)
