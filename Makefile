@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/budgetalloc simulate --out data/trial.parquet
+	$(BIN)/python -m budgetalloc.stages.simulate
+	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=$${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-120} \
+	PREFECT_SERVER_ANALYTICS_ENABLED=$${PREFECT_SERVER_ANALYTICS_ENABLED:-false} \
+	$(BIN)/python -m flows.run
+	$(BIN)/dvc status
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

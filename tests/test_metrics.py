@@ -176,7 +176,8 @@ def test_aucc_invariant_to_row_order(seed, n):
     y, c = rng.uniform(size=n), t * rng.uniform(size=n)
     perm = rng.permutation(n)
     a, b = m.aucc(score, t, y, c), m.aucc(score[perm], t[perm], y[perm], c[perm])
-    assert (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b, abs=1e-12)
+    # summation order changes the last bits; degenerate tiny samples can give large |AUCC|
+    assert (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b, rel=1e-9, abs=1e-12)
 
 
 def test_multi_arm_aucc_ranks_true_roi_above_random():

@@ -1,0 +1,1 @@
+"""Prefect flows: training, allocation and benchmark (see docs/orchestration.md)."""

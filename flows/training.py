@@ -1,0 +1,94 @@
+"""Training flow: the fit pipeline's DVC stages as Prefect tasks, then the dashboards.
+
+Each task runs one stage of ``dvc.yaml`` with ``dvc repro --single-item`` (DVC skips
+it when nothing changed), so ``dvc.lock`` stays the record; what a task hands to
+the next is the stage's outputs as ``dvc.lock`` records them. At the end the
+workspace is saved as a DVC experiment (``dvc exp save``), whose name the report
+gives, and the artifacts are published: training progress (while it runs), the
+budget curve, the clusters, and a markdown report with the evaluation metrics.
+
+    python flows/training.py            # Prefect's ephemeral mode, no server needed
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from uuid import UUID
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.runtime import flow_run
+
+from budgetalloc import orchestration as orch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=orch.retry_if_transient,
+      task_run_name="dvc repro {stage}")
+def repro(stage: str, root: Path, upstream: list[orch.StageOutputs], progress: UUID, index: int) -> orch.StageOutputs:
+    """Run one DVC stage; return its outputs as recorded in dvc.lock."""
+    logger = get_run_logger()
+    n = len(orch.TRAINING_STAGES)
+    follow = orch.progress_follower(lambda f: update_progress_artifact(progress, 100.0 * (index + f) / n))
+
+    def on_line(line: str) -> None:
+        logger.info(line)
+        follow(line)
+
+    outputs = orch.repro_stage(root, stage, upstream, on_line=on_line)
+    update_progress_artifact(progress, 100.0 * (index + 1) / n)
+    return outputs
+
+
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=orch.retry_if_transient)
+def save_experiment(root: Path, name: str) -> orch.Revision:
+    """Record the workspace as a DVC experiment."""
+    return orch.save_experiment(root, name)
+
+
+@task
+def publish(root: Path, revision: orch.Revision, budget_level: float | None) -> dict:
+    """Publish the budget curve, the clusters and the report as Prefect artifacts."""
+    create_table_artifact(
+        orch.read_csv_table(root, orch.POLICY_CURVE), key="budget-curve",
+        description=f"Budget table of the fitted policy, per user of the fit trial ({orch.POLICY_CURVE})",
+    )
+    clusters, row = orch.policy_clusters_table(root, budget_level)
+    create_table_artifact(
+        clusters, key="clusters",
+        description=(f"Clusters: size, estimated response and cost per arm, chosen arm at budget level "
+                     f"{row['level']:g} ({row['budget_per_user']:.4g} per user) ({orch.POLICY_CLUSTERS})"),
+    )
+    create_markdown_artifact(orch.training_markdown(root, revision), key="training-report",
+                             description="Training run: fit summary, evaluation, reproduction")
+    return {"experiment": revision.experiment, "commit": revision.commit,
+            "aucc": orch.read_json(root, orch.EVALUATION)["aucc"], "policy": str(Path(root) / orch.POLICY_DIR)}
+
+
+@flow(name="training", log_prints=True)
+def training_flow(root: Path = ROOT, budget_level: float | None = None) -> dict:
+    """Fit and evaluate the policy through DVC, record the run, publish the dashboards.
+
+    Args:
+        root: the repository (dvc.yaml, params.yaml).
+        budget_level: budget level whose chosen arms the clusters table shows
+            (a fraction of the all-max-arm spend; default the middle of the budget table).
+    """
+    progress = create_progress_artifact(0.0, key="training-progress",
+                                        description="Training: share of the DVC stages done (%)")
+    outputs: list[orch.StageOutputs] = []
+    for index, stage in enumerate(orch.TRAINING_STAGES):
+        outputs.append(repro(stage, root, list(outputs), progress, index))
+    name = orch.experiment_name("train", flow_run.get_name(), flow_run.get_id())
+    revision = save_experiment(root, name)
+    return publish(root, revision, budget_level)
+
+
+if __name__ == "__main__":
+    training_flow()

@@ -1,0 +1,101 @@
+"""Stage ``allocate``: one budget scenario, the allocation of a population under ``allocate.budget``.
+
+A scenario is a DVC experiment: ``dvc exp run -S allocate.budget=20000 allocate``
+(``allocate.users`` names the population file) writes the allocation and its
+report, and ``dvc exp apply NAME`` brings any past scenario back. The report is a
+summary (metrics), the population's own budget curve (the program re-solved for its
+cluster sizes at the policy's budget levels; a plot) and the clusters with the arm
+each one gets at this budget.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import pandas as pd
+import typer
+
+from budgetalloc.allocate import Allocation
+from budgetalloc.clustering import cluster_sizes
+from budgetalloc.commands import run_allocate
+from budgetalloc.files import atomic_files, write_json, write_table
+from budgetalloc.pipeline import Reporter, program_stage
+from budgetalloc.policy import Policy, load_policy
+from budgetalloc.stages import PARAMS_FILE, run, stage_params
+
+
+def population_curve_frame(policy: Policy, n_users: np.ndarray) -> pd.DataFrame:
+    """Totals for this population at the policy's budget levels: budget, expected response and spend."""
+    table = program_stage(policy.statistics, n_users, policy.params, Reporter())
+    total = int(n_users.sum())
+    return pd.DataFrame(
+        {
+            "level": [row["level"] for row in table],
+            "budget": [row["budget_per_user"] * total for row in table],
+            "expected_response": [row["expected_response_per_user"] * total for row in table],
+            "expected_spend": [row["expected_cost_per_user"] * total for row in table],
+            "budget_per_user": [row["budget_per_user"] for row in table],
+            "status": [row["status"] for row in table],
+        }
+    )
+
+
+def allocation_clusters_frame(policy: Policy, allocation: Allocation) -> pd.DataFrame:
+    """One row per cluster: users, per-arm estimates, users given each arm, and the arm most of them get."""
+    s = policy.statistics
+    k, m = s.response.shape
+    frame = allocation.frame
+    counts = np.zeros((k, m), dtype=np.int64)
+    np.add.at(counts, (frame["cluster"].to_numpy(), frame["treatment"].to_numpy()), 1)
+    cols: dict[str, np.ndarray] = {"cluster": np.arange(k), "size": counts.sum(axis=1)}
+    cols.update({f"response_arm_{j}": s.response[:, j] for j in range(m)})
+    cols.update({f"cost_arm_{j}": s.cost[:, j] for j in range(m)})
+    cols["chosen_arm"] = np.argmax(counts, axis=1)
+    cols.update({f"users_arm_{j}": counts[:, j] for j in range(m)})
+    return pd.DataFrame(cols)
+
+
+def allocation_summary(allocation: Allocation, users: Path) -> dict:
+    """The scenario's totals: budget, expected spend and response, users per arm, solver status."""
+    frame = allocation.frame
+    n = len(frame)
+    per_arm = frame["treatment"].value_counts().sort_index()
+    return {
+        "population": str(users),
+        "users": n,
+        "budget": allocation.budget,
+        "expected_spend": allocation.expected_cost,
+        "expected_response": allocation.expected_response,
+        "expected_spend_per_user": allocation.expected_cost / n,
+        "expected_response_per_user": allocation.expected_response / n,
+        "unspent": allocation.unspent,
+        "solver_status": allocation.solution.status,
+        "users_per_arm": {f"arm_{int(arm)}": int(count) for arm, count in per_arm.items()},
+    }
+
+
+def main(
+    policy: Annotated[Path, typer.Option(help="policy directory from `policy`")],
+    out: Annotated[Path, typer.Option(help="allocation to write (.parquet or .csv)")],
+    reports: Annotated[Path, typer.Option(help="directory for summary.json, budget_curve.csv, clusters.csv")],
+    params: Annotated[Path, typer.Option(help="params file")] = PARAMS_FILE,
+) -> None:
+    """Allocate ``allocate.users`` under ``allocate.budget``; write the allocation and its report."""
+    p = stage_params(params)
+    users = Path(p.allocate.users)
+    allocation = run_allocate(policy_dir=policy, users=users, budget=p.allocate.budget, out=out)
+    fitted = load_policy(policy)
+    n_users = cluster_sizes(allocation.frame["cluster"].to_numpy(), fitted.k)
+    summary = allocation_summary(allocation, users)
+    with atomic_files(reports) as tmp:
+        write_json(summary, tmp / "summary.json")
+        write_table(population_curve_frame(fitted, n_users), tmp / "budget_curve.csv")
+        write_table(allocation_clusters_frame(fitted, allocation), tmp / "clusters.csv")
+    print(f"allocate: {summary['users']} users, expected spend {summary['expected_spend']:.6g} of budget "
+          f"{summary['budget']:.6g}, expected response {summary['expected_response']:.6g} -> {out}")
+
+
+if __name__ == "__main__":
+    run(main)

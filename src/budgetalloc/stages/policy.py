@@ -1,0 +1,113 @@
+"""Stage ``policy``: cluster statistics, the budget table, and the policy artifact (METHOD stages 3-4).
+
+The honest rows are grouped by the student; the budget table is solved over the fit
+trial's own cluster sizes. The policy directory (:mod:`budgetalloc.policy`) is what
+``allocate`` and ``evaluate`` read. Besides it, two small tables for reports and
+dashboards: the budget curve (per user) and the clusters (size, per-arm estimates).
+
+The policy embeds the params it was fitted with. Of the ``allocate`` section it keeps
+only ``batch_size`` (a serving setting); ``budget`` and ``users`` describe a scenario,
+not the policy, and are stored at their defaults so that a new scenario never
+changes the policy's bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import pandas as pd
+import typer
+
+from budgetalloc.distill import load_student
+from budgetalloc.files import write_table
+from budgetalloc.params import AllocateParams, Params
+from budgetalloc.pipeline import assemble_policy, budget_stage, fit_summary, train_honest_rows
+from budgetalloc.policy import save_policy
+from budgetalloc.representation import load_representation
+from budgetalloc.stages import (
+    PARAMS_FILE,
+    StageReporter,
+    fit_trial,
+    read_json,
+    read_preprocessor,
+    run,
+    stage_params,
+)
+from budgetalloc.statistics import ClusterStatistics
+
+
+def policy_params(params: Params) -> Params:
+    """``params`` with the scenario keys (``allocate.budget``, ``allocate.users``) at their defaults."""
+    return params.model_copy(update={"allocate": AllocateParams(batch_size=params.allocate.batch_size)})
+
+
+def budget_curve_frame(table: list[dict]) -> pd.DataFrame:
+    """The budget table as a curve, per user: level, budget, expected response and spend, status."""
+    return pd.DataFrame(
+        {
+            "level": [row["level"] for row in table],
+            "budget": [row["budget_per_user"] for row in table],
+            "expected_response": [row["expected_response_per_user"] for row in table],
+            "expected_spend": [row["expected_cost_per_user"] for row in table],
+            "status": [row["status"] for row in table],
+        }
+    )
+
+
+def cluster_frame(stats: ClusterStatistics, sizes: np.ndarray) -> pd.DataFrame:
+    """One row per cluster: size, honest rows, estimated response and cost under every arm."""
+    k, m = stats.response.shape
+    cols: dict[str, np.ndarray] = {
+        "cluster": np.arange(k),
+        "size": np.asarray(sizes, dtype=np.int64),
+        "honest_rows": stats.counts.sum(axis=1),
+    }
+    cols.update({f"response_arm_{j}": stats.response[:, j] for j in range(m)})
+    cols.update({f"cost_arm_{j}": stats.cost[:, j] for j in range(m)})
+    return pd.DataFrame(cols)
+
+
+def main(
+    data: Annotated[Path, typer.Option(help="fit part of the trial")],
+    preprocess: Annotated[Path, typer.Option(help="preprocessor from `train`")],
+    model: Annotated[Path, typer.Option(help="representation model from `train`")],
+    student: Annotated[Path, typer.Option(help="student model from `distill`")],
+    train_report: Annotated[Path, typer.Option(help="metrics of `train` (notes)")],
+    cluster_report: Annotated[Path, typer.Option(help="metrics of `cluster` (notes)")],
+    distill_report: Annotated[Path, typer.Option(help="metrics of `distill` (agreement)")],
+    out: Annotated[Path, typer.Option(help="policy directory to write")],
+    curve: Annotated[Path, typer.Option(help="budget curve to write (.csv)")],
+    clusters: Annotated[Path, typer.Option(help="cluster table to write (.csv)")],
+    params: Annotated[Path, typer.Option(help="params file")] = PARAMS_FILE,
+) -> None:
+    """Estimate the cluster statistics, solve the budget table, write the policy."""
+    p = stage_params(params)
+    trial = fit_trial(data, p)
+    pre = read_preprocessor(preprocess)
+    net, student_model = load_representation(model), load_student(student)
+    Z = pre.transform(trial.X)
+    train_idx, honest_idx = train_honest_rows(trial.n, p)
+    stats, _, n_users, table = budget_stage(trial, Z, honest_idx, net, student_model, p, StageReporter())
+    summary = fit_summary(
+        trial,
+        train_rows=len(train_idx),
+        honest_rows=len(honest_idx),
+        k=student_model.n_clusters,
+        agreement=read_json(distill_report)["agreement"],
+        epochs=int(net.history.epochs_run),
+        n_users=n_users,
+        table=table,
+        notes=read_json(train_report)["notes"] + read_json(cluster_report)["notes"],
+    )
+    policy = assemble_policy(trial, policy_params(p), preprocessor=pre, student=student_model, statistics=stats,
+                             budget_table=table, summary=summary)
+    save_policy(policy, out)
+    write_table(budget_curve_frame(table), curve)
+    write_table(cluster_frame(stats, n_users), clusters)
+    print(f"policy: K={policy.k}, {len(table)} budget levels -> {out}")
+
+
+if __name__ == "__main__":
+    run(main)

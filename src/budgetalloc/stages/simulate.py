@@ -1,0 +1,95 @@
+"""Materialise the input ``data/`` that ``data.dvc`` records: from the DVC cache, else the simulator.
+
+``data/`` is not the output of a ``dvc.yaml`` stage: it is the pipeline's input,
+tracked by ``data.dvc`` (``dvc add data``). On a fresh clone the DVC cache is empty,
+so ``make run`` calls this module first. It checks ``data/`` out of the cache when
+it can, and otherwise simulates it, deterministically from ``params.yaml`` (the
+``simulate`` section and ``seed``): the trial ``data/trial.csv`` and a population
+to allocate, ``data/population.csv``. The result must match ``data.dvc``; it is
+then committed to the cache so that experiments can check it out again.
+
+CSV rather than Parquet: a Parquet file records its writer's version
+(``created_by``), so its bytes, and ``data.dvc``, would depend on pyarrow's version.
+
+A non-empty ``data/`` is left alone: it is the user's input (``dvc add data``
+records a new one). Without ``data.dvc`` the simulated data is added, which is how
+``data.dvc`` was made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from budgetalloc.commands import run_simulate
+from budgetalloc.errors import DataError
+from budgetalloc.stages import PARAMS_FILE, run
+
+DATA_DIR = Path("data")
+TRIAL_FILE = "trial.csv"
+POPULATION_FILE = "population.csv"
+POPULATION_SIZE = 100_000
+
+
+def simulate_data(data_dir: Path, params_file: Path, *, population_size: int = POPULATION_SIZE) -> None:
+    """Write the simulated trial and population into ``data_dir`` (seed ``seed`` and ``seed + 1``)."""
+    run_simulate(
+        out=data_dir / TRIAL_FILE,
+        population=data_dir / POPULATION_FILE,
+        truth=None,
+        population_size=population_size,
+        params_path=params_file,
+        seed=None,
+        overrides={},
+    )
+
+
+def materialise(root: Path, *, params_file: Path | None = None, population_size: int = POPULATION_SIZE) -> str:
+    """Make ``root/data`` match ``root/data.dvc``; return how (present, checked out, simulated, added).
+
+    Raises:
+        DataError: the simulated data does not match ``data.dvc`` (the simulator or
+            the ``simulate`` params changed without ``dvc add data``).
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    root = Path(root).resolve()
+    data, record = root / DATA_DIR, root / f"{DATA_DIR}.dvc"
+    params_file = params_file or root / PARAMS_FILE
+    if data.is_dir() and any(data.iterdir()):
+        return "present"
+    with Repo(str(root)) as repo:
+        if not record.exists():
+            simulate_data(data, params_file, population_size=population_size)
+            repo.add(str(data))
+            return "simulated and added"
+        try:
+            repo.checkout(targets=[str(record)])
+            return "checked out of the DVC cache"
+        except DvcException:
+            simulate_data(data, params_file, population_size=population_size)
+        (stage,) = repo.stage.collect(str(record))
+        # `dvc status` would only say "not in cache" here: compare the workspace with the record
+        if any(out.workspace_status() for out in stage.outs):
+            raise DataError(
+                f"{data}: the simulated data does not match {record.name}; the simulator or the "
+                "`simulate` params changed: run `dvc add data` to record the new input"
+            )
+        repo.commit(str(record), force=True)
+    return "simulated"
+
+
+def main(
+    root: Annotated[Path, typer.Option(help="repository root")] = Path("."),
+    population_size: Annotated[int, typer.Option(help="population rows")] = POPULATION_SIZE,
+) -> None:
+    """Materialise data/ when it is missing."""
+    how = materialise(root, population_size=population_size)
+    print(f"data/: {how}")
+
+
+if __name__ == "__main__":
+    run(main)

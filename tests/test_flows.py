@@ -1,0 +1,198 @@
+"""The Prefect flows under ``prefect_test_harness`` on a tiny copy of the repository,
+and the deployments of prefect.yaml against a real local Prefect server."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+from test_dvc import ROOT, dvc, tiny_repo
+
+from budgetalloc import orchestration as orch
+
+
+def load_module(name: str):
+    """A module of flows/ by path, as Prefect loads entrypoints."""
+    spec = importlib.util.spec_from_file_location(f"flows_{name}", ROOT / "flows" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return tiny_repo(tmp_path_factory.mktemp("flows") / "repo")
+
+
+def artifacts_of(state) -> dict:
+    """Artifacts of a flow run by key: (type, data)."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    out = {}
+    for a in found:
+        data = json.loads(a.data) if a.type == "table" else a.data
+        out[a.key] = (a.type, data)
+    return out
+
+
+def experiments(repo: Path) -> set[str]:
+    shown = json.loads(dvc(repo, "exp", "show", "--json"))
+    return {rev["name"] for b in shown for exp in b.get("experiments") or [] for rev in exp["revs"]}
+
+
+@pytest.fixture(scope="module")
+def trained(harness, repo):
+    state = load_module("training").training_flow(root=repo, return_state=True)
+    assert state.is_completed(), state
+    return state
+
+
+def test_training_flow_runs_the_dvc_stages_and_publishes_dashboards(trained, repo):
+    result = trained.result()
+    arts = artifacts_of(trained)
+    kind, curve = arts["budget-curve"]
+    assert kind == "table" and len(curve) == 3
+    assert {"budget", "expected_response", "expected_spend"} <= set(curve[0])
+    kind, clusters = arts["clusters"]
+    assert kind == "table" and len(clusters) >= 2
+    assert {"cluster", "size", "response_arm_0", "cost_arm_4", "chosen_arm"} <= set(clusters[0])
+    kind, report = arts["training-report"]
+    assert kind == "markdown" and "AUCC" in report and result["experiment"] in report
+    kind, progress = arts["training-progress"]
+    assert kind == "progress" and float(progress) == 100.0
+    # DVC is the record: the stages are up to date and the run is an experiment
+    assert result["experiment"] in experiments(repo)
+    status = json.loads(dvc(repo, "status", "--json", *orch.TRAINING_STAGES))
+    assert status == {}
+
+
+def test_allocation_flow_is_a_reproducible_scenario(trained, repo):
+    flows = load_module("allocation")
+    state = flows.allocation_flow(budget=120.0, root=repo, return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    assert result["budget"] == 120.0 >= result["expected_spend"]
+    arts = artifacts_of(state)
+    assert {"budget", "expected_response", "expected_spend"} <= set(arts["allocation-budget-curve"][1][0])
+    assert {"cluster", "size", "chosen_arm", "users_arm_0"} <= set(arts["allocation-clusters"][1][0])
+    report = arts["allocation-report"][1]
+    assert f"dvc exp apply {result['experiment']}" in report and "AUCC" in report
+    assert result["experiment"] in experiments(repo)
+    assert json.loads(dvc(repo, "status", "--json")) == {}
+
+
+def test_benchmark_flow_writes_and_publishes_results(harness, repo):
+    flows = load_module("benchmark")
+    state = flows.benchmark_flow(n_users=4000, methods=["HRC"], cases=["binary"], n_test=2000,
+                                 n_population=2000, levels=[0.1, 0.2], root=repo, return_state=True)
+    assert state.is_completed(), state
+    kind, summary = artifacts_of(state)["benchmark-summary"]
+    assert kind == "table" and summary[0]["method"] == "HRC" and "capture_mean" in summary[0]
+    assert (repo / "reports/benchmark/summary.csv").exists()
+
+
+def test_tasks_retry_only_transient_failures():
+    locked = orch.DvcFailed(["repro"], 255, "ERROR: Unable to acquire lock. Most likely another DVC process")
+    killed = orch.DvcFailed(["repro"], 255, "failed to run: python -m x, exited with -9")
+    bad_data = orch.DvcFailed(["repro"], 255, "failed to run: python -m x, exited with 2")
+    assert locked.transient and killed.transient and not bad_data.transient
+    training = load_module("training")
+    assert training.repro.retries == 2 and training.repro.retry_condition_fn is orch.retry_if_transient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "prefect server exited"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"no Prefect server at {url}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT (servers and workers may ignore SIGTERM), then kill if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_prefect_yaml_deployments_load_with_their_schedules(tmp_path, harness):
+    project = tmp_path / "project"
+    (project / "flows").mkdir(parents=True)
+    for name in ("prefect.yaml", *(f"flows/{p.name}" for p in (ROOT / "flows").glob("*.py"))):
+        (project / name).write_bytes((ROOT / name).read_bytes())
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": url, "PWD": str(project)}
+    env.pop("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", None)
+    bin_dir = Path(sys.executable).parent
+    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_healthy(url, server)
+        for cmd in (["work-pool", "create", "budgetalloc-process", "--type", "process"],
+                    ["--no-prompt", "deploy", "--all"]):
+            res = subprocess.run([str(bin_dir / "prefect"), *cmd], cwd=project, env=env, capture_output=True,
+                                 text=True, check=False)
+            assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        spec = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            for flow_name, name in (("training", "weekly-retraining"), ("allocation", "daily-allocation"),
+                                    ("benchmark", "on-demand")):
+                d = client.read_deployment_by_name(f"{flow_name}/{name}")
+                expected = [(s["cron"], s["timezone"]) for s in spec[name]["schedules"]]
+                assert [(s.schedule.cron, s.schedule.timezone) for s in d.schedules] == expected
+                assert d.work_pool_name == "budgetalloc-process"
+                assert d.parameters == spec[name]["parameters"]
+                assert d.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(project)
+        assert expected == [] and spec["weekly-retraining"]["schedules"][0]["cron"] == "0 3 * * 1"
+    finally:
+        stop(server)
+
+
+def test_serve_builds_the_same_deployments_as_prefect_yaml(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    serve = load_module("serve")
+    spec = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    built = {d.name: d for d in serve.deployments()}
+    assert set(built) == set(spec)
+    for name, d in built.items():
+        assert d.entrypoint == spec[name]["entrypoint"]
+        assert [(s.schedule.cron, s.schedule.timezone) for s in d.schedules] == [
+            (s["cron"], s["timezone"]) for s in spec[name]["schedules"]]
+        assert d.parameters == spec[name]["parameters"]
