@@ -134,13 +134,19 @@ def allocate(
     users: Annotated[Path, typer.Option("--users", help="population file (.parquet or .csv)")],
     budget: Annotated[str, typer.Option("--budget", help="total budget for this population, in cost units")],
     out: Annotated[Path, typer.Option("--out", help="allocation file to write (.parquet or .csv)")],
+    dask_address: Annotated[str | None, typer.Option(
+        "--dask-address", help="partition-parallel on Dask: 'local' starts a LocalCluster, "
+                               "else a scheduler address (tcp://host:8786); Parquet input")] = None,
+    partitions: Annotated[int | None, typer.Option(
+        "--partitions", help="Dask partitions: ranges of row groups (default one per row group)")] = None,
 ) -> None:
-    """Allocate a population under a total budget: one arm per user."""
+    """Allocate a population under a total budget: one arm per user (the file is streamed)."""
     from budgetalloc.commands import run_allocate
 
-    result = run_allocate(policy_dir=policy, users=users, budget=budget, out=out)
-    shares = result.frame["treatment"].value_counts().sort_index()
-    console.print(f"allocated {len(result.frame)} users to {out} (solver: {result.solution.status})")
+    result = run_allocate(policy_dir=policy, users=users, budget=budget, out=out,
+                          dask_address=dask_address, partitions=partitions)
+    shares = {arm: int(n) for arm, n in enumerate(result.users_per_arm) if n > 0}
+    console.print(f"allocated {result.n_users} users to {out} (solver: {result.solution.status})")
     console.print("users per arm: " + ", ".join(f"{arm}: {n}" for arm, n in shares.items()))
     console.print(f"total expected spend {result.expected_cost:.6g} of budget {result.budget:.6g}")
     console.print(f"total expected response {result.expected_response:.6g}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from budgetalloc.data import arm_summary, load_population, load_trial, trial_from_frame
+from budgetalloc.data import arm_summary, load_trial, trial_from_frame
 from budgetalloc.files import write_table
 from budgetalloc.params import load_params, with_overrides
 from budgetalloc.simulate import simulate_population, simulate_trial, truth_frame
@@ -49,17 +49,32 @@ def run_fit(*, data: Path, out: Path, params_path: Path | None, reporter=None) -
     return policy.summary
 
 
-def run_allocate(*, policy_dir: Path, users: Path, budget, out: Path):
-    """Allocate a population file under a total budget and write the allocation atomically."""
-    from budgetalloc.allocate import allocate_population, check_budget
-    from budgetalloc.policy import load_policy
+def run_allocate(*, policy_dir: Path, users: Path, budget, out: Path, dask_address: str | None = None,
+                 partitions: int | None = None):
+    """Allocate a population file under a total budget, streamed; write the allocation atomically.
+
+    The file is read in batches (:func:`budgetalloc.streaming.allocate_file`), so memory
+    does not grow with its width. With ``dask_address`` the partition-parallel flow runs
+    instead (:func:`budgetalloc.distributed.allocate_distributed`): ``"local"`` on a new
+    LocalCluster, otherwise on the Dask scheduler at that address. Both write the rows
+    :func:`budgetalloc.allocate.allocate_population` gives, and return a
+    :class:`budgetalloc.streaming.StreamedAllocation`.
+    """
+    from budgetalloc.allocate import check_budget
+    from budgetalloc.errors import BudgetallocError
 
     budget = check_budget(budget)
-    policy = load_policy(policy_dir)
-    population = load_population(users, policy.feature_names)
-    allocation = allocate_population(policy, population, budget)
-    write_table(allocation.frame, out)
-    return allocation
+    if dask_address is not None:
+        from budgetalloc.distributed import allocate_distributed
+
+        return allocate_distributed(policy_dir, users, budget, out, address=dask_address, partitions=partitions,
+                                    quiet=True)
+    if partitions is not None:
+        raise BudgetallocError("--partitions applies to the Dask path: add --dask-address local (or an address)")
+    from budgetalloc.policy import load_policy
+    from budgetalloc.streaming import allocate_file
+
+    return allocate_file(load_policy(policy_dir), users, budget, out)
 
 
 def run_evaluate(*, policy_dir: Path, data: Path, out: Path) -> dict:

@@ -91,6 +91,16 @@ class Population:
         return int(self.user_id.shape[0])
 
 
+def check_file(path: Path) -> None:
+    """The checks made before reading a table: it exists, is a file, is not empty."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a Parquet or CSV file into a DataFrame, with one-line errors.
 
@@ -104,12 +114,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         DataError: missing file, unreadable content, or no rows.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if not path.is_file():
-        raise DataError(f"{path}: not a file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
+    check_file(path)
     table = _read_arrow(path)
     if table.num_rows == 0:
         raise DataError(f"{path}: table has no rows")

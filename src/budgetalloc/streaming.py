@@ -1,0 +1,528 @@
+"""Streaming allocation: a population file of any size, in memory that does not grow with its width.
+
+:func:`allocate_file` gives exactly the rows of
+:func:`budgetalloc.allocate.allocate_population` on the same file (same frame,
+same order, same solver counts) without ever holding the feature matrix:
+
+1. **Pass 1 (the file).** Parquet is read with ``ParquetFile.iter_batches`` and
+   CSV with pyarrow's streaming reader, ``batch_rows`` rows at a time. Each batch
+   is validated by the contract's own function
+   (:func:`budgetalloc.data.population_from_frame`: missing columns, ids, types,
+   infinities), imputed and standardised, and classified by the student in one
+   compiled call of a fixed shape (the last batch is padded), so nothing
+   recompiles per batch. What is kept per user is its id (int64, or the text in
+   an Arrow string array) and its cluster (int16 when ``K`` allows): 10 bytes a
+   user instead of the ``4 d`` of its features.
+2. **Ids are unique across batches.** One sort of a compact 64-bit key per user
+   (the id itself, or a hash of a text id); only users whose keys repeat are
+   compared exactly, and the message is data.py's, naming the first duplicate in
+   file order.
+3. **The program is solved once** for the file's cluster sizes.
+4. **Pass 2 (memory only).** Users take arms in file order with a running offset
+   per cluster (:func:`budgetalloc.allocate.arms_in_file_order`); the output rows
+   are appended to a temporary sibling of the output (``ParquetWriter`` in row
+   groups of pyarrow's default size, so the bytes are those the in-memory path
+   writes; or pandas ``to_csv`` for ``.csv``), the total expected spend is checked
+   against the budget, and only then is the file renamed into place.
+
+Why keep ids and clusters rather than read the file again in pass 2: recomputing
+the clusters means repeating all of pass 1 (read, validate, standardise,
+classify: 80% of the 17 s a 10M x 40 file takes), while what is kept is 18 bytes
+a user at most (10M users: 80 MB of ids, 20 MB of clusters, and an 80 MB sort key
+during the duplicate check). Measurements are in ``docs/scale.md``.
+
+CSV column types follow pyarrow's inference on the first block, as the in-memory
+reader's do, with two adjustments so a later block cannot fail where the
+in-memory reader would widen the type: integer (or empty) feature columns are read
+as float64, and if a later block's ``user_id`` is not of the first block's type,
+pass 1 restarts with the ids read as text.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from budgetalloc.allocate import (
+    allocation_frame,
+    arms_in_file_order,
+    check_budget,
+    program_for,
+    useful_spend_cap,
+)
+from budgetalloc.data import USER_ID, _feature_matrix, _user_ids, check_file, population_from_frame
+from budgetalloc.distill import StudentModel, predict_clusters
+from budgetalloc.errors import BudgetallocError, DataError
+from budgetalloc.files import atomic_path
+from budgetalloc.nn import inference_batch_size
+from budgetalloc.policy import Policy
+from budgetalloc.program import ProgramSolution
+
+CSV_BLOCK_BYTES = 8 << 20
+READ_BUFFER_BYTES = 1 << 20
+OUTPUT_ROW_GROUP = 1 << 20  # pyarrow's default row group: the in-memory writer's too
+_CSV_ERROR = re.compile(r"In CSV column #(\d+).*invalid value '(.*)'")
+_INT16_MAX = np.iinfo(np.int16).max
+#: Rows per batch by default. Measured on 10M x 40 (two shared cores): 32,768 and
+#: 65,536 rows took 17-18 s at 0.86-0.94 GB peak RSS, 131,072 took 20 s at 1.03 GB,
+#: 262,144 (the in-memory path's inference batch) 22 s at 1.22 GB: the numpy
+#: temporaries of a smaller batch stay in cache.
+STREAM_BATCH_ROWS = 65_536
+
+
+class _IdsNotUniform(Exception):
+    """A later CSV block's user_id does not parse as the first block's type."""
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def is_parquet(path: Path) -> bool:
+    """Parquet by magic bytes or suffix, as :func:`budgetalloc.data.read_table` decides."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    return magic == b"PAR1" or path.suffix.lower() in (".parquet", ".pq")
+
+
+def _unreadable(path: Path, kind: str, err: Exception) -> DataError:
+    detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    return DataError(f"{path}: not a readable {kind} file ({detail})")
+
+
+def parquet_file(path: Path, *, buffered: bool = False) -> pq.ParquetFile:
+    """Open a Parquet file, with one-line errors; ``buffered`` reads column chunks piecewise.
+
+    Without a read buffer pyarrow loads whole column chunks (a 1M-row group of 40
+    float features: 160 MB at once); with ``READ_BUFFER_BYTES`` per column it
+    held 250 MB instead of 390 MB at 262,144-row batches, at the same speed.
+    """
+    try:
+        if buffered:
+            return pq.ParquetFile(path, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise _unreadable(path, "Parquet", err) from None
+
+
+def parquet_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
+                   row_groups: list[int] | None = None) -> Iterator[pd.DataFrame]:
+    """Batches of exactly ``batch_rows`` rows (the last may be shorter) of the wanted columns.
+
+    Columns that are absent are left out, so that the contract's own check names them.
+    """
+    source = parquet_file(path, buffered=True)
+    columns = [c for c in wanted if c in source.schema_arrow.names]
+    try:
+        for batch in source.iter_batches(batch_size=batch_rows, columns=columns,
+                                         row_groups=row_groups):
+            yield batch.to_pandas()
+    except (pa.ArrowException, OSError) as err:
+        raise _unreadable(path, "Parquet", err) from None
+
+
+def _csv_header(path: Path) -> pa.Schema:
+    """Column names and the types pyarrow infers from the first block."""
+    try:
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES))
+    except (pa.ArrowException, OSError) as err:
+        raise _unreadable(path, "CSV", err) from None
+    schema = reader.schema
+    reader.close()
+    return schema
+
+
+def _csv_types(schema: pa.Schema, wanted: list[str], ids_as_text: bool) -> dict[str, pa.DataType]:
+    """First-block types, widened where a later block could need a wider one."""
+    types = {}
+    for name in wanted:
+        inferred = schema.field(name).type
+        if name == USER_ID:
+            types[name] = pa.string() if ids_as_text else inferred
+        elif pa.types.is_integer(inferred) or pa.types.is_null(inferred):
+            types[name] = pa.float64()
+        else:
+            types[name] = inferred
+    return types
+
+
+def _csv_failure(path: Path, schema: pa.Schema, err: pa.ArrowInvalid) -> Exception:
+    """The contract's error for a value a later block could not convert."""
+    match = _CSV_ERROR.search(str(err))
+    if match is None or int(match.group(1)) >= len(schema.names):
+        return _unreadable(path, "CSV", err)
+    name, value = schema.names[int(match.group(1))], match.group(2)
+    if name == USER_ID:
+        return _IdsNotUniform()
+    try:  # data.py words the message (the in-memory reader would have read the column as text)
+        _feature_matrix(pd.DataFrame({name: pd.Series([value], dtype=object)}), (name,), str(path))
+    except DataError as bad:
+        return bad
+    return _unreadable(path, "CSV", err)
+
+
+def csv_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
+               ids_as_text: bool = False) -> Iterator[pd.DataFrame]:
+    """Batches of exactly ``batch_rows`` rows (the last may be shorter) of a CSV file."""
+    schema = _csv_header(path)
+    columns = [c for c in wanted if c in schema.names]
+    convert = pacsv.ConvertOptions(include_columns=columns,
+                                   column_types=_csv_types(schema, columns, ids_as_text))
+    try:
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                                convert_options=convert)
+        for table in rebatch(reader, batch_rows):
+            yield table.to_pandas()
+    except pa.ArrowInvalid as err:
+        raise _csv_failure(path, schema, err) from None
+    except (pa.ArrowException, OSError) as err:
+        raise _unreadable(path, "CSV", err) from None
+
+
+def rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
+    """Regroup record batches into tables of exactly ``rows`` rows; the last may be shorter."""
+    pending, held = [], 0
+    for batch in batches:
+        pending.append(batch)
+        held += batch.num_rows
+        while held >= rows:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, rows)
+            rest = table.slice(rows)
+            pending, held = rest.to_batches(), rest.num_rows
+    if held:
+        yield pa.Table.from_batches(pending)
+
+
+def population_frames(path: Path, feature_names: Iterable[str], *, batch_rows: int,
+                      ids_as_text: bool = False) -> Iterator[pd.DataFrame]:
+    """The population file's ``user_id`` and feature columns in batches of ``batch_rows``."""
+    check_file(path)
+    wanted = [USER_ID, *feature_names]
+    if is_parquet(path):
+        return parquet_frames(path, wanted, batch_rows=batch_rows)
+    if path.suffix.lower() in (".csv", ".txt", ""):
+        return csv_frames(path, wanted, batch_rows=batch_rows, ids_as_text=ids_as_text)
+    raise DataError(f"{path}: unsupported format '{path.suffix.lower()}' (expected .parquet or .csv)")
+
+
+# -- pass 1: clusters ----------------------------------------------------------------------
+
+
+def compiled_rows(batch_size: int) -> int:
+    """Rows per compiled student call (and per read batch) for a requested batch size."""
+    return inference_batch_size(batch_size, batch_size)
+
+
+def fixed_shape_clusters(student: StudentModel, X: np.ndarray, rows: int) -> np.ndarray:
+    """The student's clusters for ``X`` (at most ``rows`` rows), always run as ``rows`` rows."""
+    n = X.shape[0]
+    if n < rows:
+        X = np.concatenate([X, np.zeros((rows - n, X.shape[1]), X.dtype)])
+    return predict_clusters(student, X, batch_size=rows)[:n]
+
+
+def _compact_ids(ids: np.ndarray):
+    """int64 ids copied; text ids as an Arrow string array (no Python object per id).
+
+    The copy matters: the ids ``to_pandas`` hands out can be a view that keeps the
+    whole batch's Arrow memory alive (measured: 2.1 GB held after 10M users).
+    """
+    return ids.copy() if ids.dtype == np.int64 else pa.array(ids, type=pa.large_string())
+
+
+def ids_as_numpy(ids) -> np.ndarray:
+    """Ids as :func:`budgetalloc.data.population_from_frame` returns them (int64 or object str)."""
+    return ids if isinstance(ids, np.ndarray) else ids.to_numpy(zero_copy_only=False)
+
+
+@dataclass
+class ClusterPass:
+    """What pass 1 keeps: each batch's ids and clusters, and the cluster sizes."""
+
+    ids: list = field(default_factory=list)  # per batch: int64 ndarray or pa.LargeStringArray
+    clusters: list = field(default_factory=list)  # per batch: int16 or int32 ndarray
+    sizes: np.ndarray | None = None  # (K,) int64
+
+
+def cluster_pass(policy: Policy, frames: Iterable[pd.DataFrame], *, source: str,
+                 rows: int) -> ClusterPass:
+    """Validate, standardise and classify every batch; keep ids and clusters.
+
+    Args:
+        policy: the fitted policy.
+        frames: population batches of at most ``rows`` rows.
+        source: file name for error messages.
+        rows: the compiled batch shape.
+
+    Returns:
+        The :class:`ClusterPass` (no rows raises :class:`DataError`).
+    """
+    kept = ClusterPass(sizes=np.zeros(policy.k, dtype=np.int64))
+    dtype = np.int16 if policy.k <= _INT16_MAX else np.int32
+    for frame in frames:
+        population = population_from_frame(frame, policy.feature_names, source=source)
+        X = policy.preprocessor.transform(population.X)
+        clusters = fixed_shape_clusters(policy.student, X, rows)
+        kept.sizes += np.bincount(clusters, minlength=policy.k)
+        kept.ids.append(_compact_ids(population.user_id))
+        kept.clusters.append(clusters.astype(dtype))
+    if not kept.clusters:
+        raise DataError(f"{source}: table has no rows")
+    return kept
+
+
+def file_cluster_pass(policy: Policy, path: Path, *, rows: int) -> ClusterPass:
+    """:func:`cluster_pass` over a file; a CSV whose ids change type is re-read with text ids."""
+    try:
+        frames = population_frames(path, policy.feature_names, batch_rows=rows)
+        return cluster_pass(policy, frames, source=str(path), rows=rows)
+    except _IdsNotUniform:
+        frames = population_frames(path, policy.feature_names, batch_rows=rows, ids_as_text=True)
+        return cluster_pass(policy, frames, source=str(path), rows=rows)
+
+
+# -- duplicate ids -------------------------------------------------------------------------
+
+
+def id_keys(ids) -> np.ndarray:
+    """A 64-bit key per id: the id itself, or a (fixed-key, deterministic) hash of its text."""
+    if isinstance(ids, np.ndarray) and ids.dtype == np.int64:
+        return ids.view(np.uint64)
+    return pd.util.hash_array(ids_as_numpy(ids).astype(object))
+
+
+def repeated_keys(keys: np.ndarray) -> np.ndarray:
+    """The keys that occur more than once (sorted, unique); ``keys`` is sorted in place."""
+    keys.sort()
+    same = keys[1:] == keys[:-1]
+    return np.unique(keys[1:][same])
+
+
+def check_unique_ids(chunks: list, source: str) -> None:
+    """Raise data.py's duplicate-id error for the first repeated id in file order, if any.
+
+    Memory: one 64-bit key per user, sorted in place (the keys are rebuilt, in
+    file order, only when some repeat).
+
+    Args:
+        chunks: per batch, the ids (int64 ndarray or Arrow string array), in file order.
+        source: file name for the message.
+    """
+    repeated = repeated_keys(np.concatenate([id_keys(c) for c in chunks]))
+    if repeated.size == 0:
+        return
+    suspects = []  # equal keys: equal ids, or (text ids) a hash collision
+    for ids in chunks:
+        hits = np.isin(id_keys(ids), repeated)
+        if hits.any():
+            suspects.append(ids_as_numpy(ids)[hits])
+    _user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), source)
+
+
+# -- pass 2: arms and output ---------------------------------------------------------------
+
+
+def is_csv_name(path: Path) -> bool:
+    """Outputs are CSV by suffix, Parquet otherwise (as :func:`budgetalloc.files.write_table`)."""
+    return path.suffix.lower() == ".csv"
+
+
+class _ParquetSink:
+    """Frames appended to one Parquet file in row groups of ``row_group_rows`` rows.
+
+    pyarrow's ``write_table`` cuts row groups of ``OUTPUT_ROW_GROUP`` rows too, so
+    with that size the file is the very bytes the in-memory path writes for the
+    same rows; the price is one row group of output held (1M rows: 34 MB).
+    """
+
+    def __init__(self, path: Path, row_group_rows: int) -> None:
+        self.path, self.writer, self.pending, self.held = path, None, [], 0
+        self.row_group_rows = row_group_rows
+
+    def write(self, rows: pd.DataFrame | pa.Table) -> None:
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pandas(rows, preserve_index=False)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.pending.append(table)
+        self.held += table.num_rows
+        if self.held >= self.row_group_rows:
+            self.flush(final=False)
+
+    def flush(self, *, final: bool) -> None:
+        if not self.pending:
+            return
+        # One contiguous array per column, as write_table gets it: the writer's page
+        # and dictionary decisions follow the input's chunks, and so would the bytes.
+        table = pa.concat_tables(self.pending).combine_chunks()
+        whole = table.num_rows if final else table.num_rows - table.num_rows % self.row_group_rows
+        if whole:
+            self.writer.write_table(table.slice(0, whole), row_group_size=self.row_group_rows)
+        rest = table.slice(whole)
+        self.pending, self.held = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self, *, complete: bool) -> None:
+        if self.writer is not None:
+            if complete:
+                self.flush(final=True)
+            self.writer.close()
+
+
+class _CsvSink:
+    """Frames appended to one CSV file by pandas (the bytes ``DataFrame.to_csv`` writes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.handle = path, None
+
+    def write(self, rows: pd.DataFrame | pa.Table) -> None:
+        frame = rows.to_pandas() if isinstance(rows, pa.Table) else rows
+        first = self.handle is None
+        if first:
+            self.handle = open(self.path, "w", newline="")  # noqa: SIM115 - closed in close()
+        frame.to_csv(self.handle, header=first, index=False)
+
+    def close(self, *, complete: bool) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+@contextmanager
+def frame_sink(path: Path, *, as_csv: bool, row_group_rows: int = OUTPUT_ROW_GROUP) -> Iterator:
+    """A function appending rows (frames or Arrow tables) to ``path``, Parquet or CSV."""
+    sink = _CsvSink(path) if as_csv else _ParquetSink(path, row_group_rows)
+    complete = False
+    try:
+        yield sink.write
+        complete = True
+    finally:
+        sink.close(complete=complete)
+
+
+@dataclass(frozen=True)
+class WrittenRows:
+    """Totals of the rows a pass 2 wrote."""
+
+    rows: int
+    spend: float  # sum of expected_cost over the rows
+    offsets: np.ndarray  # (K,) users of each cluster assigned so far
+
+
+def write_arms(policy: Policy, kept: ClusterPass, counts: np.ndarray, write, *,
+               offsets: np.ndarray | None = None) -> WrittenRows:
+    """Assign arms in file order (running offsets) and hand each batch's rows to ``write``."""
+    spend, rows = 0.0, 0
+    for ids, clusters in zip(kept.ids, kept.clusters):
+        clusters = clusters.astype(np.int32)
+        arms, offsets = arms_in_file_order(clusters, counts, offsets)
+        frame = allocation_frame(policy, ids_as_numpy(ids), clusters, arms)
+        write(frame)
+        spend += float(frame["expected_cost"].sum())
+        rows += len(frame)
+    return WrittenRows(rows=rows, spend=spend, offsets=offsets)
+
+
+def check_spend(spend: float, budget: float) -> None:
+    """The same last check as :func:`budgetalloc.allocate.allocate_population`."""
+    if spend > budget * (1 + 1e-12) + 1e-9:
+        raise BudgetallocError(f"internal check failed: expected spend {spend:.6g} exceeds budget {budget:.6g}")
+
+
+@dataclass(frozen=True)
+class StreamedAllocation:
+    """An allocation written to ``path``: its totals; the rows stay on disk."""
+
+    path: Path
+    n_users: int
+    cluster_sizes: np.ndarray  # (K,) users per cluster
+    solution: ProgramSolution
+    budget: float
+    unspent: float  # budget the policy could not usefully spend
+    spend: float  # sum of the written rows' expected_cost
+    batch_rows: int
+    seconds: dict  # wall time per step
+    run_counts: dict = field(default_factory=dict)  # Dask path: runs per task and partition
+
+    @property
+    def expected_cost(self) -> float:
+        return float(self.solution.expected_cost)
+
+    @property
+    def expected_response(self) -> float:
+        return float(self.solution.expected_response)
+
+    @property
+    def users_per_arm(self) -> np.ndarray:
+        """(M,) users given each arm."""
+        return self.solution.counts.sum(axis=0)
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """The written rows, read back from ``path`` (whole file in memory: small populations only)."""
+        if is_csv_name(self.path):
+            return pd.read_csv(self.path)
+        return pq.read_table(self.path).to_pandas()
+
+
+def unspent_budget(policy: Policy, sizes: np.ndarray, budget: float) -> float:
+    """Budget beyond what the best-response arm of every cluster would spend."""
+    return max(0.0, budget - useful_spend_cap(policy, sizes)) if budget > 0 else 0.0
+
+
+def allocate_file(policy: Policy, users_path: str | Path, budget, out_path: str | Path, *,
+                  batch_size: int | None = None,
+                  row_group_rows: int = OUTPUT_ROW_GROUP) -> StreamedAllocation:
+    """Allocate a population file under a total budget, streaming it; write the rows atomically.
+
+    Args:
+        policy: a fitted policy.
+        users_path: population file (Parquet or CSV).
+        budget: total budget in cost units (>= 0).
+        out_path: allocation file to write (Parquet, or CSV by suffix); it appears
+            only when complete and checked.
+        batch_size: rows per batch (default ``STREAM_BATCH_ROWS``); rounded up to
+            the student's compiled shape (a multiple of 4096 above 4096).
+        row_group_rows: output rows per Parquet row group, held in memory until
+            written; the default is pyarrow's, which makes the file byte-identical
+            to the in-memory path's.
+
+    Returns:
+        A :class:`StreamedAllocation`; the file holds exactly the rows
+        :func:`budgetalloc.allocate.allocate_population` returns for the same file.
+
+    Raises:
+        DataError: the file breaks the contract (nothing is written).
+        BudgetallocError: a bad budget, or the final spend check fails.
+    """
+    budget = check_budget(budget)
+    users_path, out_path = Path(users_path), Path(out_path)
+    rows = compiled_rows(batch_size or STREAM_BATCH_ROWS)
+    clock = [time.perf_counter()]
+
+    def lap() -> float:
+        clock.append(time.perf_counter())
+        return round(clock[-1] - clock[-2], 3)
+
+    kept = file_cluster_pass(policy, users_path, rows=rows)
+    seconds = {"read_and_classify": lap()}
+    check_unique_ids(kept.ids, str(users_path))
+    seconds["unique_ids"] = lap()
+    solution = program_for(policy).solve(kept.sizes, budget)
+    seconds["solve"] = lap()
+    with atomic_path(out_path) as tmp, frame_sink(tmp, as_csv=is_csv_name(out_path),
+                                                      row_group_rows=row_group_rows) as write:
+        written = write_arms(policy, kept, solution.counts, write)
+        check_spend(written.spend, budget)
+    seconds["assign_and_write"] = lap()
+    return StreamedAllocation(path=out_path, n_users=written.rows, cluster_sizes=kept.sizes,
+                              solution=solution, budget=budget,
+                              unspent=unspent_budget(policy, kept.sizes, budget),
+                              spend=written.spend, batch_rows=rows, seconds=seconds)
