@@ -16,8 +16,9 @@ from budgetalloc.errors import BudgetallocError, DataError
 from budgetalloc.files import write_table
 from budgetalloc.params import SimulateParams
 from budgetalloc.policy import load_policy
+from budgetalloc.readers import rebatch
 from budgetalloc.simulate import simulate_population
-from budgetalloc.streaming import allocate_file, check_unique_ids, rebatch
+from budgetalloc.streaming import allocate_file, check_unique_ids
 
 BUDGET = 400.0
 
@@ -36,9 +37,9 @@ def frame(tiny_fitted):
 @pytest.fixture(autouse=True)
 def small_csv_blocks(monkeypatch):
     """64 KB CSV blocks, so that a 12,000-row file has many and "late" means a later block."""
-    from budgetalloc import streaming
+    from budgetalloc import readers
 
-    monkeypatch.setattr(streaming, "CSV_BLOCK_BYTES", 1 << 16)
+    monkeypatch.setattr(readers, "CSV_BLOCK_BYTES", 1 << 16)
 
 
 def write_parquet(df: pd.DataFrame, path, *, row_group: int = 2500):

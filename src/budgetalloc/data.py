@@ -151,7 +151,21 @@ def feature_columns(df: pd.DataFrame, features: tuple[str, ...] | None, source: 
     return names
 
 
-def _feature_matrix(df: pd.DataFrame, names: tuple[str, ...], source: str) -> np.ndarray:
+def feature_matrix(df: pd.DataFrame, names: tuple[str, ...], source: str) -> np.ndarray:
+    """The named feature columns as a float32 matrix, checked against the contract.
+
+    Args:
+        df: the table.
+        names: feature column names, in the order of the matrix's columns.
+        source: file name used in error messages.
+
+    Returns:
+        ``(len(df), len(names))`` float32; missing values stay NaN.
+
+    Raises:
+        DataError: a non-numeric column (naming its first bad value), an infinite
+            value, or a value beyond float32 range.
+    """
     out = np.empty((len(df), len(names)), dtype=np.float32)
     for j, name in enumerate(names):
         col = _null_as_float(df[name])
@@ -185,7 +199,20 @@ def _first_non_numeric(col: pd.Series):
     return bad.iloc[0] if len(bad) else col.iloc[0]
 
 
-def _user_ids(df: pd.DataFrame, source: str) -> np.ndarray:
+def user_ids(df: pd.DataFrame, source: str) -> np.ndarray:
+    """The ``user_id`` column, checked present, complete and unique.
+
+    Args:
+        df: the table.
+        source: file name used in error messages.
+
+    Returns:
+        int64 ids if the column is integer, else the ids as ``str`` objects.
+
+    Raises:
+        DataError: the column is missing, has missing values, or repeats an id
+            (naming the first repeat in row order).
+    """
     if USER_ID not in df.columns:
         raise DataError(f"{source}: missing column '{USER_ID}'")
     ids = df[USER_ID]
@@ -268,14 +295,14 @@ def trial_from_frame(
     for name in TRIAL_COLUMNS:
         if name not in df.columns:
             raise DataError(f"{source}: missing column '{name}'")
-    ids = _user_ids(df, source)
+    ids = user_ids(df, source)
     t, n_arms = _treatment(df, source)
     response = _numeric_target(df, RESPONSE, source)
     cost = _numeric_target(df, COST, source)
     if (cost < 0).any():
         raise DataError(f"{source}: column '{COST}' has negative value {_show(cost[cost < 0][0])}")
     names = feature_columns(df, features, source)
-    X = _feature_matrix(df, names, source)
+    X = feature_matrix(df, names, source)
     shares = np.bincount(t, minlength=n_arms) / t.shape[0]
     return Trial(
         user_id=ids,
@@ -312,9 +339,9 @@ def population_from_frame(
     """
     if len(df) == 0:
         raise DataError(f"{source}: table has no rows")
-    ids = _user_ids(df, source)
+    ids = user_ids(df, source)
     names = feature_columns(df, tuple(feature_names), source)
-    return Population(user_id=ids, X=_feature_matrix(df, names, source), feature_names=names, source=source)
+    return Population(user_id=ids, X=feature_matrix(df, names, source), feature_names=names, source=source)
 
 
 def load_population(path: str | Path, feature_names: tuple[str, ...]) -> Population:

@@ -60,24 +60,21 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from budgetalloc.allocate import check_budget, program_for
-from budgetalloc.data import USER_ID
+from budgetalloc.data import USER_ID, check_file
 from budgetalloc.errors import BudgetallocError, DataError
 from budgetalloc.files import atomic_path
 from budgetalloc.policy import Policy, load_policy
+from budgetalloc.readers import is_parquet, parquet_file, parquet_frames
 from budgetalloc.streaming import (
     STREAM_BATCH_ROWS,
     ClusterPass,
     StreamedAllocation,
-    check_file,
     check_spend,
     check_unique_ids,
     cluster_pass,
     compiled_rows,
     frame_sink,
     is_csv_name,
-    is_parquet,
-    parquet_file,
-    parquet_frames,
     unspent_budget,
     write_arms,
 )

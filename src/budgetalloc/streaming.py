@@ -5,7 +5,8 @@
 same order, same solver counts) without ever holding the feature matrix:
 
 1. **Pass 1 (the file).** Parquet is read with ``ParquetFile.iter_batches`` and
-   CSV with pyarrow's streaming reader, ``batch_rows`` rows at a time. Each batch
+   CSV with pyarrow's streaming reader, ``batch_rows`` rows at a time
+   (:mod:`budgetalloc.readers`). Each batch
    is validated by the contract's own function
    (:func:`budgetalloc.data.population_from_frame`: missing columns, ids, types,
    infinities), imputed and standardised, and classified by the student in one
@@ -31,16 +32,13 @@ classify: 80% of the 17 s a 10M x 40 file takes), while what is kept is 18 bytes
 a user at most (10M users: 80 MB of ids, 20 MB of clusters, and an 80 MB sort key
 during the duplicate check). Measurements are in ``docs/scale.md``.
 
-CSV column types follow pyarrow's inference on the first block, as the in-memory
-reader's do, with two adjustments so a later block cannot fail where the
-in-memory reader would widen the type: integer (or empty) feature columns are read
-as float64, and if a later block's ``user_id`` is not of the first block's type,
-pass 1 restarts with the ids read as text.
+CSV column types are the readers' (see :mod:`budgetalloc.readers`); if a later
+block's ``user_id`` is not of the first block's type, pass 1 restarts with the ids
+read as text.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -50,7 +48,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from budgetalloc.allocate import (
@@ -60,159 +57,22 @@ from budgetalloc.allocate import (
     program_for,
     useful_spend_cap,
 )
-from budgetalloc.data import USER_ID, _feature_matrix, _user_ids, check_file, population_from_frame
+from budgetalloc.data import USER_ID, population_from_frame, user_ids
 from budgetalloc.distill import StudentModel, predict_clusters
 from budgetalloc.errors import BudgetallocError, DataError
 from budgetalloc.files import atomic_path
 from budgetalloc.nn import inference_batch_size
 from budgetalloc.policy import Policy
 from budgetalloc.program import ProgramSolution
+from budgetalloc.readers import IdsNotUniform, population_frames
 
-CSV_BLOCK_BYTES = 8 << 20
-READ_BUFFER_BYTES = 1 << 20
 OUTPUT_ROW_GROUP = 1 << 20  # pyarrow's default row group: the in-memory writer's too
-_CSV_ERROR = re.compile(r"In CSV column #(\d+).*invalid value '(.*)'")
 _INT16_MAX = np.iinfo(np.int16).max
 #: Rows per batch by default. Measured on 10M x 40 (two shared cores): 32,768 and
 #: 65,536 rows took 17-18 s at 0.86-0.94 GB peak RSS, 131,072 took 20 s at 1.03 GB,
 #: 262,144 (the in-memory path's inference batch) 22 s at 1.22 GB: the numpy
 #: temporaries of a smaller batch stay in cache.
 STREAM_BATCH_ROWS = 65_536
-
-
-class _IdsNotUniform(Exception):
-    """A later CSV block's user_id does not parse as the first block's type."""
-
-
-# -- reading -------------------------------------------------------------------------------
-
-
-def is_parquet(path: Path) -> bool:
-    """Parquet by magic bytes or suffix, as :func:`budgetalloc.data.read_table` decides."""
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    return magic == b"PAR1" or path.suffix.lower() in (".parquet", ".pq")
-
-
-def _unreadable(path: Path, kind: str, err: Exception) -> DataError:
-    detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-    return DataError(f"{path}: not a readable {kind} file ({detail})")
-
-
-def parquet_file(path: Path, *, buffered: bool = False) -> pq.ParquetFile:
-    """Open a Parquet file, with one-line errors; ``buffered`` reads column chunks piecewise.
-
-    Without a read buffer pyarrow loads whole column chunks (a 1M-row group of 40
-    float features: 160 MB at once); with ``READ_BUFFER_BYTES`` per column it
-    held 250 MB instead of 390 MB at 262,144-row batches, at the same speed.
-    """
-    try:
-        if buffered:
-            return pq.ParquetFile(path, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
-        return pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as err:
-        raise _unreadable(path, "Parquet", err) from None
-
-
-def parquet_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
-                   row_groups: list[int] | None = None) -> Iterator[pd.DataFrame]:
-    """Batches of exactly ``batch_rows`` rows (the last may be shorter) of the wanted columns.
-
-    Columns that are absent are left out, so that the contract's own check names them.
-    """
-    source = parquet_file(path, buffered=True)
-    columns = [c for c in wanted if c in source.schema_arrow.names]
-    try:
-        for batch in source.iter_batches(batch_size=batch_rows, columns=columns,
-                                         row_groups=row_groups):
-            yield batch.to_pandas()
-    except (pa.ArrowException, OSError) as err:
-        raise _unreadable(path, "Parquet", err) from None
-
-
-def _csv_header(path: Path) -> pa.Schema:
-    """Column names and the types pyarrow infers from the first block."""
-    try:
-        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES))
-    except (pa.ArrowException, OSError) as err:
-        raise _unreadable(path, "CSV", err) from None
-    schema = reader.schema
-    reader.close()
-    return schema
-
-
-def _csv_types(schema: pa.Schema, wanted: list[str], ids_as_text: bool) -> dict[str, pa.DataType]:
-    """First-block types, widened where a later block could need a wider one."""
-    types = {}
-    for name in wanted:
-        inferred = schema.field(name).type
-        if name == USER_ID:
-            types[name] = pa.string() if ids_as_text else inferred
-        elif pa.types.is_integer(inferred) or pa.types.is_null(inferred):
-            types[name] = pa.float64()
-        else:
-            types[name] = inferred
-    return types
-
-
-def _csv_failure(path: Path, schema: pa.Schema, err: pa.ArrowInvalid) -> Exception:
-    """The contract's error for a value a later block could not convert."""
-    match = _CSV_ERROR.search(str(err))
-    if match is None or int(match.group(1)) >= len(schema.names):
-        return _unreadable(path, "CSV", err)
-    name, value = schema.names[int(match.group(1))], match.group(2)
-    if name == USER_ID:
-        return _IdsNotUniform()
-    try:  # data.py words the message (the in-memory reader would have read the column as text)
-        _feature_matrix(pd.DataFrame({name: pd.Series([value], dtype=object)}), (name,), str(path))
-    except DataError as bad:
-        return bad
-    return _unreadable(path, "CSV", err)
-
-
-def csv_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
-               ids_as_text: bool = False) -> Iterator[pd.DataFrame]:
-    """Batches of exactly ``batch_rows`` rows (the last may be shorter) of a CSV file."""
-    schema = _csv_header(path)
-    columns = [c for c in wanted if c in schema.names]
-    convert = pacsv.ConvertOptions(include_columns=columns,
-                                   column_types=_csv_types(schema, columns, ids_as_text))
-    try:
-        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                                convert_options=convert)
-        for table in rebatch(reader, batch_rows):
-            yield table.to_pandas()
-    except pa.ArrowInvalid as err:
-        raise _csv_failure(path, schema, err) from None
-    except (pa.ArrowException, OSError) as err:
-        raise _unreadable(path, "CSV", err) from None
-
-
-def rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
-    """Regroup record batches into tables of exactly ``rows`` rows; the last may be shorter."""
-    pending, held = [], 0
-    for batch in batches:
-        pending.append(batch)
-        held += batch.num_rows
-        while held >= rows:
-            table = pa.Table.from_batches(pending)
-            yield table.slice(0, rows)
-            rest = table.slice(rows)
-            pending, held = rest.to_batches(), rest.num_rows
-    if held:
-        yield pa.Table.from_batches(pending)
-
-
-def population_frames(path: Path, feature_names: Iterable[str], *, batch_rows: int,
-                      ids_as_text: bool = False) -> Iterator[pd.DataFrame]:
-    """The population file's ``user_id`` and feature columns in batches of ``batch_rows``."""
-    check_file(path)
-    wanted = [USER_ID, *feature_names]
-    if is_parquet(path):
-        return parquet_frames(path, wanted, batch_rows=batch_rows)
-    if path.suffix.lower() in (".csv", ".txt", ""):
-        return csv_frames(path, wanted, batch_rows=batch_rows, ids_as_text=ids_as_text)
-    raise DataError(f"{path}: unsupported format '{path.suffix.lower()}' (expected .parquet or .csv)")
 
 
 # -- pass 1: clusters ----------------------------------------------------------------------
@@ -286,7 +146,7 @@ def file_cluster_pass(policy: Policy, path: Path, *, rows: int) -> ClusterPass:
     try:
         frames = population_frames(path, policy.feature_names, batch_rows=rows)
         return cluster_pass(policy, frames, source=str(path), rows=rows)
-    except _IdsNotUniform:
+    except IdsNotUniform:
         frames = population_frames(path, policy.feature_names, batch_rows=rows, ids_as_text=True)
         return cluster_pass(policy, frames, source=str(path), rows=rows)
 
@@ -326,7 +186,7 @@ def check_unique_ids(chunks: list, source: str) -> None:
         hits = np.isin(id_keys(ids), repeated)
         if hits.any():
             suspects.append(ids_as_numpy(ids)[hits])
-    _user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), source)
+    user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), source)
 
 
 # -- pass 2: arms and output ---------------------------------------------------------------
