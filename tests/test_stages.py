@@ -127,6 +127,12 @@ def test_allocate_stage_writes_the_allocation_and_its_report(stages_run, monkeyp
     users = clusters[[c for c in clusters.columns if c.startswith("users_arm_")]].to_numpy()
     assert (users.sum(axis=1) == clusters["size"]).all()
     assert (clusters["chosen_arm"] == users.argmax(axis=1)).all()
+    # the report comes from the program's counts, not the rows: the rows follow them exactly
+    from_rows = np.zeros_like(users)
+    np.add.at(from_rows, (frame["cluster"].to_numpy(), frame["treatment"].to_numpy()), 1)
+    np.testing.assert_array_equal(users, from_rows)
+    per_arm = frame["treatment"].value_counts().sort_index()
+    assert summary["users_per_arm"] == {f"arm_{arm}": int(n) for arm, n in per_arm.items()}
 
 
 def test_prepare_splits_deterministically_and_keeps_every_column():

@@ -35,6 +35,11 @@ class Allocation:
     solution: ProgramSolution
     budget: float
     unspent: float  # budget the policy could not usefully spend
+    cluster_sizes: np.ndarray  # (K,) int64 users per cluster
+
+    @property
+    def n_users(self) -> int:
+        return len(self.frame)
 
     @property
     def expected_cost(self) -> float:
@@ -43,6 +48,11 @@ class Allocation:
     @property
     def expected_response(self) -> float:
         return float(self.solution.expected_response)
+
+    @property
+    def users_per_arm(self) -> np.ndarray:
+        """(M,) users given each arm (the program's counts: the frame's rows follow them)."""
+        return self.solution.counts.sum(axis=0)
 
 
 def check_budget(budget) -> float:
@@ -137,4 +147,5 @@ def allocate_population(policy: Policy, population: Population, budget: float, *
     if spend > budget * (1 + 1e-12) + 1e-9:
         raise BudgetallocError(f"internal check failed: expected spend {spend:.6g} exceeds budget {budget:.6g}")
     unspent = max(0.0, budget - useful_spend_cap(policy, n_users)) if budget > 0 else 0.0
-    return Allocation(frame=frame, solution=solution, budget=budget, unspent=unspent)
+    return Allocation(frame=frame, solution=solution, budget=budget, unspent=unspent,
+                      cluster_sizes=n_users)

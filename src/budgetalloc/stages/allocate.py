@@ -18,12 +18,14 @@ import pandas as pd
 import typer
 
 from budgetalloc.allocate import Allocation
-from budgetalloc.clustering import cluster_sizes
 from budgetalloc.commands import run_allocate
 from budgetalloc.files import atomic_files, write_json, write_table
 from budgetalloc.pipeline import Reporter, program_stage
 from budgetalloc.policy import Policy, load_policy
 from budgetalloc.stages import PARAMS_FILE, run, stage_params
+from budgetalloc.streaming import StreamedAllocation
+
+AnyAllocation = Allocation | StreamedAllocation  # in memory or written by the stream: the same totals
 
 
 def population_curve_frame(policy: Policy, n_users: np.ndarray) -> pd.DataFrame:
@@ -42,13 +44,16 @@ def population_curve_frame(policy: Policy, n_users: np.ndarray) -> pd.DataFrame:
     )
 
 
-def allocation_clusters_frame(policy: Policy, allocation: Allocation) -> pd.DataFrame:
-    """One row per cluster: users, per-arm estimates, users given each arm, and the arm most of them get."""
+def allocation_clusters_frame(policy: Policy, allocation: AnyAllocation) -> pd.DataFrame:
+    """One row per cluster: users, per-arm estimates, users given each arm, and the arm most of them get.
+
+    The users per (cluster, arm) are the program's counts, which the allocation's
+    rows follow exactly (arms are taken in file order up to them), so the rows are
+    not read back.
+    """
     s = policy.statistics
     k, m = s.response.shape
-    frame = allocation.frame
-    counts = np.zeros((k, m), dtype=np.int64)
-    np.add.at(counts, (frame["cluster"].to_numpy(), frame["treatment"].to_numpy()), 1)
+    counts = np.asarray(allocation.solution.counts, dtype=np.int64)
     cols: dict[str, np.ndarray] = {"cluster": np.arange(k), "size": counts.sum(axis=1)}
     cols.update({f"response_arm_{j}": s.response[:, j] for j in range(m)})
     cols.update({f"cost_arm_{j}": s.cost[:, j] for j in range(m)})
@@ -57,11 +62,13 @@ def allocation_clusters_frame(policy: Policy, allocation: Allocation) -> pd.Data
     return pd.DataFrame(cols)
 
 
-def allocation_summary(allocation: Allocation, users: Path) -> dict:
-    """The scenario's totals: budget, expected spend and response, users per arm, solver status."""
-    frame = allocation.frame
-    n = len(frame)
-    per_arm = frame["treatment"].value_counts().sort_index()
+def allocation_summary(allocation: AnyAllocation, users: Path) -> dict:
+    """The scenario's totals: budget, expected spend and response, users per arm, solver status.
+
+    Users per arm lists the arms given to at least one user.
+    """
+    n = allocation.n_users
+    per_arm = {arm: int(count) for arm, count in enumerate(allocation.users_per_arm) if count > 0}
     return {
         "population": str(users),
         "users": n,
@@ -72,7 +79,7 @@ def allocation_summary(allocation: Allocation, users: Path) -> dict:
         "expected_response_per_user": allocation.expected_response / n,
         "unspent": allocation.unspent,
         "solver_status": allocation.solution.status,
-        "users_per_arm": {f"arm_{int(arm)}": int(count) for arm, count in per_arm.items()},
+        "users_per_arm": {f"arm_{arm}": count for arm, count in per_arm.items()},
     }
 
 
@@ -87,7 +94,7 @@ def main(
     users = Path(p.allocate.users)
     allocation = run_allocate(policy_dir=policy, users=users, budget=p.allocate.budget, out=out)
     fitted = load_policy(policy)
-    n_users = cluster_sizes(allocation.frame["cluster"].to_numpy(), fitted.k)
+    n_users = np.asarray(allocation.cluster_sizes, dtype=np.int64)
     summary = allocation_summary(allocation, users)
     with atomic_files(reports) as tmp:
         write_json(summary, tmp / "summary.json")
