@@ -77,15 +77,14 @@ def run_allocate(*, policy_dir: Path, users: Path, budget, out: Path, dask_addre
     return allocate_file(load_policy(policy_dir), users, budget, out)
 
 
-def run_evaluate(*, policy_dir: Path, data: Path, out: Path) -> dict:
-    """Evaluate a policy on a held-out trial file; write metrics.json, curve.json, curve.png."""
-    from budgetalloc.evaluate import evaluate_policy
+def run_evaluate(*, policy_dir: Path, data: Path, out: Path, batch_size: int | None = None) -> dict:
+    """Evaluate a policy on a held-out trial file, streamed; write metrics.json, curve.json, curve.png.
+
+    The file is read in batches (:func:`budgetalloc.evaluate_stream.evaluate_file`), so
+    memory does not grow with its width; the reports are those of the whole file in
+    memory (:func:`budgetalloc.evaluate.evaluate_policy`).
+    """
+    from budgetalloc.evaluate_stream import evaluate_file
     from budgetalloc.policy import load_policy
 
-    policy = load_policy(policy_dir)
-    trial = load_trial(data, features=policy.feature_names)
-    if trial.n_arms > policy.n_arms:
-        from budgetalloc.errors import DataError
-
-        raise DataError(f"{data}: trial has {trial.n_arms} arms, the policy knows {policy.n_arms}")
-    return evaluate_policy(policy, trial, out)
+    return evaluate_file(load_policy(policy_dir), data, out, batch_size=batch_size)

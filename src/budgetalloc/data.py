@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -226,12 +227,13 @@ def user_ids(df: pd.DataFrame, source: str) -> np.ndarray:
     return ids.astype(str).to_numpy(dtype=object)
 
 
-def _treatment(df: pd.DataFrame, source: str) -> tuple[np.ndarray, int]:
+def _treatment(df: pd.DataFrame, source: str) -> np.ndarray:
+    """The ``treatment`` column as int32 arms, checked row by row."""
     col = df[TREATMENT]
     if col.isna().any():
         raise DataError(f"{source}: column '{TREATMENT}' has missing values")
     if not pd.api.types.is_numeric_dtype(col.dtype) or col.dtype == bool:
-        raise DataError(f"{source}: column '{TREATMENT}' must be integer (value {_show(col.iloc[0])})")
+        raise DataError(f"{source}: column '{TREATMENT}' must be integer (value {_show(_first_non_numeric(col))})")
     values = col.to_numpy(dtype=np.float64)
     frac = values != np.round(values)
     if frac.any():
@@ -240,38 +242,112 @@ def _treatment(df: pd.DataFrame, source: str) -> tuple[np.ndarray, int]:
         raise DataError(f"{source}: column '{TREATMENT}' has negative arm {int(values.min())}")
     if (values > MAX_ARMS - 1).any():
         raise DataError(f"{source}: column '{TREATMENT}' has arm {_show(values.max())}, more than {MAX_ARMS} arms")
-    t = values.astype(np.int32)
-    n_arms = int(t.max()) + 1
-    counts = np.bincount(t, minlength=n_arms)
+    return values.astype(np.int32)
+
+
+def check_arm_counts(counts: np.ndarray, source: str) -> int:
+    """The checks over all rows of a trial: control rows exist and no arm up to the last is empty.
+
+    Args:
+        counts: rows per arm, ``np.bincount`` of the whole treatment column.
+        source: file name used in error messages.
+
+    Returns:
+        The number of arms (the highest arm + 1).
+    """
+    n_arms = int(np.flatnonzero(counts)[-1]) + 1
     if counts[0] == 0:
         raise DataError(f"{source}: no control rows (arm 0) in column '{TREATMENT}'")
-    empty = np.flatnonzero(counts == 0)
+    empty = np.flatnonzero(counts[:n_arms] == 0)
     if empty.size:
         raise DataError(f"{source}: arm {int(empty[0])} has no rows in column '{TREATMENT}'")
-    return t, n_arms
+    return n_arms
 
 
-def _numeric_target(df: pd.DataFrame, name: str, source: str) -> np.ndarray:
+def _numeric_target(df: pd.DataFrame, name: str, source: str, first_row: int = 0) -> np.ndarray:
     col = _null_as_float(df[name])
     if not pd.api.types.is_numeric_dtype(col.dtype):
         raise DataError(f"{source}: column '{name}' is not numeric (value {_show(_first_non_numeric(col))})")
     values = col.to_numpy(dtype=np.float64, na_value=np.nan)
     if np.isnan(values).any():
-        raise DataError(f"{source}: column '{name}' has NaN at row {int(np.flatnonzero(np.isnan(values))[0])}")
+        row = first_row + int(np.flatnonzero(np.isnan(values))[0])
+        raise DataError(f"{source}: column '{name}' has NaN at row {row}")
     if np.isinf(values).any():
         raise DataError(f"{source}: column '{name}' has infinite values")
     return values
 
 
-def _propensity(df: pd.DataFrame, t: np.ndarray, n_arms: int, source: str) -> np.ndarray:
+def _propensity_column(df: pd.DataFrame, source: str, first_row: int = 0) -> np.ndarray | None:
+    """The ``propensity`` column checked in (0, 1], or None when the table has none."""
     if PROPENSITY not in df.columns:
-        shares = np.bincount(t, minlength=n_arms) / t.shape[0]
-        return shares[t]
-    p = _numeric_target(df, PROPENSITY, source)
+        return None
+    p = _numeric_target(df, PROPENSITY, source, first_row)
     bad = (p <= 0) | (p > 1)
     if bad.any():
         raise DataError(f"{source}: column '{PROPENSITY}' value {_show(p[bad][0])} outside (0, 1]")
     return p
+
+
+class TrialColumns(NamedTuple):
+    """A trial's columns after the checks that hold row by row (any batch of a file)."""
+
+    user_id: np.ndarray
+    treatment: np.ndarray  # int32
+    response: np.ndarray  # float64
+    cost: np.ndarray  # float64
+    X: np.ndarray  # float32 (n, d)
+    feature_names: tuple[str, ...]
+    propensity: np.ndarray | None  # None when the table has no propensity column
+
+
+def trial_columns(df: pd.DataFrame, *, features: tuple[str, ...] | None = None, source: str = "<memory>",
+                  first_row: int = 0, whole: bool = False) -> TrialColumns:
+    """The trial contract's checks that hold row by row, so they apply to each batch of a file.
+
+    Args:
+        df: the table, or a batch of it (at least one row).
+        features, source: as for :func:`trial_from_frame`.
+        first_row: the batch's first row in the file (messages count rows from the file's start).
+        whole: ``df`` is the whole table: check its arms too, where :func:`trial_from_frame` does.
+
+    Returns:
+        The :class:`TrialColumns`. A reader of batches checks the rest over all rows:
+        ids unique across batches, :func:`check_arm_counts`, :func:`arm_propensity`.
+    """
+    for name in TRIAL_COLUMNS:
+        if name not in df.columns:
+            raise DataError(f"{source}: missing column '{name}'")
+    ids = user_ids(df, source)
+    t = _treatment(df, source)
+    if whole:
+        check_arm_counts(np.bincount(t), source)
+    response = _numeric_target(df, RESPONSE, source, first_row)
+    cost = _numeric_target(df, COST, source, first_row)
+    if (cost < 0).any():
+        raise DataError(f"{source}: column '{COST}' has negative value {_show(cost[cost < 0][0])}")
+    names = feature_columns(df, features, source)
+    X = feature_matrix(df, names, source)
+    return TrialColumns(ids, t, response, cost, X, names, _propensity_column(df, source, first_row))
+
+
+def arm_propensity(treatment: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The propensity of a trial without the column: each row's arm's share of all rows."""
+    return (counts / treatment.shape[0])[treatment]
+
+
+def cell_error(name: str, value, source: str) -> DataError | None:
+    """The contract's error for one bad cell of column ``name`` (None if it passes): a reader's wording."""
+    frame = pd.DataFrame({name: pd.Series([value], dtype=object)})
+    try:
+        if name == TREATMENT:
+            _treatment(frame, source)
+        elif name in (RESPONSE, COST, PROPENSITY):
+            _numeric_target(frame, name, source)
+        else:
+            feature_matrix(frame, (name,), source)
+    except DataError as bad:
+        return bad
+    return None
 
 
 def trial_from_frame(
@@ -292,29 +368,20 @@ def trial_from_frame(
     """
     if len(df) == 0:
         raise DataError(f"{source}: table has no rows")
-    for name in TRIAL_COLUMNS:
-        if name not in df.columns:
-            raise DataError(f"{source}: missing column '{name}'")
-    ids = user_ids(df, source)
-    t, n_arms = _treatment(df, source)
-    response = _numeric_target(df, RESPONSE, source)
-    cost = _numeric_target(df, COST, source)
-    if (cost < 0).any():
-        raise DataError(f"{source}: column '{COST}' has negative value {_show(cost[cost < 0][0])}")
-    names = feature_columns(df, features, source)
-    X = feature_matrix(df, names, source)
-    shares = np.bincount(t, minlength=n_arms) / t.shape[0]
+    cols = trial_columns(df, features=features, source=source, whole=True)
+    counts = np.bincount(cols.treatment)
+    shares = counts / cols.treatment.shape[0]
     return Trial(
-        user_id=ids,
-        X=X,
-        treatment=t,
-        response=response,
-        cost=cost,
-        propensity=_propensity(df, t, n_arms, source),
-        feature_names=names,
-        n_arms=n_arms,
+        user_id=cols.user_id,
+        X=cols.X,
+        treatment=cols.treatment,
+        response=cols.response,
+        cost=cols.cost,
+        propensity=arm_propensity(cols.treatment, counts) if cols.propensity is None else cols.propensity,
+        feature_names=cols.feature_names,
+        n_arms=len(counts),
         arm_shares=tuple(float(s) for s in shares),
-        binary_response=bool(np.isin(response, (0.0, 1.0)).all()),
+        binary_response=bool(np.isin(cols.response, (0.0, 1.0)).all()),
         source=source,
     )
 

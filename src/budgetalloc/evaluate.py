@@ -19,6 +19,7 @@ and that ratio is the score (:func:`budgetalloc.metrics.multi_arm_aucc`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -33,6 +34,7 @@ from budgetalloc.metrics import ips_curve, ips_value, multi_arm_aucc
 from budgetalloc.pipeline import budget_scale
 from budgetalloc.policy import Policy
 
+ARM_CHUNK_ROWS = 65_536  # users per arms_in_file_order call (its temporaries: M values a user)
 DEFAULT_LEVELS = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.45, 0.6, 0.8, 1.0)
 
 
@@ -45,6 +47,24 @@ def cluster_roi(policy: Policy) -> tuple[np.ndarray, np.ndarray]:
     return best + 1, roi[np.arange(len(best)), best]
 
 
+class Outcomes(NamedTuple):
+    """What the evaluation reads of a trial besides its clusters, per row in file order.
+
+    A :class:`budgetalloc.data.Trial` has these fields too; the streamed evaluation
+    (:mod:`budgetalloc.evaluate_stream`) keeps only these.
+    """
+
+    treatment: np.ndarray  # (n,) int arms
+    response: np.ndarray  # (n,) float64
+    cost: np.ndarray  # (n,) float64
+    propensity: np.ndarray  # (n,) float64, probability of the received arm
+    n_arms: int
+
+    @property
+    def n(self) -> int:
+        return int(self.treatment.shape[0])
+
+
 def policy_curve(policy: Policy, trial: Trial, levels=DEFAULT_LEVELS) -> tuple[list[dict], np.ndarray]:
     """IPS response/cost per user of the policy at each budget level; also the clusters.
 
@@ -54,26 +74,57 @@ def policy_curve(policy: Policy, trial: Trial, levels=DEFAULT_LEVELS) -> tuple[l
         levels: budgets as fractions of the test population's all-max-arm spend.
 
     Returns:
-        ``(rows, clusters)``: one row per budget with ``budget`` (total), per-user
-        ``response``/``cost`` and their CIs, ``expected_response``/``expected_cost``
-        per user from the policy's own estimates, and the solver status.
+        ``(rows, clusters)``: the :func:`curve_rows` and each user's cluster.
     """
     clusters = population_clusters(policy, trial.X, batch_size=policy.params.allocate.batch_size)
+    return curve_rows(policy, clusters, trial, levels), clusters
+
+
+def curve_rows(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, levels=DEFAULT_LEVELS) -> list[dict]:
+    """IPS response/cost per user of the policy at each budget level, for users of known clusters.
+
+    Args:
+        policy: a fitted policy.
+        clusters: (n,) each test user's cluster, in file order.
+        trial: the test users' outcomes, in the same order.
+        levels: budgets as fractions of the test population's all-max-arm spend.
+
+    Returns:
+        One row per budget with ``budget`` (total), per-user ``response``/``cost`` and
+        their CIs, ``expected_response``/``expected_cost`` per user from the policy's
+        own estimates, and the solver status.
+    """
     n_users = np.bincount(clusters, minlength=policy.k).astype(np.int64)
     program = program_for(policy)
     scale = budget_scale(n_users, policy.statistics)
-    budgets = [float(level * scale) for level in levels]
-    solutions = [program.solve(n_users, b) for b in budgets]
-    arms = [arms_in_file_order(clusters, sol.counts)[0] for sol in solutions]
-    rows = ips_curve(arms, budgets, trial.treatment, trial.response, trial.cost, trial.propensity)
-    for row, sol in zip(rows, solutions, strict=True):
+    rows = []
+    for level in levels:  # one level's arms at a time: memory does not grow with the grid
+        budget = float(level * scale)
+        sol = program.solve(n_users, budget)
+        arms = user_arms(clusters, sol.counts)
+        row = ips_curve([arms], [budget], trial.treatment, trial.response, trial.cost, trial.propensity)[0]
         row["expected_response"] = sol.expected_response / trial.n
         row["expected_cost"] = sol.expected_cost / trial.n
         row["status"] = sol.status
-    return rows, clusters
+        rows.append(row)
+    return rows
 
 
-def reference_points(trial: Trial) -> dict:
+def user_arms(clusters: np.ndarray, counts: np.ndarray, *, chunk_rows: int = ARM_CHUNK_ROWS) -> np.ndarray:
+    """Each user's arm in file order (:func:`budgetalloc.allocate.arms_in_file_order`), in chunks.
+
+    The same arms as one call, whose temporaries hold ``M`` values per user; chunks
+    carry the running offsets, as the streamed allocation's batches do.
+    """
+    arms = np.empty(clusters.shape[0], dtype=np.int32)
+    offsets = None
+    for start in range(0, clusters.shape[0], chunk_rows):
+        arms[start:start + chunk_rows], offsets = arms_in_file_order(clusters[start:start + chunk_rows], counts,
+                                                                     offsets)
+    return arms
+
+
+def reference_points(trial: Trial | Outcomes) -> dict:
     """IPS values of all-control and of a uniformly random coupon arm, per user."""
     control = ips_value(np.zeros(trial.n, dtype=np.int64), trial.treatment, trial.response, trial.cost,
                         trial.propensity)
@@ -118,20 +169,33 @@ def evaluate_policy(policy: Policy, trial: Trial, out_dir: str | Path, *, levels
     Returns:
         The metrics dict (``aucc``, ``curve``, references, sizes).
     """
-    rows, clusters = policy_curve(policy, trial, levels)
+    clusters = population_clusters(policy, trial.X, batch_size=policy.params.allocate.batch_size)
+    return write_evaluation(policy, clusters, trial, out_dir, levels=levels)
+
+
+def evaluation_metrics(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, *,
+                       levels=DEFAULT_LEVELS) -> dict:
+    """The metrics dict (``aucc``, ``curve``, references, sizes) for test users of known clusters."""
+    rows = curve_rows(policy, clusters, trial, levels)
     best_arm, roi = cluster_roi(policy)
     aucc = multi_arm_aucc(roi[clusters], best_arm[clusters], trial.treatment, trial.response, trial.cost,
                           trial.propensity)
-    refs = reference_points(trial)
-    metrics = {
+    return {
         "aucc": float(aucc),
         "curve": rows,
-        "references": refs,
+        "references": reference_points(trial),
         "n_test": trial.n,
         "k": policy.k,
     }
+
+
+def write_evaluation(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, out_dir: str | Path, *,
+                     levels=DEFAULT_LEVELS) -> dict:
+    """:func:`evaluation_metrics`, written atomically as metrics.json, curve.json and curve.png."""
+    metrics = evaluation_metrics(policy, clusters, trial, levels=levels)
+    rows = metrics["curve"]
     with atomic_files(out_dir) as tmp:
         write_json(metrics, tmp / "metrics.json")
         write_json([{k: r[k] for k in ("budget", "response", "cost")} for r in rows], tmp / "curve.json")
-        plot_curve(rows, refs, tmp / "curve.png", title=f"policy on {trial.n} held-out users")
+        plot_curve(rows, metrics["references"], tmp / "curve.png", title=f"policy on {trial.n} held-out users")
     return metrics

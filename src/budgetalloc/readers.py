@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from budgetalloc.data import USER_ID, check_file, feature_matrix
+from budgetalloc.data import RESERVED, USER_ID, cell_error, check_file
 from budgetalloc.errors import DataError
 
 CSV_BLOCK_BYTES = 8 << 20
@@ -93,7 +93,7 @@ def _csv_header(path: Path) -> pa.Schema:
 
 
 def _csv_types(schema: pa.Schema, wanted: list[str], ids_as_text: bool) -> dict[str, pa.DataType]:
-    """First-block types, widened where a later block could need a wider one."""
+    """First-block types, widened where a later block could need a wider one (all but the ids)."""
     types = {}
     for name in wanted:
         inferred = schema.field(name).type
@@ -114,11 +114,8 @@ def _csv_failure(path: Path, schema: pa.Schema, err: pa.ArrowInvalid) -> Excepti
     name, value = schema.names[int(match.group(1))], match.group(2)
     if name == USER_ID:
         return IdsNotUniform()
-    try:  # data.py words the message (the in-memory reader would have read the column as text)
-        feature_matrix(pd.DataFrame({name: pd.Series([value], dtype=object)}), (name,), str(path))
-    except DataError as bad:
-        return bad
-    return _unreadable(path, "CSV", err)
+    # data.py words the message (the in-memory reader would have read the column as text)
+    return cell_error(name, value, str(path)) or _unreadable(path, "CSV", err)
 
 
 def csv_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
@@ -157,8 +154,20 @@ def rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
 def population_frames(path: Path, feature_names: Iterable[str], *, batch_rows: int,
                       ids_as_text: bool = False) -> Iterator[pd.DataFrame]:
     """The population file's ``user_id`` and feature columns in batches of ``batch_rows``."""
+    return table_frames(path, [USER_ID, *feature_names], batch_rows=batch_rows, ids_as_text=ids_as_text)
+
+
+def trial_frames(path: Path, feature_names: Iterable[str], *, batch_rows: int,
+                 ids_as_text: bool = False) -> Iterator[pd.DataFrame]:
+    """The trial file's ``user_id``, treatment, response, cost, propensity and feature columns in batches."""
+    return table_frames(path, [*RESERVED, *feature_names], batch_rows=batch_rows, ids_as_text=ids_as_text)
+
+
+def table_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
+                 ids_as_text: bool = False) -> Iterator[pd.DataFrame]:
+    """The wanted columns of a Parquet or CSV file (those it has) in batches of ``batch_rows``."""
     check_file(path)
-    wanted = [USER_ID, *feature_names]
+    wanted = list(wanted)
     if is_parquet(path):
         return parquet_frames(path, wanted, batch_rows=batch_rows)
     if path.suffix.lower() in (".csv", ".txt", ""):
