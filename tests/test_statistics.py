@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 
 from budgetalloc.params import StatisticsParams
-from budgetalloc.statistics import ClusterStatistics, cluster_statistics, robust_clip
+from budgetalloc.statistics import (
+    STAT_BLOCK,
+    ClusterStatistics,
+    StatisticsAccumulator,
+    clip_sample_rows,
+    cluster_statistics,
+    robust_clip,
+    winsorize_bands,
+)
 
 
 def _world(n=60_000, k=4, m=3, seed=0, outliers=0.0):
@@ -99,3 +109,45 @@ def test_inverse_propensity_weights_correct_unbalanced_assignment():
     st = cluster_statistics(labels, t, y, np.zeros(n), 1.0 / (2 * prop), pred, pred, k=1,
                             params=StatisticsParams(estimator="mean", shrinkage=0.0, n_scenarios=2), seed=0)
     assert st.response[0, 1] - st.response[0, 0] == pytest.approx(0.0, abs=0.01)
+
+
+def _accumulated(labels, t, y, c, ipw, pred_r, pred_c, *, k, params, seed, cuts):
+    """The statistics fed to the accumulator in chunks ending at ``cuts``."""
+    m = pred_r.shape[1]
+    rows = clip_sample_rows(len(t), params, seed)
+    pick = slice(None) if rows is None else rows
+    acc = StatisticsAccumulator(k=k, n_arms=m, params=params, seed=seed,
+                                bands=winsorize_bands(t[pick], y[pick], c[pick], m, params=params))
+    for lo, hi in zip([0, *cuts], [*cuts, len(t)]):
+        acc.update(labels[lo:hi], t[lo:hi], y[lo:hi], c[lo:hi], ipw[lo:hi], pred_r[lo:hi], pred_c[lo:hi])
+    return acc.finalize()
+
+
+@pytest.mark.parametrize("estimator", ["mean", "winsorize", "median_of_means"])
+@pytest.mark.parametrize("cuts", [[], [1], [STAT_BLOCK], [5000, 5001, 20_000, 33_333], list(range(777, 40_000, 777))],
+                         ids=["one", "first-row", "block", "uneven", "many"])
+def test_accumulating_in_chunks_equals_one_shot_exactly(estimator, cuts):
+    """Sums and draws follow fixed blocks of rows, so how the rows are batched changes no bit."""
+    labels, t, y, c, _, _ = _world(n=40_000, k=7, outliers=0.02, seed=5)
+    rng = np.random.default_rng(1)
+    n, m = len(t), 3
+    pred_r, pred_c = rng.random((n, m)), rng.random((n, m))
+    ipw = rng.uniform(0.5, 2.0, n)
+    params = StatisticsParams(estimator=estimator, n_scenarios=7, clip_sample=10_000)
+    one_shot = cluster_statistics(labels, t, y, c, ipw, pred_r, pred_c, k=7, params=params, seed=3)
+    chunked = _accumulated(labels, t, y, c, ipw, pred_r, pred_c, k=7, params=params, seed=3, cuts=cuts)
+    for f in fields(ClusterStatistics):
+        assert np.array_equal(getattr(one_shot, f.name), getattr(chunked, f.name)), f.name
+    assert one_shot.counts.sum() == n
+
+
+def test_winsorize_bands_come_from_a_seeded_sample_above_clip_sample():
+    labels, t, y, c, _, tc = _world(n=30_000, outliers=0.03)
+    m = tc.shape[1]
+    small = StatisticsParams(clip_sample=5000)
+    rows = clip_sample_rows(len(t), small, seed=0)
+    assert len(rows) == 5000 and np.all(np.diff(rows) > 0)
+    assert clip_sample_rows(len(t), StatisticsParams(), seed=0) is None  # every row up to clip_sample
+    band = winsorize_bands(t[rows], y[rows], c[rows], m, params=small)[1]
+    # the sampled bands still pull the 10x costs back to the typical coupon cost
+    assert band[1, 1] < 2.0 and band[1, 2] < 4.0 and np.isinf(band[1, 0])

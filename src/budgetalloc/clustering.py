@@ -23,6 +23,14 @@ Then ``z`` is partitioned into ``K`` groups:
   one pass for the standardiser's moments, then ``MiniBatchKMeans.partial_fit``
   over the batches. Memory is bounded by one batch.
 
+Both run on a re-iterable source of embedding batches
+(:func:`fit_clusters_batches`); an in-memory array is one batch. The moments are
+summed over blocks of ``MOMENT_BLOCK`` rows and ``partial_fit`` gets blocks of
+exactly ``batch_size`` rows, counted from the first row, and the k-means and
+task-metric samples are positions drawn from the row count: so the streamed fit,
+whose batches follow the Parquet file, fits the very clusters the in-memory fit
+fits on the same embeddings (:mod:`budgetalloc.blocks`).
+
 Assignment is a vectorised nearest-centroid search in float32 batches
 (``|x|^2 - 2 x.c + |c|^2``) with no sklearn on the hot path.
 """
@@ -36,10 +44,14 @@ from pathlib import Path
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
+from budgetalloc.blocks import Rebatcher
 from budgetalloc.params import ClusterParams
+from budgetalloc.sampling import seeded_sample
 
 ASSIGN_BATCH = 65_536
 STREAM_PASSES = 3  # passes of MiniBatchKMeans over a streamed source
+MOMENT_BLOCK = 8192  # rows per block of the moments' sums: a fixed summation order
+TASK_METRIC_SAMPLE = 5000  # rows the task metric is averaged over
 
 
 @dataclass(frozen=True)
@@ -60,16 +72,25 @@ class ClusterModel:
         return ((emb - self.mean) @ self.projection).astype(np.float32)
 
 
-@dataclass
 class _Moments:
-    """Running sums for a streaming mean and variance (float64)."""
+    """Running sums for a streaming mean and variance (float64), block by block.
 
-    n: int = 0
-    total: np.ndarray | None = None
-    total_sq: np.ndarray | None = None
+    Rows are summed in blocks of ``MOMENT_BLOCK`` rows counted from the first, so
+    the sums do not depend on how the rows were batched.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total: np.ndarray | None = None
+        self.total_sq: np.ndarray | None = None
+        self._blocks = Rebatcher(MOMENT_BLOCK)
 
     def update(self, batch: np.ndarray) -> None:
-        b = batch.astype(np.float64)
+        for (block,) in self._blocks.push(batch):
+            self._add(block)
+
+    def _add(self, block: np.ndarray) -> None:
+        b = block.astype(np.float64)
         s, sq = b.sum(axis=0), (b * b).sum(axis=0)
         self.total = s if self.total is None else self.total + s
         self.total_sq = sq if self.total_sq is None else self.total_sq + sq
@@ -77,6 +98,9 @@ class _Moments:
 
     def mean_projection(self, projection: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """The mean, and ``projection`` or else the per-unit standardising diagonal."""
+        last = self._blocks.flush()
+        if last is not None:
+            self._add(last[0])
         mean = self.total / self.n
         if projection is not None:
             return mean.astype(np.float32), np.asarray(projection, dtype=np.float32)
@@ -84,6 +108,25 @@ class _Moments:
         scale = np.sqrt(var)
         inv = 1.0 / np.where(scale > 1e-6, scale, 1.0)
         return mean.astype(np.float32), np.diag(inv).astype(np.float32)
+
+
+class _Gather:
+    """The rows at sorted ``positions`` (``None``: every row) of a stream of batches."""
+
+    def __init__(self, positions: np.ndarray | None) -> None:
+        self.positions, self.parts, self.offset = positions, [], 0
+
+    def update(self, batch: np.ndarray) -> None:
+        end = self.offset + batch.shape[0]
+        if self.positions is None:
+            self.parts.append(np.array(batch))
+        else:
+            lo, hi = np.searchsorted(self.positions, [self.offset, end])
+            self.parts.append(batch[self.positions[lo:hi] - self.offset])
+        self.offset = end
+
+    def rows(self) -> np.ndarray:
+        return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
 
 
 def effective_k(requested: int, n_rows: int, n_arms: int, *, rows_per_cell: int = 30) -> int:
@@ -102,7 +145,7 @@ def effective_k(requested: int, n_rows: int, n_arms: int, *, rows_per_cell: int 
 
 
 def fit_clusters(emb: np.ndarray, *, k: int, params: ClusterParams, seed: int,
-                 projection: np.ndarray | None = None) -> ClusterModel:
+                 projection: np.ndarray | None = None, metric=None) -> ClusterModel:
     """Fit k-means on in-memory embeddings (streams above ``streaming_threshold`` rows).
 
     Args:
@@ -111,23 +154,54 @@ def fit_clusters(emb: np.ndarray, *, k: int, params: ClusterParams, seed: int,
         params: the ``cluster`` section.
         seed: random seed (sampling and k-means initialisation).
         projection: (H, R) metric projection; ``None`` standardises each unit.
+        metric: see :func:`fit_clusters_batches`.
 
     Returns:
         The fitted :class:`ClusterModel`.
     """
-    if emb.shape[0] > params.streaming_threshold:
-        step = params.batch_size
-        return fit_clusters_streaming(
-            lambda: (emb[i : i + step] for i in range(0, emb.shape[0], step)),
-            k=k, params=params, seed=seed, projection=projection,
-        )
+    return fit_clusters_batches(lambda: iter((emb,)), n_rows=emb.shape[0], k=k, params=params, seed=seed,
+                                projection=projection, metric=metric)
+
+
+def fit_clusters_batches(batches, *, n_rows: int, k: int, params: ClusterParams, seed: int,
+                         projection: np.ndarray | None = None, metric=None) -> ClusterModel:
+    """Fit k-means on embeddings that come in batches, as :func:`fit_clusters` on their rows.
+
+    Up to ``streaming_threshold`` rows: one pass gathers the moments and a seeded
+    sample of ``fit_sample`` rows, on which ``KMeans`` is fitted (memory: the
+    sample). Above: one pass for the moments, then ``MiniBatchKMeans.partial_fit``
+    (:func:`fit_clusters_streaming`; memory: one batch).
+
+    Args:
+        batches: a zero-argument callable returning a fresh iterator of (b, H)
+            arrays, ``n_rows`` rows in all, in the same order every time.
+        n_rows: rows the batches hold.
+        k: number of clusters.
+        params: the ``cluster`` section.
+        seed: random seed (samples and k-means initialisation).
+        projection: (H, R) metric projection; ``None`` standardises each unit
+            (unless ``metric`` is given).
+        metric: a function from the embeddings of a seeded sample of at most
+            ``TASK_METRIC_SAMPLE`` rows (gathered in the first pass) to the
+            projection, for a metric that needs the network (the task metric).
+
+    Returns:
+        The fitted :class:`ClusterModel`.
+    """
+    streaming = n_rows > params.streaming_threshold
     moments = _Moments()
-    moments.update(emb)
+    sample = None if streaming else _Gather(seeded_sample(n_rows, params.fit_sample, seed))
+    metric_rows = None if metric is None else _Gather(seeded_sample(n_rows, TASK_METRIC_SAMPLE, seed))
+    for batch in batches():
+        for part in (moments, sample, metric_rows):
+            if part is not None:
+                part.update(batch)
+    if metric is not None:
+        projection = metric(metric_rows.rows())
     mean, proj = moments.mean_projection(projection)
-    rng = np.random.default_rng(seed)
-    n = emb.shape[0]
-    sample = emb if n <= params.fit_sample else emb[np.sort(rng.choice(n, params.fit_sample, replace=False))]
-    z = ((sample - mean) @ proj).astype(np.float32)
+    if streaming:
+        return _partial_fit_passes(batches, mean, proj, k=k, params=params, seed=seed)
+    z = ((sample.rows() - mean) @ proj).astype(np.float32)
     km = KMeans(n_clusters=k, n_init=params.n_init, max_iter=params.max_iter, random_state=seed)
     km.fit(z)
     return ClusterModel(_ordered(km.cluster_centers_), mean, proj, float(km.inertia_))
@@ -152,15 +226,30 @@ def fit_clusters_streaming(batches, *, k: int, params: ClusterParams, seed: int,
     for batch in batches():
         moments.update(batch)
     mean, proj = moments.mean_projection(projection)
+    return _partial_fit_passes(batches, mean, proj, k=k, params=params, seed=seed)
+
+
+def _partial_fit_passes(batches, mean, proj, *, k: int, params: ClusterParams, seed: int) -> ClusterModel:
+    """``STREAM_PASSES`` passes of ``partial_fit`` on blocks of exactly ``batch_size`` rows per pass."""
     km = MiniBatchKMeans(n_clusters=k, batch_size=params.batch_size, random_state=seed, n_init=params.n_init)
     pending: list[np.ndarray] = []
+
+    def feed(block: np.ndarray) -> None:
+        nonlocal pending
+        pending.append(((block - mean) @ proj).astype(np.float32))
+        # partial_fit needs at least k rows in its first call; small blocks are pooled.
+        if sum(p.shape[0] for p in pending) >= k:
+            km.partial_fit(np.concatenate(pending))
+            pending = []
+
     for _ in range(STREAM_PASSES):
+        blocks = Rebatcher(params.batch_size)
         for batch in batches():
-            pending.append(((batch - mean) @ proj).astype(np.float32))
-            # partial_fit needs at least k rows in its first call; small batches are pooled.
-            if sum(p.shape[0] for p in pending) >= k:
-                km.partial_fit(np.concatenate(pending))
-                pending = []
+            for (block,) in blocks.push(batch):
+                feed(block)
+        last = blocks.flush()
+        if last is not None:
+            feed(last[0])
     if pending:
         km.partial_fit(np.concatenate(pending))
     return ClusterModel(_ordered(km.cluster_centers_), mean, proj, float(km.inertia_))

@@ -52,6 +52,13 @@ class DataParams(_Section):
     honest_fraction: float = Field(
         0.5, gt=0.0, lt=1.0, description="share of the training rows kept out of the network"
     )
+    stream_rows: int = Field(
+        2_000_000, ge=1, description="`fit` streams a Parquet trial with more rows than this"
+    )
+    preprocess_sample: int = Field(
+        1_000_000, ge=100,
+        description="streamed fit: rows (a seeded sample) the preprocessor is fitted on; in memory: every row",
+    )
 
 
 class TrainParams(_Section):
@@ -66,6 +73,9 @@ class TrainParams(_Section):
     huber_delta: float = Field(1.0, gt=0.0)
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     patience: int = Field(3, ge=1)
+    max_rows: int = Field(
+        1_000_000, ge=100, description="the network trains on at most this many train rows (a seeded sample)"
+    )
 
 
 class ClusterParams(_Section):
@@ -98,6 +108,9 @@ class StatisticsParams(_Section):
     )
     n_scenarios: int = Field(50, ge=1)
     min_cell_rows: int = Field(5, ge=1)
+    clip_sample: int = Field(
+        1_000_000, ge=100, description="winsorize: honest rows (a seeded sample) the bands are taken from"
+    )
 
 
 class ProgramParams(_Section):
@@ -137,6 +150,9 @@ class DistillParams(_Section):
     patience: int = Field(3, ge=1)
     holdout_fraction: float = Field(
         0.1, gt=0.0, lt=0.5, description="rows kept from the student to measure its agreement"
+    )
+    max_rows: int = Field(
+        1_000_000, ge=100, description="the student trains on at most this many rows (a seeded sample)"
     )
 
 

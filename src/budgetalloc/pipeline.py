@@ -6,17 +6,23 @@ Order and why:
    k-means and the student learn from them) and *honest* rows (the cluster
    statistics are estimated on them only, so the group means are not optimistic).
 2. ``train_stage``: imputation/standardisation (features only, so fitting it on
-   all rows leaks no outcome) and the multi-task network on train rows.
+   all rows leaks no outcome) and the multi-task network on train rows (a seeded
+   sample of ``train.max_rows`` of them when there are more).
 3. ``cluster_stage``: ``h(x)`` of the train rows, k-means with K adapted to the
    honest rows available.
-4. ``distill_stage``: the student learns the teacher's clusters on train rows;
-   its agreement is measured on the honest rows it never saw.
+4. ``distill_stage``: the student learns the teacher's clusters on every row but
+   a holdout (at most ``distill.max_rows`` of them); its agreement is measured on
+   the holdout it never saw.
 5. ``statistics_stage``: honest rows are grouped *by the student*, because the
    student is what assigns users at serving time: the statistics describe the
    groups that will actually be allocated. The teacher's predictions on those
    rows feed the doubly-robust estimator.
 6. ``program_stage``: the budget table over the trial population's own cluster
    sizes.
+
+:func:`budgetalloc.fit_stream.fit_policy_file` runs the same stages on a Parquet
+file read in batches, choosing the same rows (the splits and samples here depend
+on the row count only) and computing in the same fixed blocks.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from budgetalloc.clustering import (
+    ASSIGN_BATCH,
     ClusterModel,
     assign_clusters,
     centroid_soft_targets,
@@ -46,6 +53,7 @@ from budgetalloc.representation import (
     task_metric,
     train_representation,
 )
+from budgetalloc.sampling import STUDENT_SAMPLE, TRAIN_SAMPLE, capped, split_mask
 from budgetalloc.statistics import ClusterStatistics, cluster_statistics
 
 EpochCallback = Callable[[int, dict], None]
@@ -86,79 +94,140 @@ class FitState:
 
 
 def split_rows(n: int, *, honest_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, honest) row indices, each sorted."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_honest = round(n * honest_fraction)
-    return np.sort(perm[n_honest:]), np.sort(perm[:n_honest])
+    """Seeded (train, honest) row indices, each sorted (the honest rows: :func:`~budgetalloc.sampling.split_mask`)."""
+    honest = split_mask(n, fraction=honest_fraction, seed=seed)
+    return np.flatnonzero(~honest), np.flatnonzero(honest)
+
+
+def honest_mask(n: int, params: Params) -> np.ndarray:
+    """Which of ``n`` trial rows are honest: ``data.honest_fraction``, ``seed``."""
+    return split_mask(n, fraction=params.data.honest_fraction, seed=params.seed)
+
+
+def holdout_mask(n: int, params: Params) -> np.ndarray:
+    """Which of ``n`` trial rows the student never sees: ``distill.holdout_fraction``, ``seed + 1``."""
+    return split_mask(n, fraction=params.distill.holdout_fraction, seed=params.seed + 1)
 
 
 def train_honest_rows(n: int, params: Params) -> tuple[np.ndarray, np.ndarray]:
-    """The (train, honest) split of ``n`` trial rows: ``data.honest_fraction``, ``seed``."""
-    return split_rows(n, honest_fraction=params.data.honest_fraction, seed=params.seed)
+    """The (train, honest) split of ``n`` trial rows (:func:`honest_mask`)."""
+    honest = honest_mask(n, params)
+    return np.flatnonzero(~honest), np.flatnonzero(honest)
+
+
+def student_sample(rows: np.ndarray, params: Params) -> np.ndarray:
+    """The rows the student learns from: a seeded sample of at most ``distill.max_rows`` of ``rows``."""
+    return capped(rows, params.distill.max_rows, (params.seed, STUDENT_SAMPLE))
 
 
 def student_rows(n: int, params: Params) -> tuple[np.ndarray, np.ndarray]:
-    """The (student, holdout) split: ``distill.holdout_fraction``, ``seed + 1``."""
-    return split_rows(n, honest_fraction=params.distill.holdout_fraction, seed=params.seed + 1)
+    """The (student, holdout) split (:func:`holdout_mask`); the student's part is :func:`student_sample`."""
+    holdout = holdout_mask(n, params)
+    return student_sample(np.flatnonzero(~holdout), params), np.flatnonzero(holdout)
 
 
-def train_stage(trial: Trial, train_idx: np.ndarray, params: Params, reporter: Reporter):
-    """Fit the preprocessor on all rows and the multi-task network on train rows."""
-    reporter.stage("representation")
-    pre = Preprocessor.fit(trial.X)
-    missing = count_missing(trial.X)
-    if missing:
-        reporter.note(f"{missing} missing feature values imputed with training medians")
-    Z = pre.transform(trial.X[train_idx])
-    model = train_representation(
-        Z,
-        trial.treatment[train_idx],
-        trial.response[train_idx],
-        trial.cost[train_idx],
-        trial.ipw[train_idx],
-        n_arms=trial.n_arms,
-        binary_response=trial.binary_response,
+def network_rows(train_idx: np.ndarray, params: Params) -> np.ndarray:
+    """The train rows the network learns from: a seeded sample of at most ``train.max_rows``."""
+    return capped(train_idx, params.train.max_rows, (params.seed, TRAIN_SAMPLE))
+
+
+def missing_note(missing: int) -> str:
+    return f"{missing} missing feature values imputed with training medians"
+
+
+def network_rows_note(rows: int, train_rows: int) -> str:
+    return f"train.max_rows: the network learns from a seeded sample of {rows} of the {train_rows} train rows"
+
+
+def train_network(Z, treatment, response, cost, ipw, *, n_arms: int, binary_response: bool, params: Params,
+                  reporter: Reporter) -> RepresentationModel:
+    """The multi-task network on the (preprocessed) rows given."""
+    return train_representation(
+        Z, treatment, response, cost, ipw,
+        n_arms=n_arms,
+        binary_response=binary_response,
         params=params.train,
         seed=params.seed,
         progress=reporter.epoch_callback("representation", params.train.epochs),
     )
+
+
+def train_stage(trial: Trial, train_idx: np.ndarray, params: Params, reporter: Reporter):
+    """Fit the preprocessor on all rows and the multi-task network on (at most ``train.max_rows``) train rows."""
+    reporter.stage("representation")
+    pre = Preprocessor.fit(trial.X)
+    missing = count_missing(trial.X)
+    if missing:
+        reporter.note(missing_note(missing))
+    rows = network_rows(train_idx, params)
+    if len(rows) < len(train_idx):
+        reporter.note(network_rows_note(len(rows), len(train_idx)))
+    model = train_network(pre.transform(trial.X[rows]), trial.treatment[rows], trial.response[rows],
+                          trial.cost[rows], trial.ipw[rows], n_arms=trial.n_arms,
+                          binary_response=trial.binary_response, params=params, reporter=reporter)
     return pre, model
 
 
-def cluster_stage(Z_train: np.ndarray, model: RepresentationModel, *, n_honest: int, n_arms: int,
-                  params: Params, reporter: Reporter) -> tuple[ClusterModel, np.ndarray, np.ndarray]:
-    """k-means on the train rows' representation; returns the model, embeddings and labels."""
-    reporter.stage("clustering")
+def cluster_k(*, n_honest: int, n_arms: int, params: Params, reporter: Reporter) -> int:
+    """K for the honest rows available (:func:`~budgetalloc.clustering.effective_k`), with a note when lowered."""
     k = effective_k(params.cluster.k, n_honest, n_arms, rows_per_cell=MIN_HONEST_ROWS_PER_CELL)
     if k < params.cluster.k:
         reporter.note(
             f"cluster.k lowered from {params.cluster.k} to {k}: {n_honest} honest rows support "
             f"about {MIN_HONEST_ROWS_PER_CELL} rows per (cluster, arm) cell at K={k}"
         )
+    return k
+
+
+def cluster_metric(model: RepresentationModel, params: Params):
+    """The ``metric`` argument of :func:`~budgetalloc.clustering.fit_clusters` for ``cluster.metric``."""
+    if params.cluster.metric != "task":
+        return None
+    return lambda rows: task_metric(model, rows, rank=params.cluster.metric_rank, seed=params.seed)
+
+
+def cluster_stage(Z_train: np.ndarray, model: RepresentationModel, *, n_honest: int, n_arms: int,
+                  params: Params, reporter: Reporter) -> tuple[ClusterModel, np.ndarray, np.ndarray]:
+    """k-means on the train rows' representation; returns the model, embeddings and labels."""
+    reporter.stage("clustering")
+    k = cluster_k(n_honest=n_honest, n_arms=n_arms, params=params, reporter=reporter)
     emb = embed(model, Z_train)
-    projection = None
-    if params.cluster.metric == "task":
-        projection = task_metric(model, emb, rank=params.cluster.metric_rank, seed=params.seed)
-    clusters = fit_clusters(emb, k=k, params=params.cluster, seed=params.seed, projection=projection)
+    clusters = fit_clusters(emb, k=k, params=params.cluster, seed=params.seed, metric=cluster_metric(model, params))
     return clusters, emb, assign_clusters(clusters, emb)
+
+
+def student_soft_targets(clusters: ClusterModel, emb: np.ndarray | None, params: Params) -> np.ndarray | None:
+    """Soft targets from centroid distances when ``distill.soft_temperature > 0``, else ``None``.
+
+    Computed over blocks of ``ASSIGN_BATCH`` rows, as the streamed fit computes them.
+    """
+    temperature = params.distill.soft_temperature
+    if temperature <= 0 or emb is None:
+        return None
+    return np.concatenate([centroid_soft_targets(clusters, emb[i : i + ASSIGN_BATCH], temperature=temperature)
+                           for i in range(0, emb.shape[0], ASSIGN_BATCH)])
+
+
+def train_student_stage(Z_train, labels_train, soft: np.ndarray | None, *, n_clusters: int, params: Params,
+                        reporter: Reporter) -> StudentModel:
+    """The student on the teacher's clusters (and soft targets, if any) of the rows given."""
+    return train_student(
+        Z_train,
+        labels_train,
+        n_clusters=n_clusters,
+        params=params.distill,
+        seed=params.seed,
+        soft_targets=soft,
+        progress=reporter.epoch_callback("distillation", params.distill.epochs),
+    )
 
 
 def distill_stage(Z_train, emb_train, labels_train, clusters: ClusterModel, params: Params,
                   reporter: Reporter) -> StudentModel:
     """Train the student on the teacher's clusters (soft targets when configured)."""
     reporter.stage("distillation")
-    soft = None
-    if params.distill.soft_temperature > 0:
-        soft = centroid_soft_targets(clusters, emb_train, temperature=params.distill.soft_temperature)
-    return train_student(
-        Z_train,
-        labels_train,
-        n_clusters=clusters.k,
-        params=params.distill,
-        seed=params.seed,
-        soft_targets=soft,
-        progress=reporter.epoch_callback("distillation", params.distill.epochs),
-    )
+    soft = student_soft_targets(clusters, emb_train, params)
+    return train_student_stage(Z_train, labels_train, soft, n_clusters=clusters.k, params=params, reporter=reporter)
 
 
 def statistics_stage(trial: Trial, honest_idx, Z_honest, model, student, params: Params,
@@ -240,8 +309,12 @@ def student_agreement(student_labels: np.ndarray, teacher_labels: np.ndarray, ho
 
 
 def fit_summary(trial: Trial, *, train_rows: int, honest_rows: int, k: int, agreement: float,
-                epochs: int, n_users: np.ndarray, table: list[dict], notes: list[str]) -> dict:
-    """The fit diagnostics stored in the policy (``summary.json``)."""
+                epochs: int, n_users: np.ndarray, table: list[dict], notes: list[str],
+                fit_path: str = "in memory") -> dict:
+    """The fit diagnostics stored in the policy (``summary.json``).
+
+    ``trial`` needs ``n`` and ``n_arms`` only (the streamed fit passes its file's facts).
+    """
     return {
         "rows": trial.n,
         "train_rows": train_rows,
@@ -253,12 +326,16 @@ def fit_summary(trial: Trial, *, train_rows: int, honest_rows: int, k: int, agre
         "cluster_sizes": n_users.tolist(),
         "budget_per_user_range": [table[0]["budget_per_user"], table[-1]["budget_per_user"]],
         "notes": list(notes),
+        "fit_path": fit_path,
     }
 
 
 def assemble_policy(trial: Trial, params: Params, *, preprocessor: Preprocessor, student: StudentModel,
                     statistics: ClusterStatistics, budget_table: list[dict], summary: dict) -> Policy:
-    """The :class:`Policy` from the fitted parts (not yet saved)."""
+    """The :class:`Policy` from the fitted parts (not yet saved).
+
+    ``trial`` needs ``feature_names``, ``n_arms`` and ``binary_response`` only.
+    """
     return Policy(
         feature_names=trial.feature_names,
         n_arms=trial.n_arms,

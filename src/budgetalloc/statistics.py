@@ -28,9 +28,28 @@ Robustness (``estimator``):
   blocks of the cell's weighted residual means.
 * ``mean``: plain weighted means, for comparison.
 
-Scenarios: ``S`` Poisson(1) bootstrap reweightings of the rows (vectorised with
-``bincount``) give ``S`` draws of ``(r, c)``; the integer program holds the
-budget against them.
+Scenarios: ``S`` Poisson(1) bootstrap reweightings of the rows give ``S`` draws
+of ``(r, c)``; the integer program holds the budget against them.
+
+Streaming. Every estimate above is a ratio of sums over rows, so the rows are
+reduced to additive sufficient statistics, block by block
+(:class:`StatisticsAccumulator`), and :meth:`~StatisticsAccumulator.finalize`
+forms the ratios. Per cluster and arm the sums are: rows, inverse-propensity
+weights, weighted residuals, residuals and their squares (standard errors), costs
+above zero (free arms); per cluster, the rows and the network's predictions. A
+bootstrap scenario is the same sums with every row's Poisson(1) weight; the
+median-of-means blocks add the weighted sums per (cell, block). What
+:func:`cluster_statistics` computes on arrays in memory and what the streamed fit
+computes batch by batch is one code path: rows are regrouped into blocks of
+``STAT_BLOCK`` rows counted from the first honest row, block ``b`` draws its
+Poisson weights and median-of-means blocks from its own generator seeded with
+``(seed, tag, b)``, and block sums are added in block order, so the result is
+bit-identical however the rows were batched. One block of ``(S + 1) x STAT_BLOCK``
+weights and ``STAT_BLOCK x (1 + 11 M)`` row terms is held at a time (16,384 rows:
+6.7 MB and 7.3 MB for ``S = 50``, ``M = 5``); the sums are ``(S + 1) x K x (1 + 11 M)``.
+The winsorize bands need the median/MAD of each arm's non-zero values before the
+first block: they come from a seeded sample of at most ``clip_sample`` honest
+rows (every row up to that many), which the streamed fit gathers in its first pass.
 """
 
 from __future__ import annotations
@@ -39,10 +58,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
+from budgetalloc.blocks import Rebatcher
 from budgetalloc.params import StatisticsParams
+from budgetalloc.sampling import CLIP_SAMPLE, seeded_sample
 
 MAD_TO_SD = 1.4826
+#: Rows per block of the accumulation: fixes the summation order and the random draws.
+STAT_BLOCK = 16_384
+_BOOTSTRAP, _MOM = 5, 6  # seed-stream tags of the per-block draws
 
 
 @dataclass(frozen=True)
@@ -71,6 +96,37 @@ class ClusterStatistics:
             return cls(**{f.name: z[f.name] for f in fields(cls)})
 
 
+# -- winsorizing -----------------------------------------------------------------------------
+
+
+def clip_band(values: np.ndarray, treatment: np.ndarray, n_arms: int, *, clip_z: float) -> np.ndarray:
+    """Per arm, ``median -+ clip_z`` robust sd of the arm's non-zero values.
+
+    Returns:
+        float64 ``(2, n_arms)``: lower and upper bounds; ``-inf, inf`` for an arm
+        without non-zero values.
+    """
+    band = np.empty((2, n_arms))
+    band[0], band[1] = -np.inf, np.inf
+    for arm in range(n_arms):
+        v = values[(treatment == arm) & (values != 0)].astype(np.float64)
+        if v.size == 0:
+            continue
+        med = np.median(v)
+        spread = clip_z * MAD_TO_SD * np.median(np.abs(v - med))
+        band[:, arm] = med - spread, med + spread
+    return band
+
+
+def clip_to_band(values: np.ndarray, treatment: np.ndarray, band: np.ndarray) -> np.ndarray:
+    """A copy of ``values`` with each non-zero value clipped to its arm's band."""
+    out = values.astype(np.float64, copy=True)
+    nz = np.flatnonzero(values != 0)
+    arm = treatment[nz]
+    out[nz] = np.clip(out[nz], band[0, arm], band[1, arm])
+    return out
+
+
 def robust_clip(values: np.ndarray, treatment: np.ndarray, n_arms: int, *, clip_z: float) -> np.ndarray:
     """Clip each arm's non-zero values to median +- clip_z robust sd of those values.
 
@@ -83,74 +139,175 @@ def robust_clip(values: np.ndarray, treatment: np.ndarray, n_arms: int, *, clip_
     Returns:
         A clipped copy; zeros and values inside the band are unchanged.
     """
-    out = values.astype(np.float64, copy=True)
-    for arm in range(n_arms):
-        idx = np.flatnonzero((treatment == arm) & (values != 0))
-        if idx.size == 0:
-            continue
-        v = out[idx]
-        med = np.median(v)
-        spread = clip_z * MAD_TO_SD * np.median(np.abs(v - med))
-        out[idx] = np.clip(v, med - spread, med + spread)
+    return clip_to_band(values, treatment, clip_band(values, treatment, n_arms, clip_z=clip_z))
+
+
+def clip_sample_rows(n: int, params: StatisticsParams, seed: int) -> np.ndarray | None:
+    """Positions (among the honest rows) the winsorize bands are taken from; ``None``: all."""
+    return seeded_sample(n, params.clip_sample, (seed, CLIP_SAMPLE))
+
+
+def winsorize_bands(treatment, response, cost, n_arms: int, *, params: StatisticsParams) -> np.ndarray | None:
+    """``(2, 2, M)`` bands of response and cost from (a sample of) honest rows; ``None`` unless winsorizing.
+
+    Args:
+        treatment, response, cost: the honest rows at :func:`clip_sample_rows`
+            (every honest row when there are at most ``clip_sample``).
+        n_arms: number of arms.
+        params: the ``statistics`` section.
+    """
+    if params.estimator != "winsorize":
+        return None
+    return np.stack([clip_band(response, treatment, n_arms, clip_z=params.clip_z),
+                     clip_band(cost, treatment, n_arms, clip_z=params.clip_z)])
+
+
+# -- sufficient statistics -------------------------------------------------------------------
+
+
+def _layout(m: int) -> dict[str, slice]:
+    """Columns of the per-row terms: per-cluster sums, then per-(cluster, arm) sums (one-hot by arm)."""
+    names = ("pred_response", "pred_cost", "rows", "weight", "wresid_response", "wresid_cost",
+             "resid_response", "resid2_response", "resid_cost", "resid2_cost", "cost_positive")
+    out = {"one": slice(0, 1)}
+    for i, name in enumerate(names):
+        out[name] = slice(1 + i * m, 1 + (i + 1) * m)
     return out
 
 
-def _cell_index(labels, treatment, n_arms):
-    return labels.astype(np.int64) * n_arms + treatment.astype(np.int64)
+def _residuals(treatment, outcome, pred) -> np.ndarray:
+    """Each row's outcome minus the network's prediction for the arm it received."""
+    return outcome - pred[np.arange(treatment.shape[0]), treatment]
 
 
-def _cluster_mean_predictions(labels, pred, k, weights=None):
-    """(K, M) mean of predictions over each cluster's rows (optionally reweighted)."""
-    w = np.ones(labels.shape[0]) if weights is None else weights
-    size = np.bincount(labels, weights=w, minlength=k)
-    sums = np.stack([np.bincount(labels, weights=w * pred[:, j], minlength=k) for j in range(pred.shape[1])], axis=1)
-    return sums / np.maximum(size, 1e-12)[:, None]
+def _row_terms(treatment, response, cost, ipw, pred_r, pred_c, m: int) -> np.ndarray:
+    """``(b, 1 + 11 M)``: what each row adds to the sums of its cluster (see :func:`_layout`)."""
+    b = treatment.shape[0]
+    onehot = np.zeros((b, m))
+    onehot[np.arange(b), treatment] = 1.0
+    res_r, res_c = _residuals(treatment, response, pred_r), _residuals(treatment, cost, pred_c)
+    per_cell = [ipw, ipw * res_r, ipw * res_c, res_r, res_r * res_r, res_c, res_c * res_c, (cost > 0) * 1.0]
+    return np.hstack([np.ones((b, 1)), pred_r, pred_c, onehot, *(onehot * v[:, None] for v in per_cell)])
 
 
-def _cell_residual_means(cell, resid, w, n_cells):
-    """Weighted mean residual per cell and the weight total per cell."""
-    wsum = np.bincount(cell, weights=w, minlength=n_cells)
-    rsum = np.bincount(cell, weights=w * resid, minlength=n_cells)
-    return rsum / np.maximum(wsum, 1e-12), wsum
+def _cluster_sums(labels: np.ndarray, weights: np.ndarray, terms: np.ndarray, k: int) -> np.ndarray:
+    """``(W, K, C)``: for every weight vector, the weighted sum of the terms of each cluster's rows."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
+    # rows sorted by cluster, each operand C-contiguous in its rows: every product is one BLAS call
+    weights_t, terms = np.ascontiguousarray(weights.T[order]), terms[order]
+    out = np.zeros((weights.shape[0], k, terms.shape[1]))
+    for c in np.flatnonzero(np.diff(bounds)):
+        lo, hi = bounds[c], bounds[c + 1]
+        out[:, c] = weights_t[lo:hi].T @ terms[lo:hi]
+    return out
 
 
-def _median_of_means(cell, resid, w, n_cells, blocks, rng):
-    block = rng.integers(0, blocks, size=cell.shape[0])
-    means, wsum = _cell_residual_means(cell * blocks + block, resid, w, n_cells * blocks)
-    means = means.reshape(n_cells, blocks)
-    present = wsum.reshape(n_cells, blocks) > 0
-    masked = np.where(present, means, np.nan)
-    with np.errstate(all="ignore"):
-        med = np.nanmedian(np.where(present.any(axis=1, keepdims=True), masked, 0.0), axis=1)
-    return np.nan_to_num(med)
+class StatisticsAccumulator:
+    """Additive sufficient statistics of the honest rows, fed in chunks of any size.
 
+    ``update`` may be called with the rows in chunks of any size, in row order;
+    :meth:`finalize` returns the same :class:`ClusterStatistics` (bit for bit) for
+    every way of cutting the same rows into chunks.
 
-def _estimate(labels, treatment, outcome, pred, ipw, k, m, params, rng, weights=None):
-    """(K, M) doubly-robust, shrunk estimate of one outcome; optional bootstrap weights."""
-    n_cells = k * m
-    cell = _cell_index(labels, treatment, m)
-    base = _cluster_mean_predictions(labels, pred, k, weights)
-    resid = outcome - pred[np.arange(outcome.shape[0]), treatment]
-    w = ipw if weights is None else ipw * weights
-    if params.estimator == "median_of_means" and weights is None:
-        corr = _median_of_means(cell, resid, w, n_cells, params.mom_blocks, rng)
-        n_cell = np.bincount(cell, minlength=n_cells).astype(np.float64)
-    else:
-        corr, _ = _cell_residual_means(cell, resid, w, n_cells)
-        n_cell = np.bincount(cell, weights=weights, minlength=n_cells)
-    lam = n_cell / (n_cell + params.shrinkage)
-    return (base.reshape(-1) + lam * corr).reshape(k, m)
+    Args:
+        k: number of clusters.
+        n_arms: number of arms.
+        params: the ``statistics`` section.
+        seed: seeds the per-block bootstrap and median-of-means draws.
+        bands: ``(2, 2, M)`` winsorize bands (:func:`winsorize_bands`), or ``None``.
+    """
 
+    def __init__(self, *, k: int, n_arms: int, params: StatisticsParams, seed: int,
+                 bands: np.ndarray | None = None) -> None:
+        self.k, self.m, self.params, self.seed, self.bands = k, n_arms, params, seed, bands
+        self._layout = _layout(n_arms)
+        self._sums = np.zeros((params.n_scenarios + 1, k, 1 + 11 * n_arms))
+        self._mom = np.zeros((3, k * n_arms * params.mom_blocks))
+        self._blocks = Rebatcher(STAT_BLOCK)
+        self._n_blocks = 0
 
-def _standard_errors(labels, treatment, outcome, pred, k, m, shrinkage):
-    cell = _cell_index(labels, treatment, m)
-    resid = outcome - pred[np.arange(outcome.shape[0]), treatment]
-    n = np.bincount(cell, minlength=k * m).astype(np.float64)
-    s1 = np.bincount(cell, weights=resid, minlength=k * m)
-    s2 = np.bincount(cell, weights=resid * resid, minlength=k * m)
-    var = np.maximum(s2 / np.maximum(n, 1) - (s1 / np.maximum(n, 1)) ** 2, 0.0)
-    lam = n / (n + shrinkage)
-    return (lam * np.sqrt(var / np.maximum(n - 1, 1))).reshape(k, m)
+    def update(self, labels, treatment, response, cost, ipw, pred_response, pred_cost) -> None:
+        """Add honest rows: cluster, arm, outcomes, inverse-propensity weight, (n, M) predictions."""
+        chunk = (np.asarray(labels, dtype=np.int64), np.asarray(treatment, dtype=np.int64),
+                 np.asarray(response, dtype=np.float64), np.asarray(cost, dtype=np.float64),
+                 np.asarray(ipw, dtype=np.float64), np.asarray(pred_response, dtype=np.float64),
+                 np.asarray(pred_cost, dtype=np.float64))
+        # The per-cluster products are small: one BLAS thread runs them 3-4x faster than two.
+        with threadpool_limits(1, user_api="blas"):
+            for block in self._blocks.push(*chunk):
+                self._add_block(*block)
+
+    def _add_block(self, labels, treatment, response, cost, ipw, pred_r, pred_c) -> None:
+        b, p, index = labels.shape[0], self.params, self._n_blocks
+        self._n_blocks += 1
+        if self.bands is not None:
+            response = clip_to_band(response, treatment, self.bands[0])
+            cost = clip_to_band(cost, treatment, self.bands[1])
+        terms = _row_terms(treatment, response, cost, ipw, pred_r, pred_c, self.m)
+        weights = np.empty((p.n_scenarios + 1, b))
+        weights[0] = 1.0
+        weights[1:] = np.random.default_rng((self.seed, _BOOTSTRAP, index)).poisson(1.0, size=(p.n_scenarios, b))
+        self._sums += _cluster_sums(labels, weights, terms, self.k)
+        if p.estimator == "median_of_means":
+            part = np.random.default_rng((self.seed, _MOM, index)).integers(0, p.mom_blocks, size=b)
+            slot = (labels * self.m + treatment) * p.mom_blocks + part
+            per_row = (ipw, ipw * _residuals(treatment, response, pred_r), ipw * _residuals(treatment, cost, pred_c))
+            for i, v in enumerate(per_row):
+                self._mom[i] += np.bincount(slot, weights=v, minlength=self._mom.shape[1])
+
+    def finalize(self) -> ClusterStatistics:
+        """The estimates, standard errors and scenarios of the rows added so far."""
+        last = self._blocks.flush()
+        if last is not None:
+            with threadpool_limits(1, user_api="blas"):
+                self._add_block(*last)
+        sums, cols, p = self._sums, self._layout, self.params
+        size = sums[..., cols["one"]]  # (S + 1, K, 1)
+        n = sums[..., cols["rows"]]  # rows per cell; Poisson-weighted in the scenarios
+        lam = n / (n + p.shrinkage)
+        counts = np.rint(n[0]).astype(np.int64)
+        est = {}
+        for name in ("response", "cost"):
+            base = sums[..., cols[f"pred_{name}"]] / np.maximum(size, 1e-12)
+            corr = sums[..., cols[f"wresid_{name}"]] / np.maximum(sums[..., cols["weight"]], 1e-12)
+            if p.estimator == "median_of_means":
+                corr[0] = self._median_of_means(name)
+            values = base + lam * corr
+            est[name] = (values[0], values[1:], self._standard_errors(name))
+        # Arms that never cost anything in the trial (control) cost exactly 0, not the
+        # network's small non-zero prediction.
+        free = sums[0, :, cols["cost_positive"]].sum(axis=0) == 0
+        point, scen, se = est["cost"]
+        est["cost"] = (np.where(free, 0.0, point), np.where(free, 0.0, scen), np.where(free, 0.0, se))
+        return ClusterStatistics(
+            counts=counts,
+            response=est["response"][0],
+            cost=np.maximum(est["cost"][0], 0.0),
+            response_se=est["response"][2],
+            cost_se=est["cost"][2],
+            response_scenarios=est["response"][1],
+            cost_scenarios=np.maximum(est["cost"][1], 0.0),
+        )
+
+    def _standard_errors(self, name: str) -> np.ndarray:
+        cols = self._layout
+        n = self._sums[0][:, cols["rows"]]
+        s1, s2 = self._sums[0][:, cols[f"resid_{name}"]], self._sums[0][:, cols[f"resid2_{name}"]]
+        var = np.maximum(s2 / np.maximum(n, 1) - (s1 / np.maximum(n, 1)) ** 2, 0.0)
+        lam = n / (n + self.params.shrinkage)
+        return lam * np.sqrt(var / np.maximum(n - 1, 1))
+
+    def _median_of_means(self, name: str) -> np.ndarray:
+        """(K, M) median over the cell's random blocks of its weighted residual means."""
+        blocks = self.params.mom_blocks
+        wsum, rsum = self._mom[0], self._mom[1 if name == "response" else 2]
+        means = (rsum / np.maximum(wsum, 1e-12)).reshape(-1, blocks)
+        present = wsum.reshape(-1, blocks) > 0
+        masked = np.where(present, means, np.nan)
+        with np.errstate(all="ignore"):
+            med = np.nanmedian(np.where(present.any(axis=1, keepdims=True), masked, 0.0), axis=1)
+        return np.nan_to_num(med).reshape(self.k, self.m)
 
 
 def cluster_statistics(
@@ -168,6 +325,9 @@ def cluster_statistics(
 ) -> ClusterStatistics:
     """Estimate response and cost per (cluster, arm) on honest rows, with scenarios.
 
+    The in-memory form of :class:`StatisticsAccumulator`: one ``update`` with every
+    row, so it equals the streamed fit's statistics bit for bit on the same rows.
+
     Args:
         labels: (n,) cluster id of each honest row (as the serving model assigns it).
         treatment: (n,) arm received.
@@ -182,33 +342,9 @@ def cluster_statistics(
         :class:`ClusterStatistics` with ``S = params.n_scenarios`` scenarios.
     """
     m = pred_response.shape[1]
-    labels = labels.astype(np.int64)
-    if params.estimator == "winsorize":
-        response = robust_clip(response, treatment, m, clip_z=params.clip_z)
-        cost = robust_clip(cost, treatment, m, clip_z=params.clip_z)
-    rng = np.random.default_rng(seed)
-    est = {}
-    for name, y, pred in (("response", response, pred_response), ("cost", cost, pred_cost)):
-        point = _estimate(labels, treatment, y, pred, ipw, k, m, params, rng)
-        scen = np.empty((params.n_scenarios, k, m))
-        for s in range(params.n_scenarios):
-            boot = rng.poisson(1.0, size=labels.shape[0]).astype(np.float64)
-            scen[s] = _estimate(labels, treatment, y, pred, ipw, k, m, params, rng, weights=boot)
-        se = _standard_errors(labels, treatment, y, pred, k, m, params.shrinkage)
-        est[name] = (point, scen, se)
-    counts = np.bincount(_cell_index(labels, treatment, m), minlength=k * m).reshape(k, m)
-    # Arms that never cost anything in the trial (control) cost exactly 0, not the
-    # network's small non-zero prediction.
-    free = np.bincount(treatment, weights=(cost > 0).astype(np.float64), minlength=m) == 0
-    for key in ("cost",):
-        point, scen, se = est[key]
-        est[key] = (np.where(free, 0.0, point), np.where(free, 0.0, scen), np.where(free, 0.0, se))
-    return ClusterStatistics(
-        counts=counts.astype(np.int64),
-        response=est["response"][0],
-        cost=np.maximum(est["cost"][0], 0.0),
-        response_se=est["response"][2],
-        cost_se=est["cost"][2],
-        response_scenarios=est["response"][1],
-        cost_scenarios=np.maximum(est["cost"][1], 0.0),
-    )
+    rows = clip_sample_rows(labels.shape[0], params, seed)
+    pick = slice(None) if rows is None else rows
+    bands = winsorize_bands(treatment[pick], response[pick], cost[pick], m, params=params)
+    acc = StatisticsAccumulator(k=k, n_arms=m, params=params, seed=seed, bands=bands)
+    acc.update(labels, treatment, response, cost, ipw, pred_response, pred_cost)
+    return acc.finalize()
