@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from budgetalloc import nn
+from budgetalloc import nn, weights
 from budgetalloc.errors import DataError, PolicyError
 from budgetalloc.params import TrainParams
 from budgetalloc.representation import (
@@ -196,7 +196,7 @@ def test_save_load_round_trip_is_bit_identical(trained, tmp_path):
 
 def test_edited_weights_are_refused(trained, tmp_path):
     model, *_ = trained
-    path = save_representation(model, tmp_path / "rep") / nn.WEIGHTS_FILE
+    path = save_representation(model, tmp_path / "rep") / weights.WEIGHTS_FILE
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(PolicyError, match="checksum"):
         load_representation(tmp_path / "rep")

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from budgetalloc import nn
+from budgetalloc import nn, weights
 from budgetalloc.errors import DataError
 from budgetalloc.params import DistillParams
 
@@ -209,7 +209,7 @@ def save_student(student: StudentModel, directory: str | Path) -> Path:
     Returns:
         The directory.
     """
-    return nn.save_model(
+    return weights.save_model(
         directory, kind=KIND, config=student.config, params=student.params, history=student.history
     )
 
@@ -220,7 +220,7 @@ def load_student(directory: str | Path) -> StudentModel:
     Raises:
         PolicyError: files missing, edited, or not matching their configuration.
     """
-    config, graphdef, params, history = nn.load_model(
+    config, graphdef, params, history = weights.load_model(
         directory, kind=KIND, config_cls=StudentConfig, build=lambda c: _build(c, 0)
     )
     return StudentModel(graphdef, params, config, history)

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from budgetalloc import nn
+from budgetalloc import nn, weights
 from budgetalloc.errors import DataError
 from budgetalloc.params import TrainParams
 
@@ -352,7 +352,7 @@ def save_representation(model: RepresentationModel, directory: str | Path) -> Pa
     Returns:
         The directory.
     """
-    return nn.save_model(
+    return weights.save_model(
         directory, kind=KIND, config=model.config, params=model.params, history=model.history
     )
 
@@ -363,7 +363,7 @@ def load_representation(directory: str | Path) -> RepresentationModel:
     Raises:
         PolicyError: files missing, edited, or not matching their configuration.
     """
-    config, graphdef, params, history = nn.load_model(
+    config, graphdef, params, history = weights.load_model(
         directory, kind=KIND, config_cls=RepresentationConfig, build=lambda c: _build(c, 0)
     )
     return RepresentationModel(graphdef, params, config, history)
