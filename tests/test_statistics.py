@@ -14,6 +14,7 @@ from budgetalloc.statistics import (
     StatisticsAccumulator,
     clip_sample_rows,
     cluster_statistics,
+    pooling_weights,
     robust_clip,
     winsorize_bands,
 )
@@ -34,13 +35,14 @@ def _world(n=60_000, k=4, m=3, seed=0, outliers=0.0):
 
 @pytest.mark.parametrize("estimator", ["mean", "winsorize", "median_of_means"])
 @pytest.mark.parametrize("pred_bias", [0.0, 0.1])
-def test_unbiased_whatever_the_predictions(estimator, pred_bias):
+@pytest.mark.parametrize("pooling", ["empirical_bayes", "rows"])
+def test_unbiased_whatever_the_predictions(estimator, pred_bias, pooling):
     """A biased network prediction is corrected by the honest rows (doubly robust)."""
     labels, t, y, c, tr, tc = _world()
     n, m = len(t), tr.shape[1]
     pred_r = np.full((n, m), y.mean() + pred_bias)
     pred_c = np.full((n, m), c.mean())
-    params = StatisticsParams(estimator=estimator, shrinkage=0.0, n_scenarios=5)
+    params = StatisticsParams(estimator=estimator, pooling=pooling, shrinkage=0.0, n_scenarios=5)
     st = cluster_statistics(labels, t, y, c, np.ones(n), pred_r, pred_c, k=4, params=params, seed=0)
     np.testing.assert_allclose(st.response, tr, atol=5 * st.response_se.max() + 0.01)
     np.testing.assert_allclose(st.cost, tc, atol=0.03)
@@ -52,10 +54,11 @@ def test_shrinkage_pulls_small_cells_to_predictions():
     n, m = len(t), tr.shape[1]
     pred = np.full((n, m), 0.5)
     heavy = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4,
-                               params=StatisticsParams(shrinkage=1e6, n_scenarios=2), seed=0)
+                               params=StatisticsParams(pooling="rows", shrinkage=1e6, n_scenarios=2), seed=0)
     np.testing.assert_allclose(heavy.response, 0.5, atol=1e-3)
     none = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4,
-                              params=StatisticsParams(shrinkage=0.0, n_scenarios=2, estimator="mean"), seed=0)
+                              params=StatisticsParams(pooling="rows", shrinkage=0.0, n_scenarios=2,
+                                                      estimator="mean"), seed=0)
     cell = (labels == 0) & (t == 1)
     assert none.response[0, 1] == pytest.approx(y[cell].mean())
 
@@ -67,7 +70,8 @@ def test_robust_estimate_beats_mean_under_cost_outliers():
     errs = {}
     for est in ("mean", "winsorize"):
         st = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4,
-                                params=StatisticsParams(estimator=est, shrinkage=0.0, n_scenarios=2), seed=0)
+                                params=StatisticsParams(estimator=est, pooling="rows", shrinkage=0.0,
+                                                        n_scenarios=2), seed=0)
         errs[est] = np.abs(st.cost - tc).max()
     assert errs["winsorize"] < 0.03 < errs["mean"]
 
@@ -151,3 +155,45 @@ def test_winsorize_bands_come_from_a_seeded_sample_above_clip_sample():
     band = winsorize_bands(t[rows], y[rows], c[rows], m, params=small)[1]
     # the sampled bands still pull the 10x costs back to the typical coupon cost
     assert band[1, 1] < 2.0 and band[1, 2] < 4.0 and np.isinf(band[1, 0])
+
+
+def _arm_only_world(n=40_000, k=16, m=3, seed=1):
+    """Response depends on the arm only; the network is off by an arm-level bias."""
+    rng = np.random.default_rng(seed)
+    labels, t = rng.integers(0, k, n), rng.integers(0, m, n)
+    true_arm = np.array([0.10, 0.14, 0.17])[:m]
+    y = (rng.random(n) < true_arm[t]).astype(float)
+    pred = np.tile(true_arm + np.array([0.03, -0.02, 0.05])[:m], (n, 1))
+    return labels, t, y, pred, np.tile(true_arm, (k, 1))
+
+
+def test_empirical_bayes_pools_noise_but_keeps_real_differences():
+    """Corrections that are pure noise are pooled to the arm; real cluster effects are kept."""
+    labels, t, y, pred, truth = _arm_only_world()
+    n, k = len(t), truth.shape[0]
+    errors = {}
+    for pooling in ("empirical_bayes", "rows"):
+        st = cluster_statistics(labels, t, y, y, np.ones(n), pred, pred, k=k, seed=0,
+                                params=StatisticsParams(estimator="mean", pooling=pooling, shrinkage=0.0,
+                                                        n_scenarios=3))
+        errors[pooling] = np.abs(st.response - truth).max()
+    # arm-level bias removed by m[j]; per-cell noise (se ~0.008 at 800 rows) pooled away
+    assert errors["empirical_bayes"] < 0.5 * errors["rows"]
+    assert errors["empirical_bayes"] < 0.01
+
+    labels, t, y, c, tr, _ = _world()  # clusters differ by 0.05: far above the noise
+    pred = np.full((len(t), tr.shape[1]), y.mean())
+    st = cluster_statistics(labels, t, y, c, np.ones(len(t)), pred, pred, k=4, seed=0,
+                            params=StatisticsParams(estimator="mean", n_scenarios=3))
+    raw = cluster_statistics(labels, t, y, c, np.ones(len(t)), pred, pred, k=4, seed=0,
+                             params=StatisticsParams(estimator="mean", pooling="rows", shrinkage=0.0, n_scenarios=3))
+    np.testing.assert_allclose(st.response, raw.response, atol=0.002)
+
+
+def test_pooling_weights():
+    corr = np.array([[0.0, 0.1], [0.0, -0.1], [5.0, 0.0]])
+    se2 = np.array([[0.01, 1e-4], [0.01, 1e-4], [np.inf, 1e-4]])
+    lam = pooling_weights(corr, np.zeros(2), se2)
+    assert lam[2, 0] == 0.0  # no usable variance: the arm-level value
+    assert np.all(lam[:2, 0] == 0.0)  # spread (0) below noise (0.01): pooled completely
+    assert np.all((lam[:, 1] > 0.98) & (lam[:, 1] <= 1.0))  # spread 0.0067 >> noise 1e-4

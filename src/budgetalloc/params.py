@@ -103,8 +103,11 @@ class StatisticsParams(_Section):
         5.0, gt=0.0, description="winsorize: non-zero values clipped to median +- clip_z robust sd"
     )
     mom_blocks: int = Field(10, ge=2)
+    pooling: Literal["empirical_bayes", "rows"] = Field(
+        "empirical_bayes", description="how far a cell's own correction is trusted (see statistics.py)"
+    )
     shrinkage: float = Field(
-        20.0, ge=0.0, description="pseudo-rows of the network's prediction in each cell"
+        20.0, ge=0.0, description="pooling=rows: pseudo-rows of the network's prediction in each cell"
     )
     n_scenarios: int = Field(50, ge=1)
     min_cell_rows: int = Field(5, ge=1)

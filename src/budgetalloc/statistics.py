@@ -1,20 +1,38 @@
 """Per-cluster response and cost per arm, with uncertainty (stage 3).
 
-Estimator (doubly robust, honest). The rows used here never trained the network
-(honest split). For cluster ``k`` and arm ``j``::
+Estimator (doubly robust, honest, pooled). The rows used here never trained the
+network (honest split). For cluster ``k`` and arm ``j``::
 
-    r[k, j] = mean_{i in k} mu[i, j]  +  lam[k, j] * resid[k, j]
-    resid[k, j] = sum_{i in k, t_i = j} w_i (y_i - mu[i, j]) / sum_{i in k, t_i = j} w_i
-    lam[k, j] = n[k, j] / (n[k, j] + shrinkage)
+    r[k, j] = mean_{i in k} mu[i, j]  +  m[j]  +  lam[k, j] * (d[k, j] - m[j])
+    d[k, j] = sum_{i in k, t_i = j} w_i (y_i - mu[i, j]) / sum_{i in k, t_i = j} w_i
+    m[j]    = the same weighted mean residual over every cluster's arm-j rows
 
 where ``mu`` is the network's prediction and ``w`` the inverse-propensity weight.
-The first term uses every row of the cluster (low variance); the second corrects
-it with the rows that actually received arm ``j`` (the RCT makes it unbiased).
-``lam`` shrinks small cells towards the network's own prediction for the
-cluster's users instead of trusting a handful of rows: with ``shrinkage = 20`` a
-cell with 20 rows takes half its correction, one with 2,000 rows 99%. This
-replaces merging small clusters: no cluster is dropped, none is over-trusted.
-Cost is estimated the same way, with its own predictions.
+The first term uses every row of the cluster (low variance); the correction
+``d`` uses the rows that actually received arm ``j`` (the RCT makes it unbiased).
+It is pooled (``pooling``):
+
+* ``empirical_bayes`` (default): the cluster-specific part of the correction,
+  ``d - m``, is shrunk by ``lam = tau2 / (tau2 + se2)``, where ``se2[k, j]`` is the
+  sampling variance of ``d[k, j]`` and ``tau2[j]`` the variance of the true
+  cluster-specific corrections across clusters, estimated by moments
+  (``mean_k (d - m)^2 - mean_k se2``, at least 0). ``m[j]`` pools thousands of rows
+  and removes what the network gets wrong for everyone on an arm (label noise,
+  cost outliers, a miscalibrated head); a cell keeps its own correction only as
+  far as it stands out of its noise. Why: the program *selects* cells, so noise
+  in ``d`` is not averaged out but selected for (the optimizer's curse).
+  Measured on the simulator (500k-row trials, K=64, capture of the per-user
+  oracle's uplift over budgets 5-35%): binary 0.891 -> 0.909, noisy
+  0.820 -> 0.845, against 0.931 and 0.882 for the same partition with the
+  *true* cluster means; true spend moves from 0.97 to 0.98 of the budget.
+* ``rows``: the fixed pseudo-count ``lam = n / (n + shrinkage)`` towards the
+  network's prediction, without the arm-level term (the earlier default; a cell
+  with ``shrinkage`` rows takes half its correction). It trusts large cells
+  whatever their noise: at 1,500 rows per cell ``lam`` is 0.99.
+
+Either way no cluster is dropped or merged and none is over-trusted: a cell
+with no honest rows takes the network's prediction plus ``m[j]`` (``rows``: the
+prediction alone). Cost is estimated the same way, with its own predictions.
 
 Robustness (``estimator``):
 
@@ -183,23 +201,28 @@ def _residuals(treatment, outcome, pred) -> np.ndarray:
 def _row_terms(treatment, response, cost, ipw, pred_r, pred_c, m: int) -> np.ndarray:
     """``(b, 1 + 11 M)``: what each row adds to the sums of its cluster (see :func:`_layout`)."""
     b = treatment.shape[0]
-    onehot = np.zeros((b, m))
-    onehot[np.arange(b), treatment] = 1.0
+    out = np.zeros((b, 1 + 11 * m))
+    out[:, 0] = 1.0
+    out[:, 1 : 1 + m] = pred_r
+    out[:, 1 + m : 1 + 2 * m] = pred_c
     res_r, res_c = _residuals(treatment, response, pred_r), _residuals(treatment, cost, pred_c)
-    per_cell = [ipw, ipw * res_r, ipw * res_c, res_r, res_r * res_r, res_c, res_c * res_c, (cost > 0) * 1.0]
-    return np.hstack([np.ones((b, 1)), pred_r, pred_c, onehot, *(onehot * v[:, None] for v in per_cell)])
+    per_cell = (1.0, ipw, ipw * res_r, ipw * res_c, res_r, res_r * res_r, res_c, res_c * res_c, (cost > 0) * 1.0)
+    rows = np.arange(b)
+    for i, v in enumerate(per_cell):  # one-hot by arm: the value in its arm's column, 0 elsewhere
+        out[rows, (2 + i) * m + 1 + treatment] = v
+    return out
 
 
-def _cluster_sums(labels: np.ndarray, weights: np.ndarray, terms: np.ndarray, k: int) -> np.ndarray:
-    """``(W, K, C)``: for every weight vector, the weighted sum of the terms of each cluster's rows."""
-    order = np.argsort(labels, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
-    # rows sorted by cluster, each operand C-contiguous in its rows: every product is one BLAS call
-    weights_t, terms = np.ascontiguousarray(weights.T[order]), terms[order]
-    out = np.zeros((weights.shape[0], k, terms.shape[1]))
+def _segment_sums(bounds: np.ndarray, weights: np.ndarray, terms: np.ndarray) -> np.ndarray:
+    """``(W, K, C)``: per weight column, the weighted sum of the terms of each cluster's rows.
+
+    Rows are sorted by cluster (cluster ``c`` holds rows ``bounds[c]:bounds[c + 1]``) and
+    both operands are C-contiguous in their rows, so every product is one BLAS call.
+    """
+    out = np.zeros((weights.shape[1], bounds.shape[0] - 1, terms.shape[1]))
     for c in np.flatnonzero(np.diff(bounds)):
         lo, hi = bounds[c], bounds[c + 1]
-        out[:, c] = weights_t[lo:hi].T @ terms[lo:hi]
+        out[:, c] = weights[lo:hi].T @ terms[lo:hi]
     return out
 
 
@@ -244,17 +267,22 @@ class StatisticsAccumulator:
         if self.bands is not None:
             response = clip_to_band(response, treatment, self.bands[0])
             cost = clip_to_band(cost, treatment, self.bands[1])
-        terms = _row_terms(treatment, response, cost, ipw, pred_r, pred_c, self.m)
-        weights = np.empty((p.n_scenarios + 1, b))
-        weights[0] = 1.0
-        weights[1:] = np.random.default_rng((self.seed, _BOOTSTRAP, index)).poisson(1.0, size=(p.n_scenarios, b))
-        self._sums += _cluster_sums(labels, weights, terms, self.k)
         if p.estimator == "median_of_means":
             part = np.random.default_rng((self.seed, _MOM, index)).integers(0, p.mom_blocks, size=b)
             slot = (labels * self.m + treatment) * p.mom_blocks + part
             per_row = (ipw, ipw * _residuals(treatment, response, pred_r), ipw * _residuals(treatment, cost, pred_c))
             for i, v in enumerate(per_row):
                 self._mom[i] += np.bincount(slot, weights=v, minlength=self._mom.shape[1])
+        # Rows sorted by cluster (stable: file order within a cluster); weight column 0 is the
+        # point estimate's (1 per row), columns 1..S the scenarios' Poisson(1) draws.
+        order = np.argsort(labels, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=self.k))])
+        weights = np.empty((b, p.n_scenarios + 1))
+        weights[:, 0] = 1.0
+        weights[:, 1:] = np.random.default_rng((self.seed, _BOOTSTRAP, index)).poisson(
+            1.0, size=(b, p.n_scenarios))[order]
+        sorted_rows = (a[order] for a in (treatment, response, cost, ipw, pred_r, pred_c))
+        self._sums += _segment_sums(bounds, weights, _row_terms(*sorted_rows, self.m))
 
     def finalize(self) -> ClusterStatistics:
         """The estimates, standard errors and scenarios of the rows added so far."""
@@ -265,16 +293,28 @@ class StatisticsAccumulator:
         sums, cols, p = self._sums, self._layout, self.params
         size = sums[..., cols["one"]]  # (S + 1, K, 1)
         n = sums[..., cols["rows"]]  # rows per cell; Poisson-weighted in the scenarios
-        lam = n / (n + p.shrinkage)
         counts = np.rint(n[0]).astype(np.int64)
         est = {}
         for name in ("response", "cost"):
             base = sums[..., cols[f"pred_{name}"]] / np.maximum(size, 1e-12)
-            corr = sums[..., cols[f"wresid_{name}"]] / np.maximum(sums[..., cols["weight"]], 1e-12)
+            weight, wresid = sums[..., cols["weight"]], sums[..., cols[f"wresid_{name}"]]
+            corr = wresid / np.maximum(weight, 1e-12)
             if p.estimator == "median_of_means":
                 corr[0] = self._median_of_means(name)
-            values = base + lam * corr
-            est[name] = (values[0], values[1:], self._standard_errors(name))
+            se2 = self._sampling_variance(name)
+            known = np.sqrt(np.where(np.isfinite(se2), se2, 0.0))
+            if p.pooling == "rows":
+                lam = n / (n + p.shrinkage)
+                values = base + lam * corr
+                se = lam[0] * known
+            else:
+                # (S + 1, 1, M): every cluster's arm-j rows together, per scenario
+                arm = wresid.sum(axis=1, keepdims=True) / np.maximum(weight.sum(axis=1, keepdims=True), 1e-12)
+                corr = np.where(weight > 0, corr, arm)  # a cell a bootstrap draw left empty
+                lam = pooling_weights(corr[0], arm[0, 0], se2)
+                values = base + arm + lam * (corr - arm)
+                se = lam * known
+            est[name] = (values[0], values[1:], se)
         # Arms that never cost anything in the trial (control) cost exactly 0, not the
         # network's small non-zero prediction.
         free = sums[0, :, cols["cost_positive"]].sum(axis=0) == 0
@@ -290,13 +330,13 @@ class StatisticsAccumulator:
             cost_scenarios=np.maximum(est["cost"][1], 0.0),
         )
 
-    def _standard_errors(self, name: str) -> np.ndarray:
+    def _sampling_variance(self, name: str) -> np.ndarray:
+        """(K, M) variance of each cell's mean residual; ``inf`` for cells with fewer than 2 rows."""
         cols = self._layout
         n = self._sums[0][:, cols["rows"]]
         s1, s2 = self._sums[0][:, cols[f"resid_{name}"]], self._sums[0][:, cols[f"resid2_{name}"]]
         var = np.maximum(s2 / np.maximum(n, 1) - (s1 / np.maximum(n, 1)) ** 2, 0.0)
-        lam = n / (n + self.params.shrinkage)
-        return lam * np.sqrt(var / np.maximum(n - 1, 1))
+        return np.where(n >= 2, var / np.maximum(n - 1, 1), np.inf)
 
     def _median_of_means(self, name: str) -> np.ndarray:
         """(K, M) median over the cell's random blocks of its weighted residual means."""
@@ -308,6 +348,28 @@ class StatisticsAccumulator:
         with np.errstate(all="ignore"):
             med = np.nanmedian(np.where(present.any(axis=1, keepdims=True), masked, 0.0), axis=1)
         return np.nan_to_num(med).reshape(self.k, self.m)
+
+
+def pooling_weights(corr: np.ndarray, arm: np.ndarray, se2: np.ndarray) -> np.ndarray:
+    """Empirical-Bayes weights ``tau2 / (tau2 + se2)`` of each cell's own correction.
+
+    Args:
+        corr: (K, M) each cell's mean residual ``d``.
+        arm: (M,) the arm-level mean residual ``m``.
+        se2: (K, M) sampling variance of ``d`` (``inf`` where a cell has < 2 rows).
+
+    Returns:
+        (K, M) weights in [0, 1]: 0 for cells without a usable variance, and for every
+        cell of an arm whose corrections spread no more than their noise.
+    """
+    usable = np.isfinite(se2)
+    cells = np.maximum(usable.sum(axis=0), 1)
+    spread = np.where(usable, (corr - arm) ** 2, 0.0).sum(axis=0) / cells
+    noise = np.where(usable, se2, 0.0).sum(axis=0) / cells
+    tau2 = np.maximum(spread - noise, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lam = np.where(usable, tau2 / (tau2 + se2), 0.0)
+    return np.nan_to_num(lam, nan=1.0)  # tau2 = se2 = 0: a noiseless cell keeps its own value
 
 
 def cluster_statistics(
