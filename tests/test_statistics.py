@@ -45,7 +45,8 @@ def test_unbiased_whatever_the_predictions(estimator, pred_bias, pooling):
     params = StatisticsParams(estimator=estimator, pooling=pooling, shrinkage=0.0, n_scenarios=5)
     st = cluster_statistics(labels, t, y, c, np.ones(n), pred_r, pred_c, k=4, params=params, seed=0)
     np.testing.assert_allclose(st.response, tr, atol=5 * st.response_se.max() + 0.01)
-    np.testing.assert_allclose(st.cost, tc, atol=0.03)
+    # 5,000 rows a cell: the plain mean is already 0.024 off in the worst of 12 cells
+    np.testing.assert_allclose(st.cost, tc, atol=0.04)
     assert np.all(st.cost[:, 0] == 0.0)
 
 
@@ -146,7 +147,7 @@ def test_accumulating_in_chunks_equals_one_shot_exactly(estimator, cuts):
 
 
 def test_winsorize_bands_come_from_a_seeded_sample_above_clip_sample():
-    labels, t, y, c, _, tc = _world(n=30_000, outliers=0.03)
+    _, t, y, c, _, tc = _world(n=30_000, outliers=0.03)
     m = tc.shape[1]
     small = StatisticsParams(clip_sample=5000)
     rows = clip_sample_rows(len(t), small, seed=0)

@@ -104,19 +104,23 @@ def fit(
     data: Annotated[Path, typer.Option("--data", help="RCT trial file (.parquet or .csv)")],
     out: Annotated[Path, typer.Option("--out", help="policy directory to write")],
     params: ParamsOpt = None,
+    stream: Annotated[bool | None, typer.Option(
+        "--stream/--no-stream", help="read the trial in batches (Parquet) or whole; default: stream Parquet "
+                                     "trials with more than data.stream_rows rows")] = None,
 ) -> None:
     """Fit a policy: representation, clustering, distillation, statistics, budget table."""
     from budgetalloc.commands import run_fit
     from budgetalloc.progress import RichReporter
 
     with RichReporter(console) as reporter:
-        summary = run_fit(data=data, out=out, params_path=params, reporter=reporter)
+        summary = run_fit(data=data, out=out, params_path=params, reporter=reporter, stream=stream)
     lo, hi = summary["budget_per_user_range"]
     table = Table(title=f"Policy written to {out}")
     table.add_column("item")
     table.add_column("value", justify="right")
     for item, value in (
         ("trial rows (train / honest)", f"{summary['rows']} ({summary['train_rows']} / {summary['honest_rows']})"),
+        ("trial read", "streamed in batches" if summary["fit_path"] == "streamed" else "whole, in memory"),
         ("clusters K", str(summary["k"])),
         ("arms", str(summary["n_arms"])),
         ("student agreement (held-out)", f"{summary['student_agreement']:.4f}"),

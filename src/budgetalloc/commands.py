@@ -37,14 +37,42 @@ def run_simulate(
     return arm_summary(trial_from_frame(world.frame, source=str(out)))
 
 
-def run_fit(*, data: Path, out: Path, params_path: Path | None, reporter=None) -> dict:
-    """Load and validate the trial, fit every stage, write the policy atomically; return its summary."""
+def fit_path(data: Path, params, stream: bool | None) -> str:
+    """``"streamed"`` or ``"in memory"``: how ``fit`` reads this trial file.
+
+    A Parquet trial with more than ``data.stream_rows`` rows (from its metadata) is
+    streamed (:func:`budgetalloc.fit_stream.fit_policy_file`); smaller ones and CSV
+    are loaded whole. ``stream`` forces one or the other (streaming needs Parquet).
+    """
+    from budgetalloc.errors import DataError
+    from budgetalloc.trial_scan import parquet_rows
+
+    if stream is False:
+        return "in memory"
+    rows = parquet_rows(data)
+    if rows is None:
+        if stream:
+            raise DataError(f"{data}: the streamed fit reads Parquet files only (convert it, or leave out --stream)")
+        return "in memory"
+    return "streamed" if stream or rows > params.data.stream_rows else "in memory"
+
+
+def run_fit(*, data: Path, out: Path, params_path: Path | None, reporter=None, stream: bool | None = None) -> dict:
+    """Validate the trial, fit every stage, write the policy atomically; return its summary.
+
+    The trial is streamed or loaded whole as :func:`fit_path` decides; the summary's
+    ``fit_path`` says which.
+    """
     from budgetalloc.pipeline import fit_policy
     from budgetalloc.policy import save_policy
 
     params = load_params(params_path)
-    trial = load_trial(data, features=params.data.features)
-    policy = fit_policy(trial, params, reporter)
+    if fit_path(data, params, stream) == "streamed":
+        from budgetalloc.fit_stream import fit_policy_file
+
+        policy = fit_policy_file(data, params, reporter)
+    else:
+        policy = fit_policy(load_trial(data, features=params.data.features), params, reporter)
     save_policy(policy, out)
     return policy.summary
 

@@ -58,6 +58,12 @@ from budgetalloc.statistics import ClusterStatistics, cluster_statistics
 
 EpochCallback = Callable[[int, dict], None]
 MIN_HONEST_ROWS_PER_CELL = 30
+#: Rows per compiled call of the network (embeddings, predictions) and of the student
+#: in the fit. The streamed fit runs the same shapes, so its blocks, and its memory,
+#: follow them: 16,384 rows are 2.6 MB of 40 float32 features and 16 MB of 256-unit
+#: embeddings a block (each call still runs 4,096-row chunks: ``nn.INFERENCE_CHUNK``).
+EMBED_BATCH = 16_384
+STUDENT_BATCH = 16_384
 
 
 class Reporter:
@@ -191,7 +197,7 @@ def cluster_stage(Z_train: np.ndarray, model: RepresentationModel, *, n_honest: 
     """k-means on the train rows' representation; returns the model, embeddings and labels."""
     reporter.stage("clustering")
     k = cluster_k(n_honest=n_honest, n_arms=n_arms, params=params, reporter=reporter)
-    emb = embed(model, Z_train)
+    emb = embed(model, Z_train, batch_size=EMBED_BATCH)
     clusters = fit_clusters(emb, k=k, params=params.cluster, seed=params.seed, metric=cluster_metric(model, params))
     return clusters, emb, assign_clusters(clusters, emb)
 
@@ -234,8 +240,8 @@ def statistics_stage(trial: Trial, honest_idx, Z_honest, model, student, params:
                      reporter: Reporter) -> tuple[ClusterStatistics, np.ndarray]:
     """Estimate per-(cluster, arm) statistics on the honest rows grouped by the student."""
     reporter.stage("statistics")
-    labels = predict_clusters(student, Z_honest)
-    pred_r, pred_c = predict_outcomes(model, Z_honest)
+    labels = predict_clusters(student, Z_honest, batch_size=STUDENT_BATCH)
+    pred_r, pred_c = predict_outcomes(model, Z_honest, batch_size=EMBED_BATCH)
     stats = cluster_statistics(
         labels,
         trial.treatment[honest_idx],
@@ -296,7 +302,7 @@ def budget_stage(trial: Trial, Z: np.ndarray, honest_idx: np.ndarray, model: Rep
         ``(statistics, student_labels, n_users, budget_table)``: the student's cluster
         for every row and the users per cluster come along for the summary.
     """
-    student_all = predict_clusters(student, Z)
+    student_all = predict_clusters(student, Z, batch_size=STUDENT_BATCH)
     stats, _ = statistics_stage(trial, honest_idx, Z[honest_idx], model, student, params, reporter)
     n_users = cluster_sizes(student_all, student.n_clusters)
     table = program_stage(stats, n_users, params, reporter)
@@ -371,7 +377,7 @@ def fit_policy(trial: Trial, params: Params, reporter: Reporter | None = None) -
     Z = pre.transform(trial.X)
     clusters, _, _ = cluster_stage(Z[train_idx], model, n_honest=len(honest_idx), n_arms=trial.n_arms,
                                    params=params, reporter=reporter)
-    emb = embed(model, Z)
+    emb = embed(model, Z, batch_size=EMBED_BATCH)
     teacher = assign_clusters(clusters, emb)
     student_idx, holdout_idx = student_rows(trial.n, params)
     student = distill_stage(Z[student_idx], emb[student_idx], teacher[student_idx], clusters, params, reporter)

@@ -14,7 +14,7 @@ import typer
 from budgetalloc.clustering import load_clusters
 from budgetalloc.distill import predict_clusters, save_student
 from budgetalloc.files import atomic_directory, write_json
-from budgetalloc.pipeline import distill_stage, student_agreement, student_rows
+from budgetalloc.pipeline import STUDENT_BATCH, distill_stage, student_agreement, student_rows
 from budgetalloc.stages import (
     PARAMS_FILE,
     StageReporter,
@@ -46,7 +46,7 @@ def main(
     # the embeddings only matter for soft targets: do not read them otherwise
     emb = load_array(embeddings, mmap=True)[student_idx] if p.distill.soft_temperature > 0 else None
     student = distill_stage(Z[student_idx], emb, teacher[student_idx], cluster_model, p, StageReporter())
-    agreement = student_agreement(predict_clusters(student, Z), teacher, holdout_idx)
+    agreement = student_agreement(predict_clusters(student, Z, batch_size=STUDENT_BATCH), teacher, holdout_idx)
     with atomic_directory(out) as tmp:
         save_student(student, tmp)
     h = student.history

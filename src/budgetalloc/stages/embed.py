@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from budgetalloc.pipeline import EMBED_BATCH
 from budgetalloc.representation import embed, load_representation
 from budgetalloc.stages import (
     PARAMS_FILE,
@@ -28,7 +29,7 @@ def main(
     """Embed every row of the fit trial."""
     trial = fit_trial(data, stage_params(params))
     Z = read_preprocessor(preprocess).transform(trial.X)
-    emb = embed(load_representation(model), Z)
+    emb = embed(load_representation(model), Z, batch_size=EMBED_BATCH)
     save_array(emb, out)
     print(f"embed: {emb.shape[0]} rows x {emb.shape[1]} units -> {out}")
 
