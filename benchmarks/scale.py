@@ -14,6 +14,11 @@ share the machine. Writes ``reports/scale.json`` and ``reports/scale.md``.
 
     python benchmarks/scale.py [--workdir /tmp/budgetalloc-scale] [--steps data,fit,allocate,in_memory,program,dask]
 
+``fit_paths`` fits the same Parquet trial (``--fit-rows`` x 40, 1M by default) twice
+through the CLI, streamed (``fit --stream``) and whole in memory (``--no-stream``),
+and checks that the two policies hold the same bytes (all but the summary's
+``fit_path`` and the manifest that hashes it).
+
 ``in_memory`` runs the previous whole-file path at 1M users (``in_memory_10m`` adds
 10M: about 15 GiB) and checks that the streaming output has the same bytes.
 
@@ -178,6 +183,34 @@ def step_fit(work: Path, trial: Path) -> dict:
                      "student_agreement": summary["student_agreement"]}
 
 
+def same_policy(a: Path, b: Path) -> bool:
+    """Two policy directories with the same files and bytes, but the summary's fit_path and the manifest."""
+    files = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    if files != sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()):
+        return False
+    for name in files:
+        if name == "summary.json":
+            sa, sb = (json.loads((d / name).read_text()) for d in (a, b))
+            sa.pop("fit_path"), sb.pop("fit_path")
+            if sa != sb:
+                return False
+        elif name != "manifest.json" and not same_bytes(a / name, b / name):
+            return False
+    return True
+
+
+def step_fit_paths(work: Path, trial: Path) -> dict:
+    """``budgetalloc fit`` on one Parquet trial, streamed and in memory (default params)."""
+    out = {}
+    for name, flag in (("streamed", "--stream"), ("in_memory", "--no-stream")):
+        result = measured([*CLI, "fit", "--data", str(trial), "--out", f"policy-{name}", flag], cwd=work)
+        summary = json.loads((work / f"policy-{name}" / "summary.json").read_text())
+        out[name] = result | {"rows": summary["rows"], "fit_path": summary["fit_path"], "k": summary["k"],
+                              "student_agreement": summary["student_agreement"]}
+    out["identical_policy"] = same_policy(work / "policy-streamed", work / "policy-in_memory")
+    return out
+
+
 def step_allocate(work: Path, users: Path, n_users: int, *, extra: list[str] = (), out: str) -> dict:
     """``budgetalloc allocate`` through the CLI at the 0.2 budget level."""
     budget = budget_for(work / "policy", n_users)
@@ -296,6 +329,11 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|"]
     if "fit" in results:
         lines.append(_row(f"fit, {results['fit']['rows']:,} trial rows x 40 (CLI)", results["fit"]))
+    for name in ("streamed", "in_memory"):
+        r = results.get("fit_paths", {}).get(name)
+        if r is not None:
+            how = "streamed (--stream)" if name == "streamed" else "whole in memory (--no-stream)"
+            lines.append(_row(f"fit from Parquet, {how}, {r['rows']:,} trial rows x 40", r))
     for name, r in _by_users(results.get("allocate", {})):
         lines.append(_row(f"allocate {name} ({r['users']:,} users x 40)", r))
     for name, r in _by_users(results.get("in_memory", {})):
@@ -303,6 +341,8 @@ def markdown(results: dict) -> str:
     for name, r in _by_users(results.get("dask", {})):
         lines.append(_row(f"dask {name} ({r['users']:,} users x 40)", r))
     checks = {**results.get("in_memory", {}).get("identical", {}), **results.get("dask", {}).get("identical", {})}
+    if "fit_paths" in results:
+        checks["fit_streamed_vs_in_memory_policy"] = results["fit_paths"]["identical_policy"]
     if checks:
         lines += ["", "Byte-identical outputs: " + ", ".join(f"{k}: {v}" for k, v in checks.items()) + "."]
     if "program" in results:
@@ -332,9 +372,10 @@ def main(
     workdir: Annotated[Path, typer.Option(help="data, policy and outputs (1.7 GB for 10M x 40)")] = Path(
         "/tmp/budgetalloc-scale"),
     steps: Annotated[str, typer.Option(
-        help="comma-separated: data,fit,allocate,in_memory,program,dask; in_memory_10m adds the "
+        help="comma-separated: data,fit,allocate,in_memory,program,dask,fit_paths; in_memory_10m adds the "
              "previous whole-file path at 10M users (about 15 GiB); 'report' only rewrites the report")] = "data,fit,allocate,in_memory,program,dask",
     reports: Annotated[Path, typer.Option(help="where scale.json and scale.md go")] = ROOT / "reports",
+    fit_rows: Annotated[int, typer.Option(help="trial rows of the fit_paths step (x 40 features)")] = 1_000_000,
 ) -> None:
     """Run the scale benchmark steps and write ``reports/scale.json`` and ``reports/scale.md``."""
     chosen = set(steps.split(","))
@@ -352,6 +393,11 @@ def main(
     if "fit" in chosen:
         results["fit"] = step_fit(workdir, trial)
         print("fit", results["fit"])
+    if "fit_paths" in chosen:
+        source = trial if fit_rows == 1_000_000 else workdir / f"trial-{fit_rows}.parquet"
+        write_trial(source, fit_rows, 40, seed=0)
+        results["fit_paths"] = step_fit_paths(workdir, source)
+        print("fit_paths", results["fit_paths"])
     if "allocate" in chosen:
         results["allocate"] = {
             "streaming_1M": step_allocate(workdir, users_1m, 1_000_000, out="single-1m.parquet"),
