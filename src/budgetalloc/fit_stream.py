@@ -25,12 +25,14 @@ the table, its feature matrix, or its embeddings:
 **The in-memory fit's policy.** Each forward pass runs on blocks of the rows it is
 for, of the shape the in-memory call compiles, counted from the first such row,
 the last block padded as the in-memory call pads it (:mod:`budgetalloc.blocks`);
-sums and random draws follow fixed blocks too. So on the same file, when every
-sample cap is at least the rows it caps, the streamed fit returns the in-memory
-fit's policy bit for bit (preprocessor, weights, clusters, student, statistics,
-budget table; only ``summary.fit_path`` differs), however the file is batched
-(``tests/test_fit_stream.py``). Above the caps the samples are the in-memory
-fit's as well, except the preprocessor's: the in-memory fit uses every row.
+sums and random draws follow fixed blocks too, and the samples are the in-memory
+fit's (``train.max_rows``, ``distill.max_rows`` and ``statistics.clip_sample``
+cap both fits). So on a trial of at most ``data.preprocess_sample`` rows the
+streamed fit returns the in-memory fit's policy bit for bit (preprocessor, weights,
+clusters, student, statistics, budget table; only ``summary.fit_path`` differs),
+however the file is batched and cut into row groups (``tests/test_fit_stream.py``).
+On more rows the streamed preprocessor is fitted on its sample, the in-memory one
+on every row, and the policies differ by that.
 
 **Memory** (docs/scale.md, "Fitting from Parquet"): per row, one role byte and,
 during pass 1, an 8-byte id key; per holdout row its teacher cluster; per batch,
