@@ -316,8 +316,10 @@ class StatisticsAccumulator:
                 # (S + 1, 1, M): every cluster's arm-j rows together, per scenario
                 arm = wresid.sum(axis=1, keepdims=True) / np.maximum(weight.sum(axis=1, keepdims=True), 1e-12)
                 corr = np.where(weight > 0, corr, arm)  # a cell a bootstrap draw left empty
-                lam = pooling_weights(corr[0], arm[0, 0], se2)
-                values = base + arm + lam * (corr - arm)
+                raw = base + corr  # the unpooled doubly-robust estimate
+                prior = calibrated_prior(raw, base, np.where(np.isfinite(se2), n[0], 0.0))
+                lam = pooling_weights(raw[0], prior[0], se2)
+                values = prior + lam * (raw - prior)
                 se = lam * known
             est[name] = (values[0], values[1:], se)
         # Arms that never cost anything in the trial (control) cost exactly 0, not the
@@ -355,27 +357,56 @@ class StatisticsAccumulator:
         return np.nan_to_num(med).reshape(self.k, self.m)
 
 
-def pooling_weights(corr: np.ndarray, arm: np.ndarray, se2: np.ndarray) -> np.ndarray:
-    """Empirical-Bayes weights ``tau2 / (tau2 + se2)`` of each cell's own correction.
+def calibrated_prior(raw: np.ndarray, base: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Per arm and scenario, the line ``a + b * base`` that best predicts ``raw`` across clusters.
+
+    The prior of the Fay-Herriot model: how far the network's cluster means
+    (``base``) are borne out by the honest rows (``raw``), fitted by least squares
+    weighted by the cells' rows. ``b`` near 1: the network's differences between
+    clusters are real; ``b`` near 0: they are its own noise (a network trained on a
+    few thousand rows), and every cluster starts from the arm's mean instead.
+    ``b`` is kept in [0, 3].
 
     Args:
-        corr: (K, M) each cell's mean residual ``d``.
-        arm: (M,) the arm-level mean residual ``m``.
-        se2: (K, M) sampling variance of ``d`` (``inf`` where a cell has < 2 rows).
+        raw: (S + 1, K, M) unpooled estimates.
+        base: (S + 1, K, M) the network's mean prediction per cell.
+        weight: (K, M) weight of each cell in the fit (0: left out).
+
+    Returns:
+        (S + 1, K, M) the prior mean of every cell; the arms' weighted mean of ``raw``
+        where an arm has fewer than three weighted cells.
+    """
+    w = weight[None]
+    total = np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+    x_mean, y_mean = (w * base).sum(axis=1, keepdims=True) / total, (w * raw).sum(axis=1, keepdims=True) / total
+    dx = base - x_mean
+    sxx = (w * dx * dx).sum(axis=1, keepdims=True)
+    sxy = (w * dx * (raw - y_mean)).sum(axis=1, keepdims=True)
+    enough = ((weight > 0).sum(axis=0) >= 3)[None, None, :] & (sxx > 1e-18)
+    slope = np.where(enough, np.clip(sxy / np.where(sxx > 1e-18, sxx, 1.0), 0.0, 3.0), 0.0)
+    return y_mean + slope * dx
+
+
+def pooling_weights(raw: np.ndarray, prior: np.ndarray, se2: np.ndarray) -> np.ndarray:
+    """Empirical-Bayes weights ``tau2 / (tau2 + se2)`` of each cell's own estimate.
+
+    Args:
+        raw: (K, M) each cell's unpooled estimate.
+        prior: (K, M) its prior mean (:func:`calibrated_prior`).
+        se2: (K, M) sampling variance of ``raw`` (``inf`` where a cell has < 2 rows).
 
     Returns:
         (K, M) weights in [0, 1]: 0 for cells without a usable variance, and for every
-        cell of an arm whose corrections spread no more than their noise.
+        cell of an arm whose estimates spread around the prior no more than their noise.
     """
     usable = np.isfinite(se2)
     cells = np.maximum(usable.sum(axis=0), 1)
-    spread = np.where(usable, (corr - arm) ** 2, 0.0).sum(axis=0) / cells
+    spread = np.where(usable, (raw - prior) ** 2, 0.0).sum(axis=0) / cells
     noise = np.where(usable, se2, 0.0).sum(axis=0) / cells
     tau2 = np.maximum(spread - noise, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         lam = np.where(usable, tau2 / (tau2 + se2), 0.0)
     return np.nan_to_num(lam, nan=1.0)  # tau2 = se2 = 0: a noiseless cell keeps its own value
-
 
 def cluster_statistics(
     labels: np.ndarray,
