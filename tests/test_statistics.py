@@ -12,6 +12,7 @@ from budgetalloc.statistics import (
     STAT_BLOCK,
     ClusterStatistics,
     StatisticsAccumulator,
+    calibrated_prior,
     clip_sample_rows,
     cluster_statistics,
     pooling_weights,
@@ -198,3 +199,18 @@ def test_pooling_weights():
     assert lam[2, 0] == 0.0  # no usable variance: the arm-level value
     assert np.all(lam[:2, 0] == 0.0)  # spread (0) below noise (0.01): pooled completely
     assert np.all((lam[:, 1] > 0.98) & (lam[:, 1] <= 1.0))  # spread 0.0067 >> noise 1e-4
+
+
+def test_calibrated_prior_trusts_the_network_only_as_far_as_the_rows_bear_it_out():
+    rng = np.random.default_rng(3)
+    k, m = 200, 2
+    base = rng.normal(0.3, 0.05, size=(1, k, m))
+    weight = np.full((k, m), 100.0)
+    weight[:5] = 0.0  # left out of the fit
+    # arm 0: the honest rows follow the network; arm 1: the network's spread is noise
+    raw = np.stack([0.02 + base[0, :, 0] + rng.normal(0, 0.005, k), 0.25 + rng.normal(0, 0.005, k)], axis=1)[None]
+    prior = calibrated_prior(raw, base, weight)
+    slope0 = np.polyfit(base[0, :, 0], prior[0, :, 0], 1)[0]
+    assert slope0 == pytest.approx(1.0, abs=0.05)
+    assert np.ptp(prior[0, :, 1]) < 0.2 * np.ptp(base[0, :, 1])  # pulled flat, to about the arm's mean
+    assert np.mean(prior[0, :, 1]) == pytest.approx(0.25, abs=0.01)

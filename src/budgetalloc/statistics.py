@@ -1,38 +1,42 @@
 """Per-cluster response and cost per arm, with uncertainty (stage 3).
 
 Estimator (doubly robust, honest, pooled). The rows used here never trained the
-network (honest split). For cluster ``k`` and arm ``j``::
+network (honest split). For cluster ``k`` and arm ``j`` the unpooled estimate is::
 
-    r[k, j] = mean_{i in k} mu[i, j]  +  m[j]  +  lam[k, j] * (d[k, j] - m[j])
-    d[k, j] = sum_{i in k, t_i = j} w_i (y_i - mu[i, j]) / sum_{i in k, t_i = j} w_i
-    m[j]    = the same weighted mean residual over every cluster's arm-j rows
+    raw[k, j] = mean_{i in k} mu[i, j]  +  d[k, j]
+    d[k, j]   = sum_{i in k, t_i = j} w_i (y_i - mu[i, j]) / sum_{i in k, t_i = j} w_i
 
 where ``mu`` is the network's prediction and ``w`` the inverse-propensity weight.
-The first term uses every row of the cluster (low variance); the correction
-``d`` uses the rows that actually received arm ``j`` (the RCT makes it unbiased).
-It is pooled (``pooling``):
+The first term (``base``) uses every row of the cluster (low variance); the
+correction ``d`` uses the rows that actually received arm ``j`` (the RCT makes
+it unbiased). It is then pooled (``pooling``):
 
-* ``empirical_bayes`` (default): the cluster-specific part of the correction,
-  ``d - m``, is shrunk by ``lam = tau2 / (tau2 + se2)``, where ``se2[k, j]`` is the
-  sampling variance of ``d[k, j]`` and ``tau2[j]`` the variance of the true
-  cluster-specific corrections across clusters, estimated by moments
-  (``mean_k (d - m)^2 - mean_k se2``, at least 0). ``m[j]`` pools thousands of rows
-  and removes what the network gets wrong for everyone on an arm (label noise,
-  cost outliers, a miscalibrated head); a cell keeps its own correction only as
-  far as it stands out of its noise. Why: the program *selects* cells, so noise
-  in ``d`` is not averaged out but selected for (the optimizer's curse).
-  Measured on the simulator (500k-row trials, K=64, capture of the per-user
-  oracle's uplift over budgets 5-35%): binary 0.891 -> 0.909, noisy
-  0.820 -> 0.845, against 0.931 and 0.882 for the same partition with the
-  *true* cluster means; true spend moves from 0.97 to 0.98 of the budget.
+* ``empirical_bayes`` (default), the Fay-Herriot small-area model: per arm, the
+  prior mean of a cell is ``a[j] + b[j] * base[k, j]``, the line through the
+  clusters that best predicts ``raw`` from the network's cluster means
+  (:func:`calibrated_prior`); each cell keeps ``lam = tau2 / (tau2 + se2)`` of its
+  own deviation from that prior, where ``se2[k, j]`` is the sampling variance of
+  ``d[k, j]`` and ``tau2[j]`` the variance of the true deviations across clusters,
+  estimated by moments (``mean_k (raw - prior)^2 - mean_k se2``, at least 0).
+  Why: the program *selects* cells, so noise in a cell's estimate is not averaged
+  out but selected for (the optimizer's curse); pooling takes most of that noise
+  away. The prior's slope ``b`` decides how far the network is trusted: near 1
+  when its differences between clusters are borne out by the honest rows, near
+  0 when they are its own noise (a network fitted on a few thousand rows, whose
+  cluster means alone made the program overspend by up to 29% in the test-sized
+  benchmark). ``a`` removes what the network gets wrong for everyone on an arm
+  (label noise, cost outliers, a miscalibrated head).
+  Measured on the simulator (capture of the per-user oracle's uplift over
+  budgets 5-35%, K=64): see README "Quality"; at 500k rows binary 0.891 -> 0.909,
+  noisy 0.820 -> 0.845 (prior ``base + m[j]``), against 0.931 and 0.882 for the
+  same partition with the *true* cluster means.
 * ``rows``: the fixed pseudo-count ``lam = n / (n + shrinkage)`` towards the
-  network's prediction, without the arm-level term (the earlier default; a cell
-  with ``shrinkage`` rows takes half its correction). It trusts large cells
-  whatever their noise: at 1,500 rows per cell ``lam`` is 0.99.
+  network's prediction ``base`` (the earlier default; a cell with ``shrinkage``
+  rows takes half its correction). It trusts large cells whatever their noise: at
+  1,500 rows per cell ``lam`` is 0.99.
 
 Either way no cluster is dropped or merged and none is over-trusted: a cell
-with no honest rows takes the network's prediction plus ``m[j]`` (``rows``: the
-prediction alone). Cost is estimated the same way, with its own predictions.
+with fewer than two honest rows takes its prior (``rows``: the prediction alone). Cost is estimated the same way, with its own predictions.
 
 Robustness (``estimator``):
 
