@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import tracemalloc
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="budgetalloc-prefect-")
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
@@ -12,6 +13,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from budgetalloc.params import SimulateParams
@@ -54,3 +56,16 @@ def small_world():
 @pytest.fixture()
 def rng():
     return np.random.default_rng(0)
+
+
+def peak_bytes(fn) -> int:
+    """Peak of numpy/Python allocations (tracemalloc) plus Arrow's buffers (a fresh proxy pool)."""
+    arrow, previous = pa.proxy_memory_pool(pa.default_memory_pool()), pa.default_memory_pool()
+    pa.set_memory_pool(arrow)
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] + arrow.max_memory()
+    finally:
+        tracemalloc.stop()
+        pa.set_memory_pool(previous)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import peak_bytes
 
 from budgetalloc.allocate import population_clusters
 from budgetalloc.data import load_trial
@@ -137,19 +136,6 @@ def test_more_arms_than_the_policy_knows_fails_in_the_batch_that_has_them(policy
     with pytest.raises(DataError) as err:
         evaluate_file(policy, src, tmp_path / "out", batch_size=BATCH)
     assert str(err.value) == f"{src}: trial has {policy.n_arms + 1} arms, the policy knows {policy.n_arms}"
-
-
-def peak_bytes(fn) -> int:
-    """Peak of numpy/Python allocations (tracemalloc) plus Arrow's buffers (a fresh proxy pool)."""
-    arrow, previous = pa.proxy_memory_pool(pa.default_memory_pool()), pa.default_memory_pool()
-    pa.set_memory_pool(arrow)
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1] + arrow.max_memory()
-    finally:
-        tracemalloc.stop()
-        pa.set_memory_pool(previous)
 
 
 def test_memory_per_row_does_not_grow_with_the_features(policy, tmp_path):

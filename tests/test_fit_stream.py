@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import TINY_PARAMS
+from conftest import TINY_PARAMS, peak_bytes
 from typer.testing import CliRunner
 
 from budgetalloc.cli import app
@@ -102,19 +101,6 @@ def test_streamed_fit_through_the_cli_with_every_cap_and_option_below_the_data(t
     assert_same_policy(tmp_path / "streamed", tmp_path / "memory")
     notes = json.loads((tmp_path / "streamed" / "summary.json").read_text())["notes"]
     assert any("imputed" in n for n in notes) and any("train.max_rows" in n for n in notes)
-
-
-def peak_bytes(fn) -> int:
-    """Peak of numpy/Python allocations (tracemalloc) plus Arrow's buffers (a fresh proxy pool)."""
-    arrow, previous = pa.proxy_memory_pool(pa.default_memory_pool()), pa.default_memory_pool()
-    pa.set_memory_pool(arrow)
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1] + arrow.max_memory()
-    finally:
-        tracemalloc.stop()
-        pa.set_memory_pool(previous)
 
 
 def test_memory_stays_bounded_for_a_trial_much_larger_than_a_batch_and_the_caps(tmp_path):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import peak_bytes
 
 from budgetalloc.allocate import allocate_population
 from budgetalloc.data import load_population
@@ -89,19 +88,6 @@ def test_text_ids_and_ids_that_turn_to_text_in_a_late_csv_block(policy, frame, t
     got = result.frame
     pd.testing.assert_frame_equal(got, ref.frame)
     assert got["user_id"].iloc[-3] == "u-late" and got["user_id"].iloc[0] == str(df["user_id"].iloc[0])
-
-
-def peak_bytes(fn) -> int:
-    """Peak of numpy/Python allocations (tracemalloc) plus Arrow's buffers (a fresh proxy pool)."""
-    arrow, previous = pa.proxy_memory_pool(pa.default_memory_pool()), pa.default_memory_pool()
-    pa.set_memory_pool(arrow)
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1] + arrow.max_memory()
-    finally:
-        tracemalloc.stop()
-        pa.set_memory_pool(previous)
 
 
 def test_memory_stays_bounded_for_a_file_much_larger_than_a_batch(policy, tmp_path):
