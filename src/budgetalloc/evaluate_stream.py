@@ -36,26 +36,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from budgetalloc.data import (
     MAX_ARMS,
-    USER_ID,
     arm_propensity,
     check_arm_counts,
     trial_columns,
-    user_ids,
 )
 from budgetalloc.errors import DataError
 from budgetalloc.evaluate import DEFAULT_LEVELS, Outcomes, write_evaluation
 from budgetalloc.policy import Policy
-from budgetalloc.readers import IdsNotUniform, table_frames, trial_frames
+from budgetalloc.readers import IdsNotUniform, trial_frames
 from budgetalloc.streaming import (
     STREAM_BATCH_ROWS,
+    check_unique_file_ids,
     compiled_rows,
     fixed_shape_clusters,
     id_keys,
-    repeated_keys,
 )
 
 _INT16_MAX = np.iinfo(np.int16).max
@@ -130,25 +127,6 @@ def file_trial_pass(policy: Policy, path: Path, *, rows: int) -> TrialPass:
         return kept
 
 
-def check_unique_trial_ids(path: Path, kept: TrialPass, *, rows: int) -> None:
-    """The contract's duplicate-id error, naming the first repeat in file order, if any.
-
-    The keys are sorted in place and released; only when some repeat is the
-    ``user_id`` column read again, keeping the ids whose keys repeat.
-    """
-    keys = np.concatenate(kept.keys)
-    kept.keys.clear()
-    repeated = repeated_keys(keys)
-    del keys
-    if repeated.size == 0:
-        return
-    suspects = []  # equal keys: equal ids, or (text ids) a hash collision
-    for frame in table_frames(path, [USER_ID], batch_rows=rows, ids_as_text=kept.ids_as_text):
-        ids = user_ids(frame, str(path))
-        suspects.append(ids[np.isin(id_keys(ids), repeated)])
-    user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), str(path))
-
-
 def _joined(chunks: list) -> np.ndarray:
     """One array from per-batch chunks, releasing them (peak: one column twice, not all)."""
     whole = np.concatenate(chunks)
@@ -189,7 +167,7 @@ def streamed_outcomes(policy: Policy, path: str | Path, *,
     rows = compiled_rows(batch_size or STREAM_BATCH_ROWS)
     kept = file_trial_pass(policy, path, rows=rows)
     if kept.rows:
-        check_unique_trial_ids(path, kept, rows=rows)
+        check_unique_file_ids(path, _joined(kept.keys), batch_rows=rows, ids_as_text=kept.ids_as_text)
     return kept_outcomes(kept, str(path))
 
 

@@ -64,7 +64,7 @@ from budgetalloc.files import atomic_path
 from budgetalloc.nn import inference_batch_size
 from budgetalloc.policy import Policy
 from budgetalloc.program import ProgramSolution
-from budgetalloc.readers import IdsNotUniform, population_frames
+from budgetalloc.readers import IdsNotUniform, population_frames, table_frames
 
 OUTPUT_ROW_GROUP = 1 << 20  # pyarrow's default row group: the in-memory writer's too
 _INT16_MAX = np.iinfo(np.int16).max
@@ -188,6 +188,25 @@ def check_unique_ids(chunks: list, source: str) -> None:
             suspects.append(ids_as_numpy(ids)[hits])
     user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), source)
 
+
+
+def check_unique_file_ids(path: Path, keys: np.ndarray, *, batch_rows: int, ids_as_text: bool = False) -> None:
+    """The contract's duplicate-id error for the first repeat in a file, given every row's id key.
+
+    ``keys`` (one 64-bit key per row, :func:`id_keys`) is sorted in place. Only
+    when some key repeats is the ``user_id`` column read again, keeping the ids
+    whose keys repeat: equal ids, or (text ids) a hash collision, told apart by
+    the contract's own check.
+    """
+    repeated = repeated_keys(keys)
+    del keys  # the caller's reference only, if it keeps one
+    if repeated.size == 0:
+        return
+    suspects = []
+    for frame in table_frames(path, [USER_ID], batch_rows=batch_rows, ids_as_text=ids_as_text):
+        ids = user_ids(frame, str(path))
+        suspects.append(ids[np.isin(id_keys(ids), repeated)])
+    user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), str(path))
 
 # -- pass 2: arms and output ---------------------------------------------------------------
 

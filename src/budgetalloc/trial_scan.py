@@ -29,21 +29,19 @@ import pandas as pd
 from budgetalloc.data import (
     MAX_ARMS,
     PROPENSITY,
-    USER_ID,
     check_arm_counts,
     check_file,
     count_missing,
     feature_columns,
     trial_columns,
-    user_ids,
 )
 from budgetalloc.errors import DataError
 from budgetalloc.params import Params
 from budgetalloc.pipeline import holdout_mask, honest_mask, network_rows, student_sample
-from budgetalloc.readers import is_parquet, parquet_file, table_frames, trial_frames
+from budgetalloc.readers import is_parquet, parquet_file, trial_frames
 from budgetalloc.sampling import PREPROCESS_SAMPLE, seeded_sample
 from budgetalloc.statistics import clip_sample_rows
-from budgetalloc.streaming import id_keys, repeated_keys
+from budgetalloc.streaming import check_unique_file_ids, id_keys
 
 # Role bits, one byte per row.
 HONEST, HOLDOUT, PREPROCESS, NETWORK, STUDENT, CLIP = 1, 2, 4, 8, 16, 32
@@ -208,18 +206,8 @@ def scan_trial(trial: TrialFile, roles: np.ndarray) -> Scan:
     if end != trial.n:
         raise DataError(f"{trial.source}: the file changed while it was read ({trial.n} rows in its metadata)")
     n_arms = check_arm_counts(counts, trial.source)
-    check_unique_ids(trial, keys)
+    check_unique_file_ids(trial.path, keys, batch_rows=trial.batch_rows)
     facts = TrialFacts(trial.n, n_arms, trial.feature_names, binary, counts[:n_arms], missing)
     return Scan(facts, held, clip)
 
 
-def check_unique_ids(trial: TrialFile, keys: np.ndarray) -> None:
-    """The contract's duplicate-id error for the first repeat in file order, if any (sorts ``keys``)."""
-    repeated = repeated_keys(keys)
-    if repeated.size == 0:
-        return
-    suspects = []  # equal keys: equal ids, or (text ids) a hash collision
-    for frame in table_frames(trial.path, [USER_ID], batch_rows=trial.batch_rows):
-        ids = user_ids(frame, trial.source)
-        suspects.append(ids[np.isin(id_keys(ids), repeated)])
-    user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), trial.source)
