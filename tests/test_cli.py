@@ -32,3 +32,18 @@ def test_bad_option_value_exits_2_with_one_line(tmp_path):
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "simulate.world" in lines[0] and "Traceback" not in res.output
     assert not out.exists()
+
+
+def test_rich_progress_counts_epochs_from_one():
+    """nn.fit reports epochs 1..n: the bar ends full at the last epoch, not one past it."""
+    import io
+
+    from rich.console import Console
+
+    from budgetalloc.progress import RichReporter
+
+    reporter = RichReporter(Console(file=io.StringIO()))
+    reporter.epoch("representation", 1, 4, {"val_loss": 0.5})
+    assert reporter.progress.tasks[0].completed == 1
+    reporter.epoch("representation", 4, 4, {"val_loss": 0.4})
+    assert reporter.progress.tasks[0].completed == 4 and reporter.progress.tasks[0].finished

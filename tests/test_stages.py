@@ -158,7 +158,7 @@ def test_stage_errors_are_one_line_and_exit_code_2(tmp_path):
 
 def test_progress_lines_round_trip(capsys):
     reporter = StageReporter()
-    reporter.epoch("representation", 2, 30, {"val_loss": 0.5})
+    reporter.epoch("representation", 3, 30, {"val_loss": 0.5})  # epochs count from 1 (nn.fit)
     reporter.note("something")
     lines = capsys.readouterr().out.splitlines()
     assert parse_progress(lines[0]) == ("representation", 3, 30)

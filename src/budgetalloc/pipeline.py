@@ -76,7 +76,7 @@ class Reporter:
         """A stage starts."""
 
     def epoch(self, stage: str, epoch: int, total: int, metrics: dict) -> None:
-        """A training epoch of ``stage`` ended."""
+        """Epoch ``epoch`` (counted from 1, out of at most ``total``) of ``stage`` ended."""
 
     def note(self, message: str) -> None:
         """Something the user should know (data-size adaptations, fallbacks)."""

@@ -41,7 +41,7 @@ class RichReporter(Reporter):
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(f"  {stage} epochs", total=total, metrics="")
         shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
-        self.progress.update(self.tasks[stage], completed=epoch + 1, metrics=shown)
+        self.progress.update(self.tasks[stage], completed=epoch, metrics=shown)
 
     def note(self, message: str) -> None:
         super().note(message)

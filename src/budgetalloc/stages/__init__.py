@@ -50,7 +50,7 @@ class StageReporter(Reporter):
 
     def epoch(self, stage: str, epoch: int, total: int, metrics: dict) -> None:
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
-        print(f"progress: {stage} {epoch + 1}/{total} {shown}".rstrip(), flush=True)
+        print(f"progress: {stage} {epoch}/{total} {shown}".rstrip(), flush=True)
 
     def note(self, message: str) -> None:
         super().note(message)
