@@ -384,3 +384,20 @@ def test_large_cold_solve_and_warm_re_solve_stay_valid():
         sol = program.solve(n_users, level * top, warm_start=warm)
         assert sol.status == "optimal"
         assert_valid(sol, program, n_users)
+
+
+def test_first_solve_prints_nothing_on_stdout():
+    """HiGHS's banner (C++, descriptor 1) must not land in the CLI's output."""
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from budgetalloc.params import ProgramParams\n"
+        "from budgetalloc.program import AllocationProgram\n"
+        "r = np.array([[0.1, 0.3], [0.2, 0.25]]); c = np.array([[0.0, 1.0], [0.0, 1.0]])\n"
+        "p = AllocationProgram(r, c, r[None], c[None], params=ProgramParams())\n"
+        "print('counts', p.solve(np.array([10, 10]), 10.0).counts.sum())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("counts 20") and "HiGHS" not in out, out

@@ -51,9 +51,15 @@ Formulation choices and why:
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import os
+import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -77,6 +83,44 @@ from budgetalloc.params import ProgramParams
 _MIP_OPTIONS = {"mip_heuristic_run_feasibility_jump": False, "mip_heuristic_run_rins": False,
                 "mip_heuristic_run_rens": False}
 _IPM_CELLS = 4096  # cold LPs with this many (cluster, arm) cells use IPM + crossover
+
+
+_banner_shown = False
+_banner_lock = threading.Lock()
+
+
+@contextmanager
+def _without_highs_banner() -> Iterator[None]:
+    """Hide the banner HiGHS prints on stdout at its first solve in a process.
+
+    HiGHS writes it from C++ even with ``output_flag`` off, on the process's file
+    descriptor 1, where it would land in the middle of the CLI's output (or of a
+    CSV written to stdout). Only the first solve is wrapped: the descriptor is
+    pointed at ``os.devnull`` and C's buffers are flushed before it is restored.
+    """
+    global _banner_shown
+    with _banner_lock:
+        first, _banner_shown = not _banner_shown, True
+    if not first:
+        yield
+        return
+    try:
+        sys.stdout.flush()
+        saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError):  # no usable descriptor 1 (embedded interpreters)
+        yield
+        return
+    os.dup2(devnull, 1)
+    try:
+        yield
+    finally:
+        try:
+            ctypes.CDLL(None).fflush(None)
+        except (OSError, AttributeError):
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 @dataclass(frozen=True)
@@ -260,7 +304,7 @@ class AllocationProgram:
         if model is self._models.get("lp") and not warm and model.cells.size >= _IPM_CELLS:
             opts["solver"] = "ipm"  # never on the MIP: HiGHS would drop the integrality
         try:
-            with warnings.catch_warnings():  # "may be inaccurate": we re-check every point
+            with warnings.catch_warnings(), _without_highs_banner():  # "may be inaccurate": re-checked
                 warnings.simplefilter("ignore", UserWarning)
                 model.problem.solve(solver=cp.HIGHS, verbose=False, warm_start=warm,
                                     highs_options=opts)
