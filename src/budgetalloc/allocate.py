@@ -27,19 +27,10 @@ from budgetalloc.program import AllocationProgram, ProgramSolution
 ALLOCATION_COLUMNS = (USER_ID, "cluster", "treatment", "expected_response", "expected_cost")
 
 
-@dataclass(frozen=True)
-class Allocation:
-    """Arms for a population, with the program solution behind them."""
+class SolutionTotals:
+    """Totals read off the program's solution (``self.solution``), for every allocation kind."""
 
-    frame: pd.DataFrame  # ALLOCATION_COLUMNS
     solution: ProgramSolution
-    budget: float
-    unspent: float  # budget the policy could not usefully spend
-    cluster_sizes: np.ndarray  # (K,) int64 users per cluster
-
-    @property
-    def n_users(self) -> int:
-        return len(self.frame)
 
     @property
     def expected_cost(self) -> float:
@@ -51,8 +42,23 @@ class Allocation:
 
     @property
     def users_per_arm(self) -> np.ndarray:
-        """(M,) users given each arm (the program's counts: the frame's rows follow them)."""
+        """(M,) users given each arm (the program's counts: the written rows follow them)."""
         return self.solution.counts.sum(axis=0)
+
+
+@dataclass(frozen=True)
+class Allocation(SolutionTotals):
+    """Arms for a population, with the program solution behind them."""
+
+    frame: pd.DataFrame  # ALLOCATION_COLUMNS
+    solution: ProgramSolution
+    budget: float
+    unspent: float  # budget the policy could not usefully spend
+    cluster_sizes: np.ndarray  # (K,) int64 users per cluster
+
+    @property
+    def n_users(self) -> int:
+        return len(self.frame)
 
 
 def check_budget(budget) -> float:
@@ -123,6 +129,16 @@ def useful_spend_cap(policy: Policy, n_users: np.ndarray) -> float:
     return float((n_users * s.cost[np.arange(len(best)), best]).sum())
 
 
+def unspent_budget(policy: Policy, n_users: np.ndarray, budget: float) -> float:
+    """Budget beyond what the best-response arm of every cluster would spend."""
+    return max(0.0, budget - useful_spend_cap(policy, n_users)) if budget > 0 else 0.0
+
+
+def check_spend(spend: float, budget: float) -> None:
+    """The last check of every allocation path: the written rows' expected spend is within budget."""
+    if spend > budget * (1 + 1e-12) + 1e-9:
+        raise BudgetallocError(f"internal check failed: expected spend {spend:.6g} exceeds budget {budget:.6g}")
+
 def allocate_population(policy: Policy, population: Population, budget: float, *,
                         batch_size: int | None = None) -> Allocation:
     """Allocate every user of ``population`` under the total ``budget``.
@@ -143,9 +159,6 @@ def allocate_population(policy: Policy, population: Population, budget: float, *
     solution = program_for(policy).solve(n_users, budget)
     arms, _ = arms_in_file_order(clusters, solution.counts)
     frame = allocation_frame(policy, population.user_id, clusters, arms)
-    spend = float(frame["expected_cost"].sum())
-    if spend > budget * (1 + 1e-12) + 1e-9:
-        raise BudgetallocError(f"internal check failed: expected spend {spend:.6g} exceeds budget {budget:.6g}")
-    unspent = max(0.0, budget - useful_spend_cap(policy, n_users)) if budget > 0 else 0.0
-    return Allocation(frame=frame, solution=solution, budget=budget, unspent=unspent,
-                      cluster_sizes=n_users)
+    check_spend(float(frame["expected_cost"].sum()), budget)
+    return Allocation(frame=frame, solution=solution, budget=budget,
+                      unspent=unspent_budget(policy, n_users, budget), cluster_sizes=n_users)

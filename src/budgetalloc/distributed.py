@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from budgetalloc.allocate import check_budget, program_for
+from budgetalloc.allocate import check_budget, check_spend, program_for, unspent_budget
 from budgetalloc.data import USER_ID, check_file
 from budgetalloc.errors import BudgetallocError, DataError
 from budgetalloc.files import atomic_path
@@ -69,13 +69,11 @@ from budgetalloc.streaming import (
     STREAM_BATCH_ROWS,
     ClusterPass,
     StreamedAllocation,
-    check_spend,
     check_unique_ids,
     cluster_pass,
     compiled_rows,
     frame_sink,
     is_csv_name,
-    unspent_budget,
     write_arms,
 )
 

@@ -51,15 +51,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from budgetalloc.allocate import (
+    SolutionTotals,
     allocation_frame,
     arms_in_file_order,
     check_budget,
+    check_spend,
     program_for,
-    useful_spend_cap,
+    unspent_budget,
 )
 from budgetalloc.data import USER_ID, population_from_frame, user_ids
 from budgetalloc.distill import StudentModel, predict_clusters
-from budgetalloc.errors import BudgetallocError, DataError
+from budgetalloc.errors import DataError
 from budgetalloc.files import atomic_path
 from budgetalloc.nn import inference_batch_size
 from budgetalloc.policy import Policy
@@ -309,14 +311,8 @@ def write_arms(policy: Policy, kept: ClusterPass, counts: np.ndarray, write, *,
     return WrittenRows(rows=rows, spend=spend, offsets=offsets)
 
 
-def check_spend(spend: float, budget: float) -> None:
-    """The same last check as :func:`budgetalloc.allocate.allocate_population`."""
-    if spend > budget * (1 + 1e-12) + 1e-9:
-        raise BudgetallocError(f"internal check failed: expected spend {spend:.6g} exceeds budget {budget:.6g}")
-
-
 @dataclass(frozen=True)
-class StreamedAllocation:
+class StreamedAllocation(SolutionTotals):
     """An allocation written to ``path``: its totals; the rows stay on disk."""
 
     path: Path
@@ -331,29 +327,11 @@ class StreamedAllocation:
     run_counts: dict = field(default_factory=dict)  # Dask path: runs per task and partition
 
     @property
-    def expected_cost(self) -> float:
-        return float(self.solution.expected_cost)
-
-    @property
-    def expected_response(self) -> float:
-        return float(self.solution.expected_response)
-
-    @property
-    def users_per_arm(self) -> np.ndarray:
-        """(M,) users given each arm."""
-        return self.solution.counts.sum(axis=0)
-
-    @property
     def frame(self) -> pd.DataFrame:
         """The written rows, read back from ``path`` (whole file in memory: small populations only)."""
         if is_csv_name(self.path):
             return pd.read_csv(self.path)
         return pq.read_table(self.path).to_pandas()
-
-
-def unspent_budget(policy: Policy, sizes: np.ndarray, budget: float) -> float:
-    """Budget beyond what the best-response arm of every cluster would spend."""
-    return max(0.0, budget - useful_spend_cap(policy, sizes)) if budget > 0 else 0.0
 
 
 def allocate_file(policy: Policy, users_path: str | Path, budget, out_path: str | Path, *,
