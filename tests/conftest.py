@@ -69,3 +69,11 @@ def peak_bytes(fn) -> int:
     finally:
         tracemalloc.stop()
         pa.set_memory_pool(previous)
+
+
+@pytest.fixture(scope="session")
+def app():
+    """The ``budgetalloc`` command line, every command registered (as the console script runs it)."""
+    from budgetalloc.cli import app as cli_app
+
+    return cli_app

@@ -8,12 +8,10 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import typer
 from scipy import stats
 from typer.testing import CliRunner
 
 from budgetalloc.abtest import analyse_ab, simulate_ab
-from budgetalloc.cli_extra import register
 from budgetalloc.data import trial_from_frame
 from budgetalloc.params import params_from_dict
 from budgetalloc.pipeline import fit_policy
@@ -30,18 +28,6 @@ TINY = {
     "statistics": {"n_scenarios": 5},
     "program": {"budget_levels": [0.1, 0.5]},
 }
-
-
-@pytest.fixture(scope="module")
-def app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Test root."""
-
-    register(app)
-    return app
 
 
 def hand_table() -> pd.DataFrame:

@@ -8,10 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from budgetalloc.cli_extra import register
 from budgetalloc.data import load_trial
 from budgetalloc.datasets import ImportOptions, import_dataset
 from budgetalloc.errors import DataError
@@ -19,18 +17,6 @@ from budgetalloc.errors import DataError
 FIXTURES = Path(__file__).parent / "fixtures"
 HILLSTROM = FIXTURES / "hillstrom_sample.csv"
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Test root."""
-
-    register(app)
-    return app
 
 
 def criteo_frame(n: int = 400, seed: int = 0) -> pd.DataFrame:
