@@ -1,7 +1,11 @@
 """The ``budgetalloc`` command line: parse, call one library function, print.
 
 Every user error is a :class:`~budgetalloc.errors.BudgetallocError`; it is printed
-as one line on stderr and the command exits with code 2, without a traceback.
+as one line on stderr and the command exits with code 2, without a traceback. So
+is every fault of the environment (an ``OSError``: disk full, permissions, a path
+that is a file or a directory, an unreachable scheduler), worded by
+:func:`~budgetalloc.errors.describe_os_error` to name the path or address: one
+rule for every command, in :func:`handle_errors`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from budgetalloc.errors import BudgetallocError
+from budgetalloc.errors import BudgetallocError, describe_os_error
 
 app = typer.Typer(
     name="budgetalloc",
@@ -34,15 +38,18 @@ def _root() -> None:
 
 
 def handle_errors(fn):
-    """Turn project errors into one line on stderr and exit code 2."""
+    """Turn project errors and faults of the environment into one line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except BudgetallocError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise typer.Exit(code=2) from None
+            line = " ".join(str(err).split("\n"))
+        except OSError as err:
+            line = describe_os_error(err)
+        print(f"error: {line}", file=sys.stderr)
+        raise typer.Exit(code=2)
 
     return wrapper
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
 
 from budgetalloc.data import arm_summary, load_trial, trial_from_frame
-from budgetalloc.files import write_table
+from budgetalloc.files import atomic_path, check_distinct, is_csv_path, write_frame
 from budgetalloc.params import load_params, with_overrides
 from budgetalloc.simulate import simulate_population, simulate_trial, truth_frame
 
@@ -27,14 +28,25 @@ def run_simulate(
         load_params(params_path), {f"simulate.{k}": v for k, v in overrides.items()} | {"seed": seed}
     )
     sim, seed = params.simulate, params.seed
+    targets = [out] + ([population] + ([truth] if truth is not None else []) if population is not None else [])
+    for i, path in enumerate(targets[1:], start=1):
+        check_distinct(path, **{name: other for name, other in zip(("out", "population"), targets[:i])})
     world = simulate_trial(sim, seed=seed)
-    write_table(world.frame, out)
+    frames = [world.frame]
     if population is not None:
         pop = simulate_population(sim, seed=seed + 1, n_users=population_size)
-        write_table(pop.frame, population)
+        frames.append(pop.frame)
         if truth is not None:
-            write_table(truth_frame(pop), truth)
+            frames.append(truth_frame(pop))
+    write_all(dict(zip(targets, frames)))
     return arm_summary(trial_from_frame(world.frame, source=str(out)))
+
+
+def write_all(frames: dict[Path, pd.DataFrame]) -> None:
+    """Write several tables so that all appear, or none: each is renamed into place only once all are written."""
+    with ExitStack() as stack:
+        for path, frame in frames.items():
+            write_frame(frame, stack.enter_context(atomic_path(path)), as_csv=is_csv_path(path))
 
 
 def fit_path(data: Path, params, stream: bool | None) -> str:
@@ -64,8 +76,10 @@ def run_fit(*, data: Path, out: Path, params_path: Path | None, reporter=None, s
     ``fit_path`` says which.
     """
     from budgetalloc.pipeline import fit_policy
-    from budgetalloc.policy import save_policy
+    from budgetalloc.policy import check_policy_target, save_policy
 
+    check_distinct(out, data=data)
+    check_policy_target(out)  # before the fit, not minutes later
     params = load_params(params_path)
     if fit_path(data, params, stream) == "streamed":
         from budgetalloc.fit_stream import fit_policy_file
@@ -90,9 +104,13 @@ def run_allocate(*, policy_dir: Path, users: Path, budget, out: Path, dask_addre
     """
     from budgetalloc.allocate import check_budget
     from budgetalloc.errors import BudgetallocError
+    from budgetalloc.policy import check_not_policy_output
 
     budget = check_budget(budget)
+    check_distinct(out, users=users)
+    check_not_policy_output(out)
     if dask_address is not None:
+        check_reachable(dask_address)
         from budgetalloc.distributed import allocate_distributed
 
         return allocate_distributed(policy_dir, users, budget, out, address=dask_address, partitions=partitions,
@@ -113,6 +131,34 @@ def run_evaluate(*, policy_dir: Path, data: Path, out: Path, batch_size: int | N
     memory (:func:`budgetalloc.evaluate.evaluate_policy`).
     """
     from budgetalloc.evaluate_stream import evaluate_file
-    from budgetalloc.policy import load_policy
+    from budgetalloc.policy import check_not_policy_output, load_policy
 
+    check_not_policy_output(out / "metrics.json")
     return evaluate_file(load_policy(policy_dir), data, out, batch_size=batch_size)
+
+
+def check_reachable(address: str, *, timeout: float = 5.0) -> None:
+    """A Dask scheduler address that accepts a TCP connection (``local`` needs none).
+
+    Raises:
+        OSError: naming the address, after at most ``timeout`` seconds.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    if address == "local":
+        return
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if parts.scheme not in ("tcp", "tls") or not host or port is None:
+        from budgetalloc.errors import BudgetallocError
+
+        raise BudgetallocError(f"--dask-address {address!r}: expected 'local' or tcp://HOST:PORT")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        reason = "connection timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise OSError(err.errno, f"cannot reach the Dask scheduler ({reason})", address) from None

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -62,7 +61,7 @@ from prefect.cache_policies import NO_CACHE
 from budgetalloc.allocate import check_budget, check_spend, program_for, unspent_budget
 from budgetalloc.data import USER_ID, check_file
 from budgetalloc.errors import BudgetallocError, DataError
-from budgetalloc.files import atomic_path
+from budgetalloc.files import atomic_path, claim_temp, make_parents, naming, remove_created, remove_stale
 from budgetalloc.policy import Policy, load_policy
 from budgetalloc.readers import is_parquet, parquet_file, parquet_frames
 from budgetalloc.streaming import (
@@ -248,15 +247,23 @@ def assemble_parts(workdir: Path, n_partitions: int, out: Path) -> None:
 
 @contextmanager
 def parts_directory(out: Path) -> Iterator[Path]:
-    """A hidden working directory beside ``out`` for the partition files, removed afterwards."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.*.parts"):  # left by a killed earlier run
-        shutil.rmtree(stale, ignore_errors=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".parts", dir=out.parent))
+    """A hidden working directory beside ``out`` for the partition files, removed afterwards.
+
+    Working directories a killed earlier run left are removed first; those of a
+    run still writing the same output are locked by it and kept
+    (:func:`budgetalloc.files.remove_stale`).
+    """
+    with naming(out):
+        created = make_parents(out)
+        remove_stale(out, (".parts",))
+        workdir, fd = claim_temp(out, ".parts", directory=True)
     try:
         yield workdir
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        os.close(fd)
+        if not out.exists():
+            remove_created(created)
 
 
 def _results(futures) -> list:

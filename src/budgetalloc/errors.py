@@ -3,9 +3,14 @@
 Every error a user can cause (bad file, bad column, bad params, impossible budget)
 is raised as a :class:`BudgetallocError` with a one-line message naming the file,
 column, key or value. The CLI turns these into exit code 2 without a traceback.
+A fault of the environment (disk full, permissions, a path that is a file, an
+unreachable scheduler) stays an ``OSError``; :func:`describe_os_error` words it as
+one line naming the path or address, and the CLI exits 2 with it as well.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class BudgetallocError(Exception):
@@ -26,3 +31,33 @@ class PolicyError(BudgetallocError):
 
 class SolverError(BudgetallocError):
     """The integer program could not produce a feasible allocation."""
+
+
+_ERRNO_HINTS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a fault of the environment: the path (or address) first, then what happened.
+
+    Args:
+        err: any ``OSError`` (disk full, permissions, a path that is a file, a refused connection).
+
+    Returns:
+        ``"PATH: what happened"``, or the first line of the error when it names no path.
+    """
+    what = err.strerror or _first_line(err) or type(err).__name__
+    hint = _ERRNO_HINTS.get(err.errno)
+    if hint and hint not in what:
+        what = f"{what} ({hint})"
+    if err.filename is None:
+        detail = _first_line(err) or what
+        return detail if not hint or hint in detail else f"{detail} ({hint})"
+    where = str(err.filename)
+    if err.filename2 is not None:
+        where += f" -> {err.filename2}"
+    return f"{where}: {what}"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else ""

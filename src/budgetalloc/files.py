@@ -3,16 +3,30 @@
 Every file and directory the project writes goes to a temporary sibling first and
 is renamed into place with ``os.replace`` (atomic on one filesystem), so a crash,
 a kill or an error mid-way never leaves a half-written artifact where a reader
-(or DVC) would take it for a finished one.
+(or DVC) would take it for a finished one. Invariants:
+
+* Output paths are literal names: a temporary of ``NAME`` is ``.NAME.XXXXXXXX.tmp``
+  (``.old``, ``.parts``), matched by string comparison, never as a glob pattern.
+* Each temporary is ``flock``-ed by the run that made it, for as long as it lives.
+  Clean-up of temporaries a killed run left removes only unlocked ones, so two
+  runs writing one target never delete each other's work: the last rename wins.
+* A failed write leaves nothing: its temporary, and the directories it created
+  for the output, are removed. An ``OSError`` names the output, not a temporary.
+* New files get the umask's mode (``0666 & ~umask``, directories ``0777``), or the
+  mode of the file they replace.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,59 +34,302 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from budgetalloc.errors import BudgetallocError
+
+TEMP_SUFFIXES = (".tmp", ".old", ".parts")
+_RANDOM_PART = re.compile(r"[a-z0-9_]{8}")  # tempfile's random name part
+
+
+# -- modes ---------------------------------------------------------------------------------
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where possible, which changes nothing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def output_mode(target: Path, *, directory: bool) -> int:
+    """The mode a new output gets: that of the file it replaces, else the umask's."""
+    try:
+        st = os.lstat(target)
+        if stat.S_ISDIR(st.st_mode) == directory and not stat.S_ISLNK(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+# -- temporaries ---------------------------------------------------------------------------
+
+
+def claim_temp(target: Path, suffix: str, *, directory: bool) -> tuple[Path, int]:
+    """Create a temporary sibling of ``target``, locked (``flock``) by this process.
+
+    Returns:
+        ``(path, fd)``: keep ``fd`` open while the temporary is in use; closing it
+        releases the lock (so does the death of the process).
+    """
+    for _ in range(100):
+        if directory:
+            tmp = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink > 0:
+            return Path(tmp), fd
+        os.close(fd)  # another run's clean-up removed it before it was locked: make another
+    raise OSError(errno.EAGAIN, "cannot create a temporary file", str(target))
+
+
+def _is_temp_of(name: str, target_name: str, suffixes: tuple[str, ...]) -> bool:
+    prefix = f".{target_name}."
+    for suffix in suffixes:
+        if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix):
+            if _RANDOM_PART.fullmatch(name[len(prefix):-len(suffix)]):
+                return True
+    return False
+
+
+def remove_stale(target: Path, suffixes: tuple[str, ...] = TEMP_SUFFIXES) -> None:
+    """Remove temporaries of ``target`` that a killed earlier run left beside it.
+
+    A temporary is removed only while this call holds its lock, so one that a
+    live run is writing is never touched. Names are compared as strings; links
+    are never followed.
+    """
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not _is_temp_of(entry.name, target.name, suffixes):
+            continue
+        is_dir = entry.is_dir(follow_symlinks=False)
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if is_dir else 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a live run's
+        try:
+            if is_dir:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _discard(path: Path, fd: int | None) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+    if fd is not None:
+        os.close(fd)
+
+
+# -- parents and errors --------------------------------------------------------------------
+
+
+def make_parents(path: Path) -> list[Path]:
+    """Create the missing directories above ``path``; return those created (top first).
+
+    Raises:
+        NotADirectoryError: an existing part of the path is not a directory.
+    """
+    missing = []
+    for parent in [path.parent, *path.parent.parents]:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory (a part of the output path)",
+                                         str(parent))
+            break
+        missing.append(parent)
+    created = []
+    try:
+        for parent in reversed(missing):
+            parent.mkdir()
+            created.append(parent)
+    except OSError:
+        remove_created(created)
+        raise
+    return created
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove directories a failed write created, deepest first, if they are still empty."""
+    for directory in reversed(created):
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
+@contextmanager
+def naming(target: Path, *temps: Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` that names no path, or a temporary, as one naming ``target``."""
+    try:
+        yield
+    except OSError as err:
+        name = None if err.filename is None else str(err.filename)
+        if name is None or _is_temporary_name(name, target, temps):
+            lines = str(err).strip().splitlines()
+            reason = err.strerror or (lines[0][:300] if lines else type(err).__name__)
+            raise OSError(err.errno, reason, str(target)) from err
+        raise
+
+
+def _is_temporary_name(name: str, target: Path, temps: tuple[Path, ...]) -> bool:
+    """A path one of ``target``'s temporaries has (or ``mkstemp`` tried to give one)."""
+    if any(name.startswith(str(t)) for t in temps):
+        return True
+    return os.path.basename(name).startswith(f".{target.name}.")
+
+
+def check_output_file(path: Path) -> None:
+    """An output file may replace a file, never a directory."""
+    if path.name in ("", ".", ".."):
+        raise BudgetallocError(f"{path}: not a file name")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory (an output file was expected)", str(path))
+
+
+def check_distinct(out: Path, **inputs: Path | None) -> None:
+    """Refuse an output that is one of the command's inputs (``--out`` equal to ``--users``)."""
+    for option, path in inputs.items():
+        if path is None:
+            continue
+        same = os.path.abspath(out) == os.path.abspath(path)
+        try:
+            same = same or (os.path.exists(out) and os.path.samefile(out, path))
+        except OSError:
+            pass
+        if same:
+            flag = "--" + option.replace("_", "-")
+            raise BudgetallocError(f"{out}: is also given as {flag}; write this output to another path")
+
+
+# -- atomic writers ------------------------------------------------------------------------
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; rename it into place on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    check_output_file(path)
+    with naming(path):
+        created = make_parents(path)
+    tmp, fd = None, None
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with naming(path):
+            remove_stale(path)
+            tmp, fd = claim_temp(path, ".tmp", directory=False)
+            os.fchmod(fd, output_mode(path, directory=False))
+        with naming(path, tmp):
+            yield tmp
+            check_output_file(path)
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp is not None:
+            _discard(tmp, fd)
+            fd = None
+        remove_created(created)
+        raise
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def _remove_stale(path: Path) -> None:
-    """Remove temporaries a killed earlier write of ``path`` left beside it.
-
-    One writer per target is assumed (as for any output file); a process killed
-    with SIGKILL cannot clean up after itself, so the next write does.
-    """
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.old"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
 
 
 @contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def _parent_lock(path: Path) -> Iterator[None]:
+    """Serialise swaps into one directory between runs (``flock`` on the directory itself)."""
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_directory(path: str | Path, *, replaceable: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; swap it into place on success.
 
+    Args:
+        path: the directory to write.
+        replaceable: called with ``path`` when something is there; raises unless
+            that may be replaced. Without it an existing directory is replaced
+            (the pipeline's own outputs, which DVC owns), never a file or a link.
+
     An existing directory at ``path`` is replaced only after the new one is
-    complete; it is moved aside first and removed after the rename.
+    complete: under a lock on the parent directory, it is checked again, moved
+    aside, and removed after the rename. Concurrent writers: the last one wins.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    path = Path(os.path.abspath(path))
+    check = replaceable or _directory_only
+    if os.path.lexists(path):
+        check(path)
+    with naming(path):
+        created = make_parents(path)
+    tmp, fd = None, None
     try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "previous")
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with naming(path):
+            remove_stale(path)
+            tmp, fd = claim_temp(path, ".tmp", directory=True)
+            os.fchmod(fd, output_mode(path, directory=True))
+        with naming(path, tmp):
+            yield tmp
+            _swap_directory(tmp, path, check)
+    except BaseException:
+        if tmp is not None:
+            _discard(tmp, fd)
+            fd = None
+        remove_created(created)
+        raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+def _directory_only(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        raise BudgetallocError(f"{path}: exists and is not a directory; refusing to replace it")
+
+
+def _swap_directory(tmp: Path, path: Path, check: Callable[[Path], None]) -> None:
+    with _parent_lock(path):
+        old, old_fd = None, None
+        if os.path.lexists(path):
+            check(path)
+            old, old_fd = claim_temp(path, ".old", directory=True)
+            os.replace(path, old / "previous")
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:
+                os.replace(old / "previous", path)  # put the previous one back
+            raise
+        finally:
+            if old is not None:
+                _discard(old, old_fd)
 
 
 @contextmanager
@@ -81,31 +338,59 @@ def atomic_files(directory: str | Path) -> Iterator[Path]:
 
     Unlike :func:`atomic_directory` the target may hold other files (``reports/``):
     they are kept, and the new files appear only once all of them are complete.
+    A ``directory`` this call created is removed again if the write fails.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".incoming.", suffix=".tmp", dir=directory))
+    if os.path.lexists(directory) and not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory (an output directory was expected)",
+                                 str(directory))
+    with naming(directory):
+        created = make_parents(directory / "incoming")
+    tmp, fd = None, None
     try:
-        yield tmp
-        for item in sorted(tmp.iterdir()):
-            os.replace(item, directory / item.name)
+        with naming(directory):
+            remove_stale(directory / "incoming", (".tmp",))
+            tmp, fd = claim_temp(directory / "incoming", ".tmp", directory=True)
+        with naming(directory, tmp):
+            yield tmp
+            for item in sorted(tmp.iterdir()):
+                target = directory / item.name
+                if item.is_file() and target.is_file():
+                    os.chmod(item, output_mode(target, directory=False))
+                os.replace(item, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            _discard(tmp, fd)
+        if created and not any(directory.iterdir()):
+            remove_created(created)  # a failed write leaves no empty directory behind
+
+
+# -- writers -------------------------------------------------------------------------------
+
+
+def write_frame(df: pd.DataFrame, path: Path, *, as_csv: bool) -> None:
+    """Write ``df`` to ``path`` as CSV or Parquet (no index, not atomic: give it a temporary)."""
+    if as_csv:
+        df.to_csv(path, index=False)
+    else:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
+
+
+def is_csv_path(path: str | Path) -> bool:
+    """Outputs are CSV by suffix, Parquet otherwise."""
+    return Path(path).suffix.lower() == ".csv"
 
 
 def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
     """Write ``df`` to Parquet atomically (no pandas index)."""
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
+        write_frame(df, tmp, as_csv=False)
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> None:
     """Write ``df`` atomically as Parquet, or CSV when the suffix is ``.csv``."""
-    if Path(path).suffix.lower() == ".csv":
-        with atomic_path(path) as tmp:
-            df.to_csv(tmp, index=False)
-    else:
-        write_parquet(df, path)
+    with atomic_path(path) as tmp:
+        write_frame(df, tmp, as_csv=is_csv_path(path))
 
 
 def write_json(obj, path: str | Path) -> None:

@@ -1,9 +1,10 @@
 """The policy artifact: one directory with everything serving needs, verified on load.
 
-Layout (``FORMAT_VERSION`` 1)::
+Layout (``FORMAT_VERSION`` 2)::
 
     POLICY_DIR/
-      manifest.json      format version, feature names, arms, sha256 of every file
+      manifest.json      kind, format version, feature names, arms, sha256 of every
+                         file, and ``manifest_sha256``: the hash of the rest of itself
       params.yaml        the params the policy was fitted with
       preprocess.json    imputation medians, means and scales, in feature order
       student/           the distilled classifier's weights and config (no pickle)
@@ -12,18 +13,26 @@ Layout (``FORMAT_VERSION`` 1)::
       summary.json       fit diagnostics (agreement, K, sizes, notes)
 
 The directory is written to a temporary sibling and renamed into place, so a
-crash never leaves a half-written policy. Loading recomputes every hash and
-refuses a missing, truncated, edited or foreign file with a one-line message.
+crash never leaves a half-written policy; it replaces only a policy (never a
+user's directory or file). Loading recomputes every hash (the manifest's own
+included), follows no entry outside the directory, then checks every value that
+decides an allocation (shapes, finite, scales > 0, costs >= 0), and refuses a
+missing, truncated, edited or foreign file with a one-line message naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
+import numpy as np
 import yaml
+from flax import nnx
 
 from budgetalloc.data import Preprocessor
 from budgetalloc.distill import StudentModel, load_student, save_student
@@ -32,8 +41,12 @@ from budgetalloc.files import atomic_directory
 from budgetalloc.params import Params, params_from_dict, params_to_dict
 from budgetalloc.statistics import ClusterStatistics
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+POLICY_KIND = "budgetalloc-policy"
+SELF_HASH = "manifest_sha256"
+REQUIRED_FILES = ("params.yaml", "preprocess.json", "statistics.npz", "budget_table.json", "summary.json",
+                  "student/config.json", "student/weights.msgpack")
 
 
 @dataclass(frozen=True)
@@ -64,7 +77,11 @@ def _sha256(path: Path) -> str:
 
 
 def _dump_json(obj, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    path.write_text(_json_text(obj))
+
+
+def _json_text(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
 def _write_contents(policy: Policy, root: Path) -> None:
@@ -76,21 +93,29 @@ def _write_contents(policy: Policy, root: Path) -> None:
     _dump_json(policy.summary, root / "summary.json")
 
 
+def _manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's written form without its own digest."""
+    body = {k: v for k, v in manifest.items() if k != SELF_HASH}
+    return hashlib.sha256(_json_text(body).encode()).hexdigest()
+
+
 def save_policy(policy: Policy, directory: str | Path) -> Path:
-    """Write ``policy`` atomically to ``directory`` (replacing an older one).
+    """Write ``policy`` atomically to ``directory`` (replacing an older policy, nothing else).
 
     Args:
         policy: the fitted policy.
-        directory: target directory.
+        directory: target directory: absent, or a policy (see :func:`check_policy_target`).
 
     Returns:
         The directory path.
     """
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    check_policy_target(directory)
+    with atomic_directory(directory, replaceable=check_policy_target) as tmp:
         _write_contents(policy, tmp)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {
+            "kind": POLICY_KIND,
             "format_version": FORMAT_VERSION,
             "feature_names": list(policy.feature_names),
             "n_arms": policy.n_arms,
@@ -98,36 +123,136 @@ def save_policy(policy: Policy, directory: str | Path) -> Path:
             "k": policy.k,
             "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files},
         }
+        manifest[SELF_HASH] = _manifest_digest(manifest)
         _dump_json(manifest, tmp / MANIFEST)
     return directory
 
 
-def verify_policy(directory: str | Path) -> dict:
-    """Check the manifest and every file hash; return the manifest.
+def check_policy_target(directory: str | Path) -> None:
+    """Refuse a ``fit --out`` that is not absent and not a policy: only a policy is replaced.
+
+    A path is replaced only if it is a directory (not a link) whose ``manifest.json``
+    says it is a budgetalloc policy and which holds no file outside its manifest,
+    and if it is not the current directory or one above it.
 
     Raises:
-        PolicyError: naming the directory and the first problem found.
+        BudgetallocError: one line naming the path and why it is kept.
     """
     directory = Path(directory)
-    path = directory / MANIFEST
+    if directory.name in ("", ".", "..") and not directory.is_absolute():
+        directory = Path(os.path.abspath(directory))
+    if not os.path.lexists(directory):
+        return
+    keep = f"{directory}: refusing to replace it, as it is not a policy written by budgetalloc"
+    if directory.is_symlink():
+        raise BudgetallocError(f"{keep} (it is a symbolic link)")
     if not directory.is_dir():
-        raise PolicyError(f"{directory}: policy directory not found")
-    if not path.is_file():
-        raise PolicyError(f"{directory}: not a policy (no {MANIFEST})")
+        raise BudgetallocError(f"{keep} (it is a file)")
+    here = Path(os.path.abspath(os.getcwd()))
+    if Path(os.path.abspath(directory)) in (here, *here.parents):
+        raise BudgetallocError(f"{directory}: refusing to replace the current directory (or one above it)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads((directory / MANIFEST).read_text())
+        listed = set(manifest["files"]) if isinstance(manifest, dict) and "format_version" in manifest else None
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    if listed is None:
+        raise BudgetallocError(f"{keep} (no readable {MANIFEST}); choose another --out or remove it yourself")
+    for name in sorted(_present_files(directory) - listed - {MANIFEST}):
+        raise BudgetallocError(f"{directory}: refusing to replace this policy: it holds '{name}', "
+                               "which is not part of it")
+
+
+def _present_files(directory: Path) -> set[str]:
+    """Every file and link below ``directory`` (links are not followed), as relative names."""
+    found = set()
+    for root, dirs, names in os.walk(directory):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            found.add(Path(os.path.relpath(os.path.join(root, name), directory)).as_posix())
+    return found
+
+
+def check_not_policy_output(out: str | Path) -> None:
+    """Refuse an output that would write into a policy (it would no longer verify)."""
+    out = Path(os.path.abspath(out))
+    for candidate in (out, out.parent):
+        if (candidate / MANIFEST).is_file() and candidate.is_dir():
+            raise BudgetallocError(f"{out}: is inside the policy directory {candidate}; write it elsewhere")
+
+
+def _safe_entry(directory: Path, name, path: Path) -> Path:
+    """The file a manifest entry names, which must lie inside the policy directory."""
+    if not isinstance(name, str) or not name or "\\" in name or name.startswith("/") or \
+            any(part in ("", ".", "..") for part in name.split("/")):
+        raise PolicyError(f"{path}: entry {name!r} does not name a file inside the policy directory")
+    target = directory / name
+    if os.path.realpath(target) != os.path.join(os.path.realpath(directory), *name.split("/")):
+        raise PolicyError(f"{path}: entry '{name}' leads outside the policy directory (a link)")
+    return target
+
+
+def _read_manifest(directory: Path) -> dict:
+    """``manifest.json``, checked: its own digest, format version, kind and field types."""
+    path = directory / MANIFEST
+    try:
+        text = path.read_text()
+        manifest = json.loads(text)
         files = dict(manifest["files"])
         version = manifest["format_version"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
         raise PolicyError(f"{path}: manifest is unreadable") from None
     if version != FORMAT_VERSION:
-        raise PolicyError(f"{path}: format version {version!r}, this budgetalloc reads {FORMAT_VERSION}")
-    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {MANIFEST}
+        raise PolicyError(f"{path}: format version {version!r}, this budgetalloc reads {FORMAT_VERSION} "
+                          "(fit the policy again)")
+    if SELF_HASH not in manifest:
+        raise PolicyError(f"{path}: no '{SELF_HASH}' (edited, or written by an older budgetalloc)")
+    if manifest[SELF_HASH] != _manifest_digest(manifest) or text != _json_text(manifest):
+        raise PolicyError(f"{path}: does not match its own hash (edited or truncated)")
+    if manifest.get("kind") != POLICY_KIND:
+        raise PolicyError(f"{path}: not a budgetalloc policy manifest")
+    _check_manifest_fields(manifest, files, path)
+    return manifest
+
+
+def _check_manifest_fields(manifest: dict, files: dict, path: Path) -> None:
+    names = manifest.get("feature_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise PolicyError(f"{path}: 'feature_names' must be a non-empty list of names")
+    if len(set(names)) != len(names):
+        raise PolicyError(f"{path}: 'feature_names' repeats a name")
+    for key, low in (("n_arms", 2), ("k", 1)):
+        value = manifest.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise PolicyError(f"{path}: '{key}' must be an integer >= {low}, got {value!r}")
+    if not isinstance(manifest.get("binary_response"), bool):
+        raise PolicyError(f"{path}: 'binary_response' must be true or false")
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise PolicyError(f"{path}: lists no '{name}'")
+    for name, digest in files.items():
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise PolicyError(f"{path}: entry '{name}' has no SHA-256")
+
+
+def verify_policy(directory: str | Path) -> dict:
+    """Check the manifest (its own hash included) and every file hash; return the manifest.
+
+    Raises:
+        PolicyError: naming the directory or file and the first problem found.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PolicyError(f"{directory}: policy directory not found")
+    if not (directory / MANIFEST).is_file():
+        raise PolicyError(f"{directory}: not a policy (no {MANIFEST})")
+    manifest = _read_manifest(directory)
+    files = manifest["files"]
+    present = _present_files(directory) - {MANIFEST}
     for name in sorted(present - set(files)):
         raise PolicyError(f"{directory}: unexpected file '{name}' not in the manifest")
     for name, digest in sorted(files.items()):
-        target = directory / name
-        if not target.is_file():
+        target = _safe_entry(directory, name, directory / MANIFEST)
+        if target.is_symlink() or not target.is_file():
             raise PolicyError(f"{directory}: file '{name}' is missing")
         if _sha256(target) != digest:
             raise PolicyError(f"{directory}: file '{name}' does not match its hash (edited or truncated)")
@@ -158,18 +283,46 @@ def load_policy(directory: str | Path) -> Policy:
         )
     except BudgetallocError as err:
         raise PolicyError(f"{directory}: {err}") from None
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError, zipfile.BadZipFile) as err:
         raise PolicyError(f"{directory}: cannot load policy ({type(err).__name__}: {err})") from None
-    _check_consistent(policy, directory)
+    _check_values(policy, directory, manifest)
     return policy
 
 
-def _check_consistent(policy: Policy, directory: Path) -> None:
-    k, m = policy.statistics.response.shape
-    if m != policy.n_arms:
-        raise PolicyError(f"{directory}: statistics have {m} arms, manifest says {policy.n_arms}")
-    if len(policy.preprocessor.medians) != len(policy.feature_names):
-        raise PolicyError(f"{directory}: preprocess.json has {len(policy.preprocessor.medians)} features, "
-                          f"manifest names {len(policy.feature_names)}")
-    if k != policy.student.n_clusters:
-        raise PolicyError(f"{directory}: student predicts {policy.student.n_clusters} clusters, statistics have {k}")
+def _check_values(policy: Policy, directory: Path, manifest: dict) -> None:
+    """Every value that decides an allocation is sane: shapes agree, finite, scales > 0, costs >= 0."""
+    d, k, m = len(policy.feature_names), int(manifest["k"]), policy.n_arms
+    pre = directory / "preprocess.json"
+    for name in ("medians", "means", "scales"):
+        values = getattr(policy.preprocessor, name)
+        _check_array(values, (d,), pre, name)
+    if (policy.preprocessor.scales <= 0).any():
+        j = int(np.flatnonzero(policy.preprocessor.scales <= 0)[0])
+        raise PolicyError(f"{pre}: scale of feature '{policy.feature_names[j]}' is "
+                          f"{policy.preprocessor.scales[j]!r}, it must be > 0")
+    stats, path = policy.statistics, directory / "statistics.npz"
+    for name in ("counts", "response", "cost", "response_se", "cost_se"):
+        _check_array(getattr(stats, name), (k, m), path, name)
+    s = stats.response_scenarios.shape[0] if stats.response_scenarios.ndim == 3 else -1
+    for name in ("response_scenarios", "cost_scenarios"):
+        _check_array(getattr(stats, name), (s, k, m), path, name)
+    for name in ("counts", "cost", "response_se", "cost_se", "cost_scenarios"):
+        values = getattr(stats, name)
+        if (values < 0).any():
+            raise PolicyError(f"{path}: '{name}' has a negative value {float(values.min())!r}")
+    student = directory / "student"
+    if policy.student.n_features != d or policy.student.n_clusters != k:
+        raise PolicyError(f"{student}: the student maps {policy.student.n_features} features to "
+                          f"{policy.student.n_clusters} clusters, the policy has {d} features and {k} clusters")
+    leaves = jax.tree.leaves(nnx.to_pure_dict(policy.student.params))
+    if not all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves):
+        raise PolicyError(f"{student}: the student's weights hold non-finite values")
+    if not isinstance(policy.budget_table, list) or not all(isinstance(r, dict) for r in policy.budget_table):
+        raise PolicyError(f"{directory / 'budget_table.json'}: not a list of budget levels")
+
+
+def _check_array(values: np.ndarray, shape: tuple[int, ...], path: Path, name: str) -> None:
+    if values.dtype.kind not in "fiu" or values.shape != shape or min(shape) < 1:
+        raise PolicyError(f"{path}: '{name}' has shape {values.shape} ({values.dtype}), expected {shape} numbers")
+    if not np.isfinite(values).all():
+        raise PolicyError(f"{path}: '{name}' holds non-finite values")
