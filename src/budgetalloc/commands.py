@@ -138,7 +138,7 @@ def run_evaluate(*, policy_dir: Path, data: Path, out: Path, batch_size: int | N
 
 
 def check_reachable(address: str, *, timeout: float = 5.0) -> None:
-    """A Dask scheduler address that accepts a TCP connection (``local`` needs none).
+    """A Dask scheduler address that accepts a TCP connection (``local`` and other schemes are not probed).
 
     Raises:
         OSError: naming the address, after at most ``timeout`` seconds.
@@ -153,7 +153,9 @@ def check_reachable(address: str, *, timeout: float = 5.0) -> None:
         host, port = parts.hostname, parts.port
     except ValueError:
         host, port = None, None
-    if parts.scheme not in ("tcp", "tls") or not host or port is None:
+    if parts.scheme not in ("tcp", "tls"):
+        return  # inproc://, ucx://, ...: Dask's own connection reports them
+    if not host or port is None:
         from budgetalloc.errors import BudgetallocError
 
         raise BudgetallocError(f"--dask-address {address!r}: expected 'local' or tcp://HOST:PORT")

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -34,6 +35,13 @@ TRIAL_COLUMNS = (TREATMENT, RESPONSE, COST)
 RESERVED = (USER_ID, TREATMENT, RESPONSE, COST, PROPENSITY)
 MAX_ARMS = 64
 _F32_MAX = float(np.finfo(np.float32).max)
+#: Largest |response| and cost accepted: squares stay finite in float32 (the network's loss).
+VALUE_LIMIT = 1e15
+#: Smallest propensity accepted: inverse-propensity weights stay below a million.
+MIN_PROPENSITY = 1e-6
+#: Standardised features are clipped to this many standard deviations (float32 stays finite).
+Z_LIMIT = 1e6
+_CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,18})$"
 
 
 @dataclass(frozen=True)
@@ -128,9 +136,14 @@ def _read_arrow(path: Path) -> pa.Table:
     suffix = path.suffix.lower()
     try:
         if magic == b"PAR1" or suffix in (".parquet", ".pq"):
-            return pq.read_table(path)
+            table = pq.read_table(path)
+            check_column_names(table.schema.names, str(path))
+            return table
         if suffix in (".csv", ".txt", ""):
-            return pacsv.read_csv(path)
+            names = csv_column_names(path)
+            check_column_names(names, str(path))
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={USER_ID: pa.string()}))
+            return with_parsed_ids(table)
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as err:
         kind = "Parquet" if magic == b"PAR1" or suffix in (".parquet", ".pq") else "CSV"
         detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
@@ -138,9 +151,73 @@ def _read_arrow(path: Path) -> pa.Table:
     raise DataError(f"{path}: unsupported format '{suffix}' (expected .parquet or .csv)")
 
 
+def csv_column_names(path: Path) -> list[str]:
+    """A CSV file's column names, as pyarrow reads its header, checked to be UTF-8.
+
+    pyarrow would replace an undecodable byte silently (a name no one typed).
+    """
+    with open(path, "rb") as fh:
+        header = fh.read(1 << 20).split(b"\n", 1)[0]
+    try:
+        header.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: the header is not valid UTF-8 (byte {header[err.start:err.start + 1]!r} at "
+                        f"offset {err.start}); save the file as UTF-8") from None
+    reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 20),
+                            convert_options=pacsv.ConvertOptions(column_types={USER_ID: pa.string()}))
+    try:
+        return list(reader.schema.names)
+    finally:
+        reader.close()
+
+
+def check_column_names(names: list[str], source: str) -> None:
+    """Column names are unique (a repeated name would make a column ambiguous)."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise DataError(f"{source}: duplicate column name {name!r} (columns {seen[name] + 1} and {i + 1})")
+        seen[name] = i
+
+
+def parse_text_ids(ids: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Ids read as text (CSV): int64 if every id is the canonical text of an int64, else the text.
+
+    Canonical means what ``str(int(text))`` gives back, so ``007``, ``+5``, ``1e3`` or
+    ids beyond the int64 range stay text and come out exactly as they went in.
+    """
+    if len(ids) == 0 or not pa.types.is_string(ids.type) and not pa.types.is_large_string(ids.type):
+        return ids
+    if not pc.all(pc.match_substring_regex(ids, _CANONICAL_INT)).as_py():
+        return ids
+    try:
+        return pc.cast(ids, pa.int64())
+    except pa.ArrowInvalid:  # 19 digits beyond the int64 range
+        return ids
+
+
+def with_parsed_ids(table: pa.Table) -> pa.Table:
+    """``table`` with its text ``user_id`` column parsed by :func:`parse_text_ids`."""
+    if USER_ID not in table.schema.names:
+        return table
+    i = table.schema.get_field_index(USER_ID)
+    return table.set_column(i, USER_ID, parse_text_ids(table.column(i)))
+
+
+def _case_variant(name: str, columns) -> str | None:
+    """A column that differs from the reserved ``name`` only in case or spaces, if any."""
+    return next((c for c in columns if isinstance(c, str) and c != name and c.strip().lower() == name), None)
+
+
 def feature_columns(df: pd.DataFrame, features: tuple[str, ...] | None, source: str) -> tuple[str, ...]:
     """The feature columns: ``features`` if given, else every non-reserved column."""
     if features is None:
+        for reserved in RESERVED:
+            variant = _case_variant(reserved, df.columns)
+            if variant is not None:
+                raise DataError(f"{source}: column {variant!r} is not the reserved column '{reserved}' (names are "
+                                "case-sensitive) and would be used as a feature; rename it, or list the "
+                                "features in data.features")
         names = tuple(c for c in df.columns if c not in RESERVED)
     else:
         names = tuple(features)
@@ -200,31 +277,59 @@ def _first_non_numeric(col: pd.Series):
     return bad.iloc[0] if len(bad) else col.iloc[0]
 
 
-def user_ids(df: pd.DataFrame, source: str) -> np.ndarray:
-    """The ``user_id`` column, checked present, complete and unique.
+def user_ids(df: pd.DataFrame, source: str, first_row: int = 0) -> np.ndarray:
+    """The ``user_id`` column, checked present, complete, unique and of a type that round-trips.
 
     Args:
         df: the table.
         source: file name used in error messages.
+        first_row: the batch's first row in the file (for messages).
 
     Returns:
-        int64 ids if the column is integer, else the ids as ``str`` objects.
+        The ids as integers of the column's own width (``int8`` .. ``uint64``, so
+        they are written back exactly), else as ``str`` objects.
 
     Raises:
-        DataError: the column is missing, has missing values, or repeats an id
-            (naming the first repeat in row order).
+        DataError: the column is missing, has missing or empty values, is of a
+            type that would not come out as it went in (floats, booleans, dates,
+            bytes), or repeats an id (naming the first repeat in row order).
     """
     if USER_ID not in df.columns:
-        raise DataError(f"{source}: missing column '{USER_ID}'")
+        variant = _case_variant(USER_ID, df.columns)
+        hint = f" (found {variant!r}: names are case-sensitive)" if variant is not None else ""
+        raise DataError(f"{source}: missing column '{USER_ID}'{hint}")
     ids = df[USER_ID]
-    if ids.isna().any():
-        raise DataError(f"{source}: column '{USER_ID}' has missing values")
-    dup = ids.duplicated()
+    missing = ids.isna().to_numpy()
+    if missing.any():
+        row = first_row + int(np.flatnonzero(missing)[0])
+        raise DataError(f"{source}: column '{USER_ID}' has missing values (row {row})")
+    values = _id_values(ids, source)
+    if values.dtype == object:
+        empty = np.flatnonzero(values == "")
+        if empty.size:
+            raise DataError(f"{source}: column '{USER_ID}' has an empty id at row {first_row + int(empty[0])}")
+    dup = ids.duplicated().to_numpy()
     if dup.any():
-        raise DataError(f"{source}: duplicate {USER_ID} {_show(ids[dup].iloc[0])}")
+        raise DataError(f"{source}: duplicate {USER_ID} {_show(values[dup][0])}")
+    return values
+
+
+def _id_values(ids: pd.Series, source: str) -> np.ndarray:
+    """The ids as a numpy array of their own integer width, or of ``str`` objects."""
+    if isinstance(ids.dtype, pd.CategoricalDtype):
+        ids = ids.astype(object)
+    if pd.api.types.is_integer_dtype(ids.dtype) and not pd.api.types.is_extension_array_dtype(ids.dtype):
+        return ids.to_numpy()
     if pd.api.types.is_integer_dtype(ids.dtype):
-        return ids.to_numpy(dtype=np.int64)
-    return ids.astype(str).to_numpy(dtype=object)
+        return ids.to_numpy(dtype=ids.dtype.numpy_dtype)
+    kind = pd.api.types.infer_dtype(ids, skipna=False)
+    if kind == "string":
+        return ids.to_numpy(dtype=object)
+    what = {"floating": "floating-point numbers", "boolean": "booleans", "bytes": "bytes",
+            "mixed-integer": "a mix of numbers and text", "integer": "integers wider than 64 bits"}.get(
+        kind, str(ids.dtype) if kind != "mixed" else "a mix of types")
+    raise DataError(f"{source}: column '{USER_ID}' holds {what}; ids must be integers (of any width up to "
+                    "64 bits) or text, which come out exactly as they went in")
 
 
 def _treatment(df: pd.DataFrame, source: str) -> np.ndarray:
@@ -258,6 +363,9 @@ def check_arm_counts(counts: np.ndarray, source: str) -> int:
     n_arms = int(np.flatnonzero(counts)[-1]) + 1
     if counts[0] == 0:
         raise DataError(f"{source}: no control rows (arm 0) in column '{TREATMENT}'")
+    if n_arms == 1:
+        raise DataError(f"{source}: only one arm (every row has treatment 0): a trial needs the control "
+                        "and at least one treated arm")
     empty = np.flatnonzero(counts[:n_arms] == 0)
     if empty.size:
         raise DataError(f"{source}: arm {int(empty[0])} has no rows in column '{TREATMENT}'")
@@ -273,18 +381,31 @@ def _numeric_target(df: pd.DataFrame, name: str, source: str, first_row: int = 0
         row = first_row + int(np.flatnonzero(np.isnan(values))[0])
         raise DataError(f"{source}: column '{name}' has NaN at row {row}")
     if np.isinf(values).any():
-        raise DataError(f"{source}: column '{name}' has infinite values")
+        row = first_row + int(np.flatnonzero(np.isinf(values))[0])
+        raise DataError(f"{source}: column '{name}' has infinite values (row {row})")
+    if name != PROPENSITY:
+        big = np.abs(values) > VALUE_LIMIT
+        if big.any():
+            row = int(np.flatnonzero(big)[0])
+            raise DataError(f"{source}: column '{name}' value {values[row]:.6g} at row {first_row + row} is beyond "
+                            f"{VALUE_LIMIT:.0e}, more than the fit computes with in float32 (rescale the column)")
     return values
 
 
 def _propensity_column(df: pd.DataFrame, source: str, first_row: int = 0) -> np.ndarray | None:
-    """The ``propensity`` column checked in (0, 1], or None when the table has none."""
+    """The ``propensity`` column checked in [MIN_PROPENSITY, 1], or None when the table has none."""
     if PROPENSITY not in df.columns:
         return None
     p = _numeric_target(df, PROPENSITY, source, first_row)
     bad = (p <= 0) | (p > 1)
     if bad.any():
-        raise DataError(f"{source}: column '{PROPENSITY}' value {_show(p[bad][0])} outside (0, 1]")
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{source}: column '{PROPENSITY}' value {_show(p[row])} outside (0, 1] (row {first_row + row})")
+    tiny = p < MIN_PROPENSITY
+    if tiny.any():
+        row = int(np.flatnonzero(tiny)[0])
+        raise DataError(f"{source}: column '{PROPENSITY}' value {p[row]:.6g} at row {first_row + row} is below "
+                        f"{MIN_PROPENSITY:g}: its weight 1/(arms * propensity) would overflow the weighted fit")
     return p
 
 
@@ -316,15 +437,18 @@ def trial_columns(df: pd.DataFrame, *, features: tuple[str, ...] | None = None, 
     """
     for name in TRIAL_COLUMNS:
         if name not in df.columns:
-            raise DataError(f"{source}: missing column '{name}'")
-    ids = user_ids(df, source)
+            variant = _case_variant(name, df.columns)
+            hint = f" (found {variant!r}: names are case-sensitive)" if variant is not None else ""
+            raise DataError(f"{source}: missing column '{name}'{hint}")
+    ids = user_ids(df, source, first_row)
     t = _treatment(df, source)
     if whole:
         check_arm_counts(np.bincount(t), source)
     response = _numeric_target(df, RESPONSE, source, first_row)
     cost = _numeric_target(df, COST, source, first_row)
     if (cost < 0).any():
-        raise DataError(f"{source}: column '{COST}' has negative value {_show(cost[cost < 0][0])}")
+        row = int(np.flatnonzero(cost < 0)[0])
+        raise DataError(f"{source}: column '{COST}' has negative value {_show(cost[row])} (row {first_row + row})")
     names = feature_columns(df, features, source)
     X = feature_matrix(df, names, source)
     return TrialColumns(ids, t, response, cost, X, names, _propensity_column(df, source, first_row))
@@ -392,7 +516,7 @@ def load_trial(path: str | Path, *, features: tuple[str, ...] | None = None) -> 
 
 
 def population_from_frame(
-    df: pd.DataFrame, feature_names: tuple[str, ...], *, source: str = "<memory>"
+    df: pd.DataFrame, feature_names: tuple[str, ...], *, source: str = "<memory>", first_row: int = 0
 ) -> Population:
     """Validate a population table; extra columns are ignored.
 
@@ -400,13 +524,14 @@ def population_from_frame(
         df: the table.
         feature_names: the policy's features, in its order.
         source: file name used in error messages.
+        first_row: the batch's first row in the file (messages count rows from the file's start).
 
     Returns:
         A :class:`Population` whose ``X`` follows ``feature_names``.
     """
     if len(df) == 0:
         raise DataError(f"{source}: table has no rows")
-    ids = user_ids(df, source)
+    ids = user_ids(df, source, first_row)
     names = feature_columns(df, tuple(feature_names), source)
     return Population(user_id=ids, X=feature_matrix(df, names, source), feature_names=names, source=source)
 
@@ -440,7 +565,8 @@ class Preprocessor:
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Impute NaN with the stored medians and standardise; float32 out."""
         filled = np.where(np.isnan(X), self.medians.astype(X.dtype), X)
-        return ((filled - self.means) / self.scales).astype(np.float32)
+        z = ((filled - self.means) / self.scales).astype(np.float32)
+        return np.clip(z, -Z_LIMIT, Z_LIMIT, out=z)  # the identity but for absurd outliers
 
     def to_json(self) -> dict:
         return {k: getattr(self, k).tolist() for k in ("medians", "means", "scales")}

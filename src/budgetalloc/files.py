@@ -212,19 +212,19 @@ def check_output_file(path: Path) -> None:
         raise IsADirectoryError(errno.EISDIR, "is a directory (an output file was expected)", str(path))
 
 
-def check_distinct(out: Path, **inputs: Path | None) -> None:
-    """Refuse an output that is one of the command's inputs (``--out`` equal to ``--users``)."""
+def check_distinct(output: Path, /, **inputs: Path | None) -> None:
+    """Refuse an output that is one of the command's other paths (``--out`` equal to ``--users``)."""
     for option, path in inputs.items():
         if path is None:
             continue
-        same = os.path.abspath(out) == os.path.abspath(path)
+        same = os.path.abspath(output) == os.path.abspath(path)
         try:
-            same = same or (os.path.exists(out) and os.path.samefile(out, path))
+            same = same or (os.path.exists(output) and os.path.samefile(output, path))
         except OSError:
             pass
         if same:
             flag = "--" + option.replace("_", "-")
-            raise BudgetallocError(f"{out}: is also given as {flag}; write this output to another path")
+            raise BudgetallocError(f"{output}: is also given as {flag}; write this output to another path")
 
 
 # -- atomic writers ------------------------------------------------------------------------

@@ -233,12 +233,36 @@ def load_params(path: str | Path | None = None) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as err:
+        raise ParamsError(f"{path}: {err}") from None
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path}: not valid UTF-8 text") from None
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise ParamsError(f"{path}: not valid YAML{where}") from None
     return params_from_dict(raw, source=str(path))
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping repeats a key (YAML would silently keep the last)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the constructor's own error follows
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(f"duplicate key {key!r} (lines {first} and {key_node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep=deep)
 
 
 def params_to_dict(params: Params) -> dict:

@@ -9,10 +9,12 @@ line naming the file.
 
 CSV column types follow pyarrow's inference on the first block, as the in-memory
 reader's do, widened where a later block could need a wider type: integer (or
-empty) feature columns are read as float64. A later block's ``user_id`` that does
-not parse as the first block's type raises :class:`IdsNotUniform`, so the caller
-can read the file again with the ids as text; a later block's non-numeric feature
-value gets the contract's message.
+empty) feature columns are read as float64. ``user_id`` is read as text and kept
+as int64 only where every id is an int64's canonical text
+(:func:`budgetalloc.data.parse_text_ids`); a later batch whose ids parse to
+another type than the first's raises :class:`IdsNotUniform`, so the caller can
+read the file again with the ids as text; a later block's non-numeric feature
+value gets the contract's message. Column names must be unique and UTF-8.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from budgetalloc.data import RESERVED, USER_ID, cell_error, check_file
+from budgetalloc.data import (
+    RESERVED,
+    USER_ID,
+    cell_error,
+    check_column_names,
+    check_file,
+    csv_column_names,
+    parse_text_ids,
+)
 from budgetalloc.errors import DataError
 
 CSV_BLOCK_BYTES = 8 << 20
@@ -59,10 +69,13 @@ def parquet_file(path: Path, *, buffered: bool = False) -> pq.ParquetFile:
     """
     try:
         if buffered:
-            return pq.ParquetFile(path, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
-        return pq.ParquetFile(path)
+            source = pq.ParquetFile(path, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
+        else:
+            source = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
         raise _unreadable(path, "Parquet", err) from None
+    check_column_names(source.schema_arrow.names, str(path))
+    return source
 
 
 def parquet_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
@@ -82,9 +95,11 @@ def parquet_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
 
 
 def _csv_header(path: Path) -> pa.Schema:
-    """Column names and the types pyarrow infers from the first block."""
+    """Column names (checked unique and UTF-8) and the types pyarrow infers from the first block."""
     try:
-        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES))
+        check_column_names(csv_column_names(path), str(path))
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                                convert_options=pacsv.ConvertOptions(column_types={USER_ID: pa.string()}))
     except (pa.ArrowException, OSError) as err:
         raise _unreadable(path, "CSV", err) from None
     schema = reader.schema
@@ -92,13 +107,13 @@ def _csv_header(path: Path) -> pa.Schema:
     return schema
 
 
-def _csv_types(schema: pa.Schema, wanted: list[str], ids_as_text: bool) -> dict[str, pa.DataType]:
-    """First-block types, widened where a later block could need a wider one (all but the ids)."""
+def _csv_types(schema: pa.Schema, wanted: list[str]) -> dict[str, pa.DataType]:
+    """First-block types, widened where a later block could need a wider one; ids are read as text."""
     types = {}
     for name in wanted:
         inferred = schema.field(name).type
         if name == USER_ID:
-            types[name] = pa.string() if ids_as_text else inferred
+            types[name] = pa.string()
         elif pa.types.is_integer(inferred) or pa.types.is_null(inferred):
             types[name] = pa.float64()
         else:
@@ -112,8 +127,8 @@ def _csv_failure(path: Path, schema: pa.Schema, err: pa.ArrowInvalid) -> Excepti
     if match is None or int(match.group(1)) >= len(schema.names):
         return _unreadable(path, "CSV", err)
     name, value = schema.names[int(match.group(1))], match.group(2)
-    if name == USER_ID:
-        return IdsNotUniform()
+    if name == USER_ID:  # read as text: only bytes that are not UTF-8 fail
+        return DataError(f"{path}: column '{USER_ID}' has a value that is not valid UTF-8 ({value!r})")
     # data.py words the message (the in-memory reader would have read the column as text)
     return cell_error(name, value, str(path)) or _unreadable(path, "CSV", err)
 
@@ -123,17 +138,34 @@ def csv_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
     """Batches of exactly ``batch_rows`` rows (the last may be shorter) of a CSV file."""
     schema = _csv_header(path)
     columns = [c for c in wanted if c in schema.names]
-    convert = pacsv.ConvertOptions(include_columns=columns,
-                                   column_types=_csv_types(schema, columns, ids_as_text))
+    convert = pacsv.ConvertOptions(include_columns=columns, column_types=_csv_types(schema, columns))
     try:
         reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                                 convert_options=convert)
+        id_type = None
         for table in rebatch(reader, batch_rows):
+            if USER_ID in table.schema.names and not ids_as_text:
+                table = _with_batch_ids(table, id_type)
+                id_type = table.schema.field(USER_ID).type
             yield table.to_pandas()
     except pa.ArrowInvalid as err:
         raise _csv_failure(path, schema, err) from None
     except (pa.ArrowException, OSError) as err:
         raise _unreadable(path, "CSV", err) from None
+
+
+def _with_batch_ids(table: pa.Table, expected: pa.DataType | None) -> pa.Table:
+    """A batch's text ids parsed as :func:`budgetalloc.data.parse_text_ids` does for the whole column.
+
+    Raises:
+        IdsNotUniform: the batch's ids parse to another type than the first batch's
+            (the whole column then has to be read as text, as the in-memory reader does).
+    """
+    i = table.schema.get_field_index(USER_ID)
+    ids = parse_text_ids(table.column(i))
+    if expected is not None and ids.type != expected:
+        raise IdsNotUniform()
+    return table.set_column(i, USER_ID, ids)
 
 
 def rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:

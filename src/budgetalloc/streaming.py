@@ -11,8 +11,9 @@ same order, same solver counts) without ever holding the feature matrix:
    (:func:`budgetalloc.data.population_from_frame`: missing columns, ids, types,
    infinities), imputed and standardised, and classified by the student in one
    compiled call of a fixed shape (the last batch is padded), so nothing
-   recompiles per batch. What is kept per user is its id (int64, or the text in
-   an Arrow string array) and its cluster (int16 when ``K`` allows): 10 bytes a
+   recompiles per batch. What is kept per user is its id (an integer of the
+   file's own width, so it is written back exactly, or the text in an Arrow
+   string array) and its cluster (int16 when ``K`` allows): 10 bytes a
    user instead of the ``4 d`` of its features.
 2. **Ids are unique across batches.** One sort of a compact 64-bit key per user
    (the id itself, or a hash of a text id); only users whose keys repeat are
@@ -94,16 +95,16 @@ def fixed_shape_clusters(student: StudentModel, X: np.ndarray, rows: int) -> np.
 
 
 def _compact_ids(ids: np.ndarray):
-    """int64 ids copied; text ids as an Arrow string array (no Python object per id).
+    """Integer ids copied (their own width); text ids as an Arrow string array (no Python object per id).
 
     The copy matters: the ids ``to_pandas`` hands out can be a view that keeps the
     whole batch's Arrow memory alive (measured: 2.1 GB held after 10M users).
     """
-    return ids.copy() if ids.dtype == np.int64 else pa.array(ids, type=pa.large_string())
+    return ids.copy() if ids.dtype.kind in "iu" else pa.array(ids, type=pa.large_string())
 
 
 def ids_as_numpy(ids) -> np.ndarray:
-    """Ids as :func:`budgetalloc.data.population_from_frame` returns them (int64 or object str)."""
+    """Ids as :func:`budgetalloc.data.population_from_frame` returns them (integers or object str)."""
     return ids if isinstance(ids, np.ndarray) else ids.to_numpy(zero_copy_only=False)
 
 
@@ -131,8 +132,10 @@ def cluster_pass(policy: Policy, frames: Iterable[pd.DataFrame], *, source: str,
     """
     kept = ClusterPass(sizes=np.zeros(policy.k, dtype=np.int64))
     dtype = np.int16 if policy.k <= _INT16_MAX else np.int32
+    first_row = 0
     for frame in frames:
-        population = population_from_frame(frame, policy.feature_names, source=source)
+        population = population_from_frame(frame, policy.feature_names, source=source, first_row=first_row)
+        first_row += len(frame)
         X = policy.preprocessor.transform(population.X)
         clusters = fixed_shape_clusters(policy.student, X, rows)
         kept.sizes += np.bincount(clusters, minlength=policy.k)
@@ -157,9 +160,15 @@ def file_cluster_pass(policy: Policy, path: Path, *, rows: int) -> ClusterPass:
 
 
 def id_keys(ids) -> np.ndarray:
-    """A 64-bit key per id: the id itself, or a (fixed-key, deterministic) hash of its text."""
+    """A 64-bit key per id: the id itself (any integer width), or a (fixed-key, deterministic) hash of its text.
+
+    Within one file every id has one type, so equal keys mean equal ids (or, for
+    text, a hash collision that the exact comparison then tells apart).
+    """
     if isinstance(ids, np.ndarray) and ids.dtype == np.int64:
         return ids.view(np.uint64)
+    if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu":
+        return ids.astype(np.int64 if ids.dtype.kind == "i" else np.uint64).view(np.uint64)
     return pd.util.hash_array(ids_as_numpy(ids).astype(object))
 
 
