@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from budgetalloc.data import arm_summary, load_trial, trial_from_frame
-from budgetalloc.files import atomic_path, check_distinct, is_csv_path, write_frame
+from budgetalloc.files import atomic_path, check_distinct, is_csv_path, probe_writable, write_frame
 from budgetalloc.params import load_params, with_overrides
 from budgetalloc.simulate import simulate_population, simulate_trial, truth_frame
 
@@ -80,6 +80,7 @@ def run_fit(*, data: Path, out: Path, params_path: Path | None, reporter=None, s
 
     check_distinct(out, data=data)
     check_policy_target(out)  # before the fit, not minutes later
+    probe_writable(out)
     params = load_params(params_path)
     if fit_path(data, params, stream) == "streamed":
         from budgetalloc.fit_stream import fit_policy_file

@@ -227,6 +227,26 @@ def check_distinct(output: Path, /, **inputs: Path | None) -> None:
             raise BudgetallocError(f"{output}: is also given as {flag}; write this output to another path")
 
 
+def probe_writable(path: str | Path) -> None:
+    """Fail now, not after a long computation, if an output cannot be created at ``path``.
+
+    A temporary is created (and removed) in the nearest existing directory above
+    ``path``; nothing is left behind.
+
+    Raises:
+        OSError: naming ``path`` (read-only, not permitted, a part that is a file).
+    """
+    path = Path(os.path.abspath(path))
+    parent = path.parent
+    while not os.path.lexists(parent):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory (a part of the output path)", str(parent))
+    with naming(path):
+        tmp, fd = claim_temp(parent / path.name, ".tmp", directory=False)
+        _discard(tmp, fd)
+
+
 # -- atomic writers ------------------------------------------------------------------------
 
 
