@@ -195,7 +195,7 @@ def _read_manifest(directory: Path) -> dict:
     """``manifest.json``, checked: its own digest, format version, kind and field types."""
     path = directory / MANIFEST
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")  # not read_text: no newline translation
         manifest = json.loads(text)
         files = dict(manifest["files"])
         version = manifest["format_version"]
@@ -299,7 +299,7 @@ def _check_values(policy: Policy, directory: Path, manifest: dict) -> None:
     if (policy.preprocessor.scales <= 0).any():
         j = int(np.flatnonzero(policy.preprocessor.scales <= 0)[0])
         raise PolicyError(f"{pre}: scale of feature '{policy.feature_names[j]}' is "
-                          f"{policy.preprocessor.scales[j]!r}, it must be > 0")
+                          f"{float(policy.preprocessor.scales[j])!r}, it must be > 0")
     stats, path = policy.statistics, directory / "statistics.npz"
     for name in ("counts", "response", "cost", "response_se", "cost_se"):
         _check_array(getattr(stats, name), (k, m), path, name)
