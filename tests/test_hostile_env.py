@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_PARAMS
-from test_reliability import one_error_line
+from test_reliability import error_line, one_error_line
 from typer.testing import CliRunner
 
 from budgetalloc.cli import app
@@ -105,15 +105,6 @@ def read_only(tmp_path, monkeypatch):
     monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
     monkeypatch.setattr(files.tempfile, "mkdtemp", refuse)
     yield path
-
-
-def error_line(res) -> str:
-    """The one error line of a command that may have printed progress before it (fit does)."""
-    assert res.exit_code == 2, res.output
-    errors = [line for line in res.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and res.output.rstrip().endswith(errors[0]), res.output
-    assert "Traceback" not in res.output
-    return errors[0]
 
 
 def _left(path: Path) -> list[str]:

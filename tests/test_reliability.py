@@ -39,6 +39,15 @@ def one_error_line(res) -> str:
     return lines[0]
 
 
+def error_line(res) -> str:
+    """The one error line of a command that may print progress before it (fit does): the last line."""
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and res.output.rstrip().endswith(errors[0]), res.output
+    assert "Traceback" not in res.output
+    return errors[0]
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_fitted):
     root = tmp_path_factory.mktemp("rel")

@@ -565,8 +565,9 @@ class Preprocessor:
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Impute NaN with the stored medians and standardise; float32 out."""
         filled = np.where(np.isnan(X), self.medians.astype(X.dtype), X)
-        z = ((filled - self.means) / self.scales).astype(np.float32)
-        return np.clip(z, -Z_LIMIT, Z_LIMIT, out=z)  # the identity but for absurd outliers
+        z = (filled - self.means) / self.scales  # float64
+        np.clip(z, -Z_LIMIT, Z_LIMIT, out=z)  # the identity but for absurd outliers: float32 stays finite
+        return z.astype(np.float32)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k).tolist() for k in ("medians", "means", "scales")}

@@ -256,12 +256,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                if key in seen:
+                    where = f"lines {seen[key]} and {line}" if seen[key] != line else f"line {line}"
+                    raise _DuplicateKey(f"duplicate key {key!r} ({where})")
+                seen[key] = line
             except TypeError:  # an unhashable key: the constructor's own error follows
                 continue
-            if first != key_node.start_mark.line + 1:
-                raise _DuplicateKey(f"duplicate key {key!r} (lines {first} and {key_node.start_mark.line + 1})")
         return super().construct_mapping(node, deep=deep)
 
 
