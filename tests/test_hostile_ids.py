@@ -181,3 +181,23 @@ def test_csv_ids_beyond_int64_are_no_false_duplicates(setting, tmp_path):
     res = runner.invoke(app, ["allocate", "--policy", str(policy_dir), "--users", str(tmp_path / "d.csv"),
                               "--budget", "5", "--out", str(tmp_path / "d_out.csv")])
     assert f"duplicate user_id '{2**64 - 1}'" in one_error_line(res)
+
+
+@pytest.mark.slow
+def test_the_dask_path_writes_the_same_ids(setting, tmp_path):
+    """Partitions keep the ids' width too: the partition-parallel file is the single-process file."""
+    from distributed import LocalCluster
+
+    from budgetalloc.distributed import allocate_distributed
+
+    policy, policy_dir, frame = setting
+    text = np.array([f"{t}-{i}" for i, t in enumerate(TEXT_IDS * 8)][: len(frame)], dtype=object)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        for name, ids in (("uint64", edge_ids("uint64", len(frame))), ("text", text)):
+            users = frame.assign(user_id=ids)
+            src, single, dask = (tmp_path / f"{name}-{k}.parquet" for k in ("u", "single", "dask"))
+            pq.write_table(pa.Table.from_pandas(users, preserve_index=False), src, row_group_size=50)
+            allocate_file(policy, src, 40.0, single, batch_size=64)
+            allocate_distributed(policy_dir, src, 40.0, dask, address=cluster.scheduler_address, batch_size=64)
+            assert dask.read_bytes() == single.read_bytes(), name
+            assert _arrow_ids(dask).to_pylist() == list(users["user_id"]), name

@@ -300,3 +300,16 @@ def test_a_failed_write_removes_the_directories_it_made(tmp_path):
     with pytest.raises(RuntimeError), atomic_path(target):
         raise RuntimeError("fails mid-way")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_import_and_abtest_refuse_to_overwrite_their_input(tmp_path):
+    src = tmp_path / "hillstrom.csv"
+    src.write_bytes((Path(__file__).parent / "fixtures" / "hillstrom_sample.csv").read_bytes())
+    before = src.read_bytes()
+    res = runner.invoke(app, ["data", "import", "hillstrom", str(src), "--out", str(src)])
+    assert "--src" in one_error_line(res)
+    logged = tmp_path / "logged.csv"
+    logged.write_text("group,orders,gmv,cost\na,1,10,1\nb,0,0,0\na,0,0,0\nb,2,20,2\n")
+    res = runner.invoke(app, ["abtest", "--data", str(logged), "--out", str(logged)])
+    assert "--data" in one_error_line(res)
+    assert src.read_bytes() == before and logged.read_text().startswith("group,orders")

@@ -59,7 +59,9 @@ def import_(
 ) -> None:
     """Map a local public dataset file into the trial contract (streamed, atomic)."""
     from budgetalloc.datasets import ImportOptions, import_dataset, parse_arm_costs
+    from budgetalloc.files import check_distinct
 
+    check_distinct(out, src=src)
     options = ImportOptions(response=response, cost_per_email=cost_per_email,
                             arm_costs=None if arm_costs is None else parse_arm_costs(arm_costs))
     summary = import_dataset(name, src, out, options)
@@ -119,7 +121,12 @@ def abtest(
 ) -> None:
     """Compare two groups of an A/B test: orders and GMV per user, lifts, CIs, p-values."""
     from budgetalloc.abtest import run_abtest
+    from budgetalloc.files import check_distinct
 
+    if out is not None:
+        check_distinct(out, data=data, outcomes=outcomes)
+    if outcomes is not None:
+        check_distinct(outcomes, data=data)
     report = run_abtest(data=data, control_group=control_group, simulate=simulate,
                         policy_a=policy_a, policy_b=policy_b, budget_per_user=budget_per_user,
                         users=users, seed=seed, world=world, alpha=alpha, out=out, outcomes=outcomes)
