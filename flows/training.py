@@ -5,7 +5,9 @@ it when nothing changed), so ``dvc.lock`` stays the record; what a task hands to
 the next is the stage's outputs as ``dvc.lock`` records them. At the end the
 workspace is saved as a DVC experiment (``dvc exp save``), whose name the report
 gives, and the artifacts are published: training progress (while it runs), the
-budget curve, the clusters, and a markdown report with the evaluation metrics.
+budget curve and the held-out cost curve as pictures, the clusters as a table
+(chosen arm first) and a picture, and a markdown report with the evaluation metrics.
+The whole run holds the DVC workspace, so runs that share it wait for each other.
 
     python flows/training.py            # Prefect's ephemeral mode, no server needed
 """
@@ -24,6 +26,7 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
+from budgetalloc import dashboards
 from budgetalloc import orchestration as orch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,17 +57,21 @@ def save_experiment(root: Path, name: str) -> orch.Revision:
 
 @task
 def publish(root: Path, revision: orch.Revision, budget_level: float | None) -> dict:
-    """Publish the budget curve, the clusters and the report as Prefect artifacts."""
-    create_table_artifact(
-        orch.read_csv_table(root, orch.POLICY_CURVE), key="budget-curve",
-        description=f"Budget table of the fitted policy, per user of the fit trial ({orch.POLICY_CURVE})",
+    """Publish the budget curve, the cost curve, the clusters and the report as Prefect artifacts."""
+    create_markdown_artifact(
+        orch.curve_markdown(root, orch.POLICY_CURVE_PLOT, orch.POLICY_CURVE, "Budget curve of the fitted policy"),
+        key="budget-curve", description="Expected response and spend per user against the budget (fit trial)",
     )
-    clusters, row = orch.policy_clusters_table(root, budget_level)
+    create_markdown_artifact(orch.cost_curve_markdown(root), key="cost-curve",
+                             description="Held-out cost curve with its 95% confidence band")
+    clusters, row = orch.policy_clusters(root, budget_level)
+    at = f"budget level {row['level']:g} ({row['budget_per_user']:.3g} per user)"
     create_table_artifact(
-        clusters, key="clusters",
-        description=(f"Clusters: size, estimated response and cost per arm, chosen arm at budget level "
-                     f"{row['level']:g} ({row['budget_per_user']:.4g} per user) ({orch.POLICY_CLUSTERS})"),
+        dashboards.analyst_table(clusters), key="clusters",
+        description=f"Clusters, chosen arm first (at {at}): size, estimated response and cost per arm",
     )
+    create_markdown_artifact(orch.clusters_markdown(clusters, f"Clusters of the fitted policy at {at}"),
+                             key="clusters-chart", description=f"Clusters: size, chosen arm, response per cost ({at})")
     create_markdown_artifact(orch.training_markdown(root, revision), key="training-report",
                              description="Training run: fit summary, evaluation, reproduction")
     return {"experiment": revision.experiment, "commit": revision.commit,
@@ -75,19 +82,24 @@ def publish(root: Path, revision: orch.Revision, budget_level: float | None) -> 
 def training_flow(root: Path = ROOT, budget_level: float | None = None) -> dict:
     """Fit and evaluate the policy through DVC, record the run, publish the dashboards.
 
+    The run holds the DVC workspace (:func:`~budgetalloc.orchestration.workspace_lock`)
+    from its first stage to its last artifact: runs that share it never interleave.
+
     Args:
         root: the repository (dvc.yaml, params.yaml).
         budget_level: budget level whose chosen arms the clusters table shows
             (a fraction of the all-max-arm spend; default the middle of the budget table).
     """
-    progress = create_progress_artifact(0.0, key="training-progress",
-                                        description="Training: share of the DVC stages done (%)")
-    outputs: list[orch.StageOutputs] = []
-    for index, stage in enumerate(orch.TRAINING_STAGES):
-        outputs.append(repro(stage, root, list(outputs), progress, index))
+    logger = get_run_logger()
     name = orch.experiment_name("train", flow_run.get_name(), flow_run.get_id())
-    revision = save_experiment(root, name)
-    return publish(root, revision, budget_level)
+    with orch.workspace_lock(root, f"training flow run {name}", on_wait=logger.info):
+        progress = create_progress_artifact(0.0, key="training-progress",
+                                            description="Training: share of the DVC stages done (%)")
+        outputs: list[orch.StageOutputs] = []
+        for index, stage in enumerate(orch.TRAINING_STAGES):
+            outputs.append(repro(stage, root, list(outputs), progress, index))
+        revision = save_experiment(root, name)
+        return publish(root, revision, budget_level)
 
 
 if __name__ == "__main__":

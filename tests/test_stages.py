@@ -14,6 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from budgetalloc import dashboards
 from budgetalloc.data import load_trial, read_table
 from budgetalloc.errors import DataError, ParamsError
 from budgetalloc.params import load_params, params_to_dict
@@ -73,7 +74,8 @@ def stages_run(tmp_path_factory):
                  params=p)
     policy.main(data=d / "fit.parquet", preprocess=d / "pre.json", model=d / "rep", student=d / "student",
                 train_report=d / "train.json", cluster_report=d / "cluster.json", distill_report=d / "distill.json",
-                out=d / "policy", curve=d / "curve.csv", clusters=d / "clusters.csv", params=p)
+                out=d / "policy", curve=d / "curve.csv", clusters=d / "clusters.csv", curve_plot=d / "curve.png",
+                clusters_plot=d / "clusters.png", params=p)
     evaluate.main(policy=d / "policy", data=d / "test.parquet", out=d / "evaluate")
     return d
 
@@ -108,6 +110,32 @@ def test_policy_stage_tables(stages_run):
     assert len(clusters) == k and {"size", "honest_rows", "response_arm_0", "cost_arm_4"} <= set(clusters.columns)
     metrics = json.loads((d / "evaluate" / "metrics.json").read_text())
     assert 0 < metrics["aucc"] <= 1 and (d / "evaluate" / "curve.png").exists()
+    for picture in ("curve.png", "clusters.png"):
+        assert (d / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pictures_are_the_same_bytes_for_the_same_table(stages_run):
+    d = stages_run
+    curve = pd.read_csv(d / "curve.csv")
+    first = dashboards.budget_curve_png(curve, title="t", unit="per user")
+    assert dashboards.budget_curve_png(curve, title="t", unit="per user") == first
+    assert b"matplotlib" not in first  # no software version in the bytes
+    assert dashboards.budget_curve_png(curve.assign(expected_response=curve["expected_response"] * 2),
+                                       title="t", unit="per user") != first
+
+
+def test_response_per_cost_and_analyst_table():
+    clusters = pd.DataFrame({"cluster": [0, 1, 2], "size": [10, 20, 30],
+                             "response_arm_0": [0.1, 0.1, 0.2], "response_arm_1": [0.3, 0.1, 0.2],
+                             "response_arm_2": [0.2, 0.4, 0.2], "cost_arm_0": [0.0, 0.0, 0.0],
+                             "cost_arm_1": [1.0, 1.0, 0.0], "cost_arm_2": [2.0, 1.5, 0.0],
+                             "chosen_arm": [1, 2, 0]})
+    ratio = dashboards.response_per_cost(clusters)
+    np.testing.assert_allclose(ratio[:2], [0.2, 0.2])  # chosen arm over control
+    assert np.isnan(ratio[2])  # a coupon that costs nothing more: no ratio
+    table = dashboards.analyst_table(clusters.assign(response_arm_1=[0.123456, 0.1, 0.2]))
+    assert list(table[0])[:3] == ["chosen_arm", "cluster", "size"]
+    assert table[0]["response_arm_1"] == 0.123 and table[0]["size"] == 10
 
 
 def test_allocate_stage_writes_the_allocation_and_its_report(stages_run, monkeypatch):
@@ -162,7 +190,27 @@ def test_progress_lines_round_trip(capsys):
     reporter.note("something")
     lines = capsys.readouterr().out.splitlines()
     assert parse_progress(lines[0]) == ("representation", 3, 30)
+    assert "[##------------------]" in lines[0]  # the epoch bar: 3 of 30
     assert parse_progress(lines[1]) is None and reporter.notes == ["something"]
+
+
+def test_an_early_stop_says_so(capsys):
+    """A real training run that stops early: its last epoch line says at which epoch, of how many."""
+    from budgetalloc.distill import train_student
+    from budgetalloc.params import DistillParams
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 4)).astype(np.float32)
+    labels = rng.integers(0, 3, size=600)  # labels unrelated to X: validation loss soon stops improving
+    reporter = StageReporter()
+    params = DistillParams(hidden=32, epochs=40, batch_size=32, learning_rate=2e-2, patience=2)
+    model = train_student(X, labels, n_clusters=3, params=params, seed=0,
+                          progress=reporter.epoch_callback("distillation", params.epochs))
+    h = model.history
+    assert h.stopped_early
+    out = capsys.readouterr().out
+    assert f"distillation: stopped early at epoch {h.epochs_run} of 40 (patience 2)" in out
+    assert "stopped_early_patience" not in out
 
 
 def _dvc_project(root: Path, params: dict | None = None) -> Path:

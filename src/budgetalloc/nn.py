@@ -59,8 +59,17 @@ from jax.sharding import PartitionSpec as P
 
 #: ``loss_fn(module, batch) -> (sum of weighted row losses, sum of row weights)``.
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
-#: ``progress(epoch, {"train_loss": ..., "val_loss": ...})`` after every epoch.
+#: ``progress(epoch, {"train_loss": ..., "val_loss": ...})`` after every epoch; the last epoch of
+#: a run that stops early also carries ``STOPPED_EARLY: patience``.
 Progress = Callable[[int, dict[str, float]], None]
+STOPPED_EARLY = "stopped_early_patience"
+
+
+def early_stop_message(epoch: int, epochs: int, metrics: dict) -> str | None:
+    """``"stopped early at epoch 6 of 30 (patience 3)"`` for the last epoch of an early stop, else ``None``."""
+    if STOPPED_EARLY not in metrics:
+        return None
+    return f"stopped early at epoch {epoch} of {epochs} (patience {int(metrics[STOPPED_EARLY])})"
 
 _MIN_IMPROVEMENT = 1e-4  # relative: smaller gains in validation loss do not reset patience
 INFERENCE_CHUNK = 4096  # rows per step inside a compiled batch: activations stay in cache
@@ -234,7 +243,8 @@ def fit(
             larger than 1e-4 before stopping.
         val_fraction: share of rows held out for validation.
         seed: seeds the split and the per-epoch shuffles (numpy Generator).
-        progress: called after every epoch with ``(epoch, {"train_loss", "val_loss"})``.
+        progress: called after every epoch with ``(epoch, {"train_loss", "val_loss"})``
+            (plus :data:`STOPPED_EARLY` on the epoch it stops early).
 
     Returns:
         ``(graphdef, params, history)`` with the parameters of the best validation epoch,
@@ -269,12 +279,15 @@ def fit(
         val_loss = float(evaluate(state.params, device_data, *val_plan))
         train_hist.append(float(train_loss))
         val_hist.append(val_loss)
-        if progress is not None:
-            progress(epoch, {"train_loss": train_hist[-1], "val_loss": val_loss})
-        if best_params is None or val_loss < best_loss - _MIN_IMPROVEMENT * abs(best_loss):
+        improved = best_params is None or val_loss < best_loss - _MIN_IMPROVEMENT * abs(best_loss)
+        if improved:
             best_params = jax.tree.map(jnp.copy, state.params)
             best_loss, best_epoch = val_loss, epoch
-        elif epoch - best_epoch >= patience:
+        stop = not improved and epoch - best_epoch >= patience
+        if progress is not None:
+            metrics = {"train_loss": train_hist[-1], "val_loss": val_loss}
+            progress(epoch, {**metrics, STOPPED_EARLY: patience} if stop and epoch < epochs else metrics)
+        if stop:
             break
     history = FitHistory(
         epochs_run=len(val_hist),

@@ -11,18 +11,23 @@ tasks with their retry policies.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from budgetalloc import dashboards
+from budgetalloc.files import atomic_path
 from budgetalloc.stages import parse_progress
 
 #: The fit pipeline in ``dvc.yaml``, in order (``allocate`` is the scenario stage).
@@ -31,6 +36,7 @@ SCENARIO_STAGE = "allocate"
 
 POLICY_DIR = "models/policy"
 POLICY_CURVE = "reports/policy/budget_curve.csv"
+POLICY_CURVE_PLOT = "reports/policy/budget_curve.png"
 POLICY_CLUSTERS = "reports/policy/clusters.csv"
 EVALUATION = "reports/evaluate/metrics.json"
 EVALUATION_PLOT = "reports/evaluate/curve.png"
@@ -38,9 +44,18 @@ ALLOCATION = "allocations/allocation.parquet"
 ALLOCATION_SUMMARY = "reports/allocation/summary.json"
 ALLOCATION_CURVE = "reports/allocation/budget_curve.csv"
 ALLOCATION_CLUSTERS = "reports/allocation/clusters.csv"
+ALLOCATION_CURVE_PLOT = "reports/allocation/budget_curve.png"
+ALLOCATION_CLUSTERS_PLOT = "reports/allocation/clusters.png"
 
 _EXIT = re.compile(r"exited with (-?\d+)")
-_LOCKED = "Unable to acquire lock"
+#: DVC's words for another DVC process holding the repository or one of its outputs.
+_BUSY = ("Unable to acquire lock", "is busy, it is being blocked by")
+#: Where a flow run records that it holds the workspace (``.dvc/tmp`` is ignored by git).
+WORKSPACE_LOCK = ".dvc/tmp/budgetalloc-workspace.lock"
+#: Hints DVC prints after every command; each is shown once per process.
+_HINTS = ("To track the changes with git", "To enable auto staging", "git add ", "dvc config core.autostage",
+          "Use `dvc push`")
+_shown_hints: set[str] = set()
 
 
 class DvcFailed(RuntimeError):
@@ -56,7 +71,7 @@ class DvcFailed(RuntimeError):
     @property
     def transient(self) -> bool:
         """Lock contention or a stage killed by a signal; not a bug, bad data or bad params."""
-        if _LOCKED in self.output:
+        if any(busy in self.output for busy in _BUSY):
             return True
         codes = [int(c) for c in _EXIT.findall(self.output)]
         return bool(codes) and (codes[-1] < 0 or codes[-1] >= 128)
@@ -112,8 +127,59 @@ def stage_env(root: Path) -> dict[str, str]:
     return env
 
 
+def shown_once(line: str) -> bool:
+    """Whether ``line`` should be shown: not blank, and not a DVC hint already shown in this process."""
+    text = line.strip()
+    if not text:
+        return False
+    if text.startswith(_HINTS):
+        if text in _shown_hints:
+            return False
+        _shown_hints.add(text)
+    return True
+
+
+@contextmanager
+def workspace_lock(root: Path, holder: str, *, on_wait: Callable[[str], None] | None = None,
+                   poll_s: float = 1.0) -> Iterator[None]:
+    """Hold the DVC workspace of ``root`` for one flow run; wait while another run holds it.
+
+    Runs that share a workspace (a schedule, a scenario, ``make run``) would otherwise
+    collide on DVC's locks or change each other's inputs between stages: the flows hold
+    this lock (``flock`` on :data:`WORKSPACE_LOCK`) around all their DVC work and reads.
+    The kernel releases it when the process ends, however it ends.
+    """
+    path = Path(root) / WORKSPACE_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as fh:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited and on_wait is not None:
+                    fh.seek(0)
+                    on_wait(f"waiting for the DVC workspace {root}: held by {fh.read().strip() or 'another run'}")
+                waited = True
+                time.sleep(poll_s)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{holder} (pid {os.getpid()})")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def run_dvc(root: Path, args: list[str], *, on_line: Callable[[str], None] | None = None) -> str:
     """Run ``dvc ARGS`` in ``root`` and return its output, streaming each line to ``on_line``.
+
+    Blank lines and repeated DVC hints (``git add dvc.lock``, ...) are not streamed.
 
     Raises:
         DvcFailed: the command exited with a non-zero code.
@@ -131,7 +197,7 @@ def run_dvc(root: Path, args: list[str], *, on_line: Callable[[str], None] | Non
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append(line)
-        if on_line is not None:
+        if on_line is not None and shown_once(line):
             on_line(line.rstrip("\n"))
     output = "".join(lines)
     if proc.wait() != 0:
@@ -237,22 +303,67 @@ def current_params(root: Path) -> dict:
     return yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
 
 
-def run_scenario(root: Path, *, name: str, budget: float | None, users: str | Path | None,
-                 on_line: Callable[[str], None] | None = None) -> Revision:
-    """Allocate ``users`` under ``budget`` as the DVC experiment ``name`` (``dvc exp run``).
-
-    Keys equal to ``params.yaml``'s values are not passed with ``-S``, so the
-    default scenario leaves ``params.yaml`` as it is. Upstream stages run too
-    when they are not up to date.
-    """
+def scenario_sets(root: Path, budget: float | None, users: str | Path | None) -> list[str]:
+    """The ``-S`` arguments of a scenario: only the keys that differ from ``params.yaml``."""
     allocate = current_params(root).get("allocate", {})
     sets = []
     if budget is not None and float(budget) != float(allocate.get("budget", float("nan"))):
         sets += ["-S", f"allocate.budget={float(budget)!r}"]
     if users is not None and Path(users).as_posix() != allocate.get("users"):
         sets += ["-S", f"allocate.users={Path(users).as_posix()}"]
+    return sets
+
+
+def run_scenario(root: Path, *, name: str, budget: float | None, users: str | Path | None,
+                 on_line: Callable[[str], None] | None = None) -> Revision:
+    """Allocate ``users`` under ``budget`` as the DVC experiment ``name`` (``dvc exp run``).
+
+    Keys equal to ``params.yaml``'s values are not passed with ``-S``
+    (:func:`scenario_sets`). Upstream stages run too when they are not up to date.
+    A scenario with other values changes the workspace; :func:`defaults_kept` puts it back.
+    """
+    sets = scenario_sets(root, budget, users)
     run_dvc(root, ["exp", "run", "-n", name, *sets, SCENARIO_STAGE], on_line=on_line)
     return Revision(git_revision(root).commit, False, name)
+
+
+def stage_files(root: Path, stage: str) -> list[str]:
+    """The files ``stage`` writes (its outs, metrics and plots in ``dvc.yaml``)."""
+    spec = yaml.safe_load((Path(root) / "dvc.yaml").read_text())["stages"][stage]
+    entries = [e for key in ("outs", "metrics", "plots") for e in spec.get(key) or []]
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+
+
+def _restore(path: Path, data: bytes | None) -> None:
+    if data is None:
+        path.unlink(missing_ok=True)  # the scenario wrote it
+    elif not path.is_file() or path.read_bytes() != data:
+        with atomic_path(path) as tmp:  # a new file: never writes through a link into DVC's cache
+            Path(tmp).write_bytes(data)
+
+
+@contextmanager
+def defaults_kept(root: Path, scenario: bool = True) -> Iterator[None]:
+    """Put ``params.yaml``, ``dvc.lock`` and the scenario stage's files back as they were.
+
+    A scenario with its own budget or population (``dvc exp run -S ...``) writes its
+    params, lock entry and outputs into the workspace; the experiment keeps them
+    (``dvc exp apply NAME``), and the workspace goes back to its defaults, so that
+    the next run or schedule does not inherit the scenario. With ``scenario`` false
+    (the default scenario) nothing is put back.
+    """
+    if not scenario:
+        yield
+        return
+    root = Path(root)
+    kept = ["params.yaml", "dvc.lock", *stage_files(root, SCENARIO_STAGE)]
+    saved = {rel: (root / rel).read_bytes() if (root / rel).is_file() else None for rel in kept}
+    try:
+        yield
+    finally:
+        for rel, data in saved.items():
+            if data is not None or rel not in ("params.yaml", "dvc.lock"):
+                _restore(root / rel, data)
 
 
 # ---- views of the stage outputs, for artifacts ---------------------------------------------
@@ -268,21 +379,45 @@ def read_csv_table(root: Path, path: str) -> list[dict]:
     return frame_records(pd.read_csv(Path(root) / path))
 
 
-def chosen_arms(budget_table: list[dict], level: float) -> tuple[dict, list[int]]:
-    """The budget-table row nearest ``level`` and the arm most of each cluster's users get there."""
-    row = min(budget_table, key=lambda r: abs(r["level"] - level))
-    return row, [max(range(len(shares)), key=shares.__getitem__) for shares in row["arm_shares"]]
-
-
-def policy_clusters_table(root: Path, level: float | None) -> tuple[list[dict], dict]:
-    """Clusters of the fitted policy with the arm chosen at budget ``level`` (default: the middle one)."""
+def policy_clusters(root: Path, level: float | None) -> tuple[pd.DataFrame, dict]:
+    """Clusters of the fitted policy with the arm chosen at budget ``level`` (default: the middle one),
+    and the budget-table row of that level."""
     table = json.loads((Path(root) / POLICY_DIR / "budget_table.json").read_text())
-    if level is None:
-        level = table[len(table) // 2]["level"]
-    row, arms = chosen_arms(table, level)
-    df = pd.read_csv(Path(root) / POLICY_CLUSTERS)
-    df["chosen_arm"] = arms
-    return frame_records(df), row
+    row, arms = dashboards.chosen_arms(table, level)
+    return pd.read_csv(Path(root) / POLICY_CLUSTERS).assign(chosen_arm=arms), row
+
+
+def picture(root: Path, path: str, alt: str) -> str:
+    """A PNG a stage wrote, as a markdown image that holds the picture itself."""
+    return dashboards.markdown_image((Path(root) / path).read_bytes(), alt)
+
+
+def curve_markdown(root: Path, png: str, csv: str, title: str) -> str:
+    """A budget curve: its picture, then its table at 3 significant digits."""
+    rows = dashboards.analyst_table(pd.read_csv(Path(root) / csv))
+    columns = [c for c in ("budget", "expected_response", "expected_spend", "level", "status") if c in rows[0]]
+    return "\n\n".join([f"# {title}", picture(root, png, title), _md_table(rows, columns),
+                         f"Table: `{csv}`; picture: `{png}`."])
+
+
+def cost_curve_markdown(root: Path) -> str:
+    """The held-out cost curve with its 95% band: picture and table."""
+    m = read_json(root, EVALUATION)
+    rows = [{k: dashboards.significant(v) for k, v in r.items()} for r in m["curve"]]
+    return "\n\n".join([
+        f"# Test-trial cost curve (AUCC {m['aucc']:.3f})",
+        picture(root, EVALUATION_PLOT, "cost curve on the held-out test trial"),
+        "IPS estimate of the response per user at each spend, with its 95% confidence band.",
+        _md_table(rows, ("budget", "cost", "response", "response_lo", "response_hi", "status")),
+    ])
+
+
+def clusters_markdown(clusters: pd.DataFrame, title: str) -> str:
+    """The clusters as a picture: size, chosen arm, response per cost."""
+    png = dashboards.clusters_png(clusters, title=title)
+    note = ("Each point is a cluster: its size, and the extra response per extra unit of cost that its "
+            "chosen arm buys over control (for clusters left at control: the best coupon's ratio).")
+    return "\n\n".join([f"# {title}", dashboards.markdown_image(png, title), note])
 
 
 def read_json(root: Path, path: str) -> dict:
@@ -311,9 +446,7 @@ def evaluation_markdown(root: Path) -> str:
         f"- all control: response {control['response']:.4g} per user at spend {control['cost']:.4g}",
         f"- random coupon: response {coupon['response']:.4g} per user at spend {coupon['cost']:.4g}",
         "",
-        "IPS estimates per user at each total budget for the test population (95% CI):",
-        "",
-        _md_table(m["curve"], ("budget", "cost", "response", "response_lo", "response_hi", "status")),
+        "The cost curve (IPS estimates per user at each budget, 95% band) is its own artifact.",
         "",
         f"Plot: `{EVALUATION_PLOT}`; all metrics: `{EVALUATION}`.",
     ]

@@ -7,6 +7,7 @@ from typing import Self
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from budgetalloc.nn import STOPPED_EARLY, early_stop_message
 from budgetalloc.pipeline import Reporter
 
 
@@ -40,8 +41,13 @@ class RichReporter(Reporter):
     def epoch(self, stage: str, epoch: int, total: int, metrics: dict) -> None:
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(f"  {stage} epochs", total=total, metrics="")
-        shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                          if isinstance(v, int | float) and k != STOPPED_EARLY)
         self.progress.update(self.tasks[stage], completed=epoch, metrics=shown)
+        stopped = early_stop_message(epoch, total, metrics)
+        if stopped:
+            self.progress.update(self.tasks[stage], total=epoch)
+            self.progress.console.print(f"  {stage}: {stopped}")
 
     def note(self, message: str) -> None:
         super().note(message)

@@ -20,7 +20,8 @@ are grouped by the student, which is what assigns users when serving (see
 
 What this module holds: params loading, the one-line error convention of the
 CLI (exit code 2), and :class:`StageReporter`, which prints progress as plain
-lines that a Prefect task can follow (:func:`parse_progress`).
+lines with a text bar that a Prefect task can follow (:func:`parse_progress`), and
+says when training stops early.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 
 from budgetalloc.data import Preprocessor, Trial, load_trial
 from budgetalloc.files import atomic_path
+from budgetalloc.nn import STOPPED_EARLY, early_stop_message
 from budgetalloc.params import Params, load_params
 from budgetalloc.pipeline import Reporter
 
@@ -49,12 +51,22 @@ class StageReporter(Reporter):
         print(f"stage: {name}", flush=True)
 
     def epoch(self, stage: str, epoch: int, total: int, metrics: dict) -> None:
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
-        print(f"progress: {stage} {epoch}/{total} {shown}".rstrip(), flush=True)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                         if isinstance(v, int | float) and k != STOPPED_EARLY)
+        print(f"progress: {stage} {epoch}/{total} {text_bar(epoch, total)} {shown}".rstrip(), flush=True)
+        stopped = early_stop_message(epoch, total, metrics)
+        if stopped:
+            print(f"{stage}: {stopped}", flush=True)
 
     def note(self, message: str) -> None:
         super().note(message)
         print(f"note: {message}", flush=True)
+
+
+def text_bar(done: int, total: int, width: int = 20) -> str:
+    """``[########------------]``: ``done`` of ``total`` as a bar of ``width`` characters."""
+    filled = round(width * min(done, total) / max(total, 1))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
 def parse_progress(line: str) -> tuple[str, int, int] | None:

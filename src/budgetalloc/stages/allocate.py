@@ -4,8 +4,8 @@ A scenario is a DVC experiment: ``dvc exp run -S allocate.budget=20000 allocate`
 (``allocate.users`` names the population file) writes the allocation and its
 report, and ``dvc exp apply NAME`` brings any past scenario back. The report is a
 summary (metrics), the population's own budget curve (the program re-solved for its
-cluster sizes at the policy's budget levels; a plot) and the clusters with the arm
-each one gets at this budget.
+cluster sizes at the policy's budget levels) and the clusters with the arm each one
+gets at this budget, each with its picture (the image plots of ``dvc plots``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import typer
 
 from budgetalloc.allocate import Allocation
 from budgetalloc.commands import run_allocate
+from budgetalloc.dashboards import budget_curve_png, clusters_png, write_png
 from budgetalloc.files import atomic_files, write_json, write_table
 from budgetalloc.pipeline import Reporter, program_stage
 from budgetalloc.policy import Policy, load_policy
@@ -86,7 +87,7 @@ def allocation_summary(allocation: AnyAllocation, users: Path) -> dict:
 def main(
     policy: Annotated[Path, typer.Option(help="policy directory from `policy`")],
     out: Annotated[Path, typer.Option(help="allocation to write (.parquet or .csv)")],
-    reports: Annotated[Path, typer.Option(help="directory for summary.json, budget_curve.csv, clusters.csv")],
+    reports: Annotated[Path, typer.Option(help="directory for summary.json, budget_curve.csv/.png, clusters.csv/.png")],
     params: Annotated[Path, typer.Option(help="params file")] = PARAMS_FILE,
 ) -> None:
     """Allocate ``allocate.users`` under ``allocate.budget``; write the allocation and its report."""
@@ -98,8 +99,13 @@ def main(
     summary = allocation_summary(allocation, users)
     with atomic_files(reports) as tmp:
         write_json(summary, tmp / "summary.json")
-        write_table(population_curve_frame(fitted, n_users), tmp / "budget_curve.csv")
-        write_table(allocation_clusters_frame(fitted, allocation), tmp / "clusters.csv")
+        curve, clusters = population_curve_frame(fitted, n_users), allocation_clusters_frame(fitted, allocation)
+        write_table(curve, tmp / "budget_curve.csv")
+        write_table(clusters, tmp / "clusters.csv")
+        name = f"{users.name} ({summary['users']} users), budget {summary['budget']:.6g}"
+        write_png(budget_curve_png(curve, title=f"Budget curve of {name}", unit="total"),
+                  tmp / "budget_curve.png")
+        write_png(clusters_png(clusters, title=f"Clusters of {name}"), tmp / "clusters.png")
     print(f"allocate: {summary['users']} users, expected spend {summary['expected_spend']:.6g} of budget "
           f"{summary['budget']:.6g}, expected response {summary['expected_response']:.6g} -> {out}")
 

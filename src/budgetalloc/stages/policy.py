@@ -3,7 +3,8 @@
 The honest rows are grouped by the student; the budget table is solved over the fit
 trial's own cluster sizes. The policy directory (:mod:`budgetalloc.policy`) is what
 ``allocate`` and ``evaluate`` read. Besides it, two small tables for reports and
-dashboards: the budget curve (per user) and the clusters (size, per-arm estimates).
+dashboards: the budget curve (per user) and the clusters (size, per-arm estimates),
+with their pictures (:mod:`budgetalloc.dashboards`; the image plots of ``dvc plots``).
 
 The policy embeds the params it was fitted with. Of the ``allocate`` section it keeps
 only ``batch_size`` (a serving setting); ``budget`` and ``users`` describe a scenario,
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 import typer
 
+from budgetalloc.dashboards import budget_curve_png, chosen_arms, clusters_png, write_png
 from budgetalloc.distill import load_student
 from budgetalloc.files import write_table
 from budgetalloc.params import AllocateParams, Params
@@ -69,6 +71,16 @@ def cluster_frame(stats: ClusterStatistics, sizes: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
+def write_pictures(curve: pd.DataFrame, clusters: pd.DataFrame, table: list[dict], curve_plot: Path,
+                   clusters_plot: Path) -> None:
+    """The budget curve and the clusters (chosen arm at the middle budget level) as PNG."""
+    write_png(budget_curve_png(curve, title="Budget curve of the fitted policy (fit trial)", unit="per user"),
+              curve_plot)
+    row, arms = chosen_arms(table)
+    title = f"Clusters at budget {row['budget_per_user']:.3g} per user (level {row['level']:g})"
+    write_png(clusters_png(clusters.assign(chosen_arm=arms), title=title), clusters_plot)
+
+
 def main(
     data: Annotated[Path, typer.Option(help="fit part of the trial")],
     preprocess: Annotated[Path, typer.Option(help="preprocessor from `train`")],
@@ -80,6 +92,8 @@ def main(
     out: Annotated[Path, typer.Option(help="policy directory to write")],
     curve: Annotated[Path, typer.Option(help="budget curve to write (.csv)")],
     clusters: Annotated[Path, typer.Option(help="cluster table to write (.csv)")],
+    curve_plot: Annotated[Path, typer.Option(help="budget curve picture to write (.png)")],
+    clusters_plot: Annotated[Path, typer.Option(help="cluster picture to write (.png)")],
     params: Annotated[Path, typer.Option(help="params file")] = PARAMS_FILE,
 ) -> None:
     """Estimate the cluster statistics, solve the budget table, write the policy."""
@@ -104,8 +118,10 @@ def main(
     policy = assemble_policy(trial, policy_params(p), preprocessor=pre, student=student_model, statistics=stats,
                              budget_table=table, summary=summary)
     save_policy(policy, out)
-    write_table(budget_curve_frame(table), curve)
-    write_table(cluster_frame(stats, n_users), clusters)
+    curve_frame, cluster_table = budget_curve_frame(table), cluster_frame(stats, n_users)
+    write_table(curve_frame, curve)
+    write_table(cluster_table, clusters)
+    write_pictures(curve_frame, cluster_table, table, curve_plot, clusters_plot)
     print(f"policy: K={policy.k}, {len(table)} budget levels -> {out}")
 
 
