@@ -115,11 +115,8 @@ _STEM_BYTES = 200
 
 def _is_temp_of(name: str, target_name: str, suffixes: tuple[str, ...]) -> bool:
     prefix = f".{_stem(target_name)}."
-    for suffix in suffixes:
-        if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix):
-            if _RANDOM_PART.fullmatch(name[len(prefix):-len(suffix)]):
-                return True
-    return False
+    return any(name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix)
+               and _RANDOM_PART.fullmatch(name[len(prefix):-len(suffix)]) for suffix in suffixes)
 
 
 def remove_stale(target: Path, suffixes: tuple[str, ...] = TEMP_SUFFIXES) -> None:

@@ -269,7 +269,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def parse_yaml(text: str):
     """YAML parsed by a safe loader that refuses a repeated key (raises ``yaml.YAMLError``)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def params_to_dict(params: Params) -> dict:
