@@ -339,3 +339,24 @@ def test_a_symlink_at_out_is_replaced_as_a_name_not_followed(world, tmp_path):
     (tmp_path / "a.csv").symlink_to(target)
     write_table(pd.DataFrame({"a": [1]}), tmp_path / "a.csv")
     assert target.read_text() == "not ours\n" and not (tmp_path / "a.csv").is_symlink()
+
+
+def test_a_temporary_is_kept_while_its_process_lives_and_removed_after_kill_9(tmp_path):
+    import signal
+
+    target = tmp_path / "a.parquet"
+    code = ("import sys, time; from pathlib import Path; from budgetalloc.files import claim_temp; "
+            f"tmp, fd = claim_temp(Path({str(target)!r}), '.tmp', directory=False); print(tmp, flush=True); "
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        tmp = Path(proc.stdout.readline().strip())
+        assert tmp.exists()
+        write_table(pd.DataFrame({"a": [1]}), target)  # another run's clean-up keeps the live temporary
+        assert tmp.exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    write_table(pd.DataFrame({"a": [2]}), target)  # the killed run's temporary goes
+    assert not tmp.exists() and [p.name for p in tmp_path.iterdir()] == ["a.parquet"]
