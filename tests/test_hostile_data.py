@@ -77,7 +77,7 @@ def test_streamed_fit_names_the_same_row(world, tmp_path):
 
 
 def test_evaluate_refuses_overflowing_values_too(world, tmp_path):
-    root, policy, trial, _ = world
+    _, policy, trial, _ = world
     bad = trial.assign(response=trial["response"].astype(float))
     bad.loc[9, "response"] = 1e308
     bad.to_parquet(tmp_path / "t.parquet", index=False)
@@ -135,7 +135,7 @@ def test_duplicate_column_names_are_refused(world, tmp_path):
 
 @pytest.mark.parametrize("header", [b"user_id,x0\xff,treatment", b"\xfe\xffuser_id", b"user_id,caf\xe9"])
 def test_undecodable_column_names_are_refused(world, tmp_path, header):
-    root, policy, trial, pop = world
+    root, policy, trial, _ = world
     names = header.split(b",")
     frame = trial.iloc[:, : len(names)]
     (tmp_path / "t.csv").write_bytes(_csv_bytes(header, frame))
@@ -210,7 +210,7 @@ def test_a_trial_with_one_arm_says_only_one_arm(world, tmp_path, suffix):
     ("program:\n  alpha: 0.1\nprogram:\n  alpha: 0.2\n", "'program' (lines 1 and 3)"),
 ])
 def test_params_refuse_duplicate_keys(world, tmp_path, text, key):
-    root, _, trial, _ = world
+    _, _, trial, _ = world
     (tmp_path / "p.yaml").write_text(text)
     with pytest.raises(ParamsError, match="duplicate key"):
         load_params(tmp_path / "p.yaml")

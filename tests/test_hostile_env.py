@@ -227,7 +227,7 @@ def test_unreachable_dask_address_is_one_line_and_fast(world, tmp_path, address,
 
 def test_os_errors_of_any_command_are_one_line(world, tmp_path, monkeypatch):
     """The rule is the CLI's, not each command's: an OSError raised anywhere inside one is one line."""
-    root, policy = world
+    root, _ = world
     from budgetalloc import commands
 
     def broken(*args, **kwargs):

@@ -198,6 +198,7 @@ def test_the_dask_path_writes_the_same_ids(setting, tmp_path):
             src, single, dask = (tmp_path / f"{name}-{k}.parquet" for k in ("u", "single", "dask"))
             pq.write_table(pa.Table.from_pandas(users, preserve_index=False), src, row_group_size=50)
             allocate_file(policy, src, 40.0, single, batch_size=64)
-            allocate_distributed(policy_dir, src, 40.0, dask, address=cluster.scheduler_address, batch_size=64)
+            allocate_distributed(policy_dir, src, 40.0, dask, address=cluster.scheduler_address, batch_size=64,
+                                 quiet=True)
             assert dask.read_bytes() == single.read_bytes(), name
             assert _arrow_ids(dask).to_pylist() == list(users["user_id"]), name

@@ -313,3 +313,50 @@ def test_import_and_abtest_refuse_to_overwrite_their_input(tmp_path):
     res = runner.invoke(app, ["abtest", "--data", str(logged), "--out", str(logged)])
     assert "--data" in one_error_line(res)
     assert src.read_bytes() == before and logged.read_text().startswith("group,orders")
+
+
+def test_a_pipe_or_device_at_out_is_not_replaced(world, tmp_path):
+    root, policy = world
+    fifo = tmp_path / "a.parquet"
+    os.mkfifo(fifo)
+    res = runner.invoke(app, ["allocate", "--policy", str(policy), "--users", str(root / "pop.parquet"),
+                              "--budget", "5", "--out", str(fifo)])
+    assert "not a file" in one_error_line(res)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_the_longest_allowed_name_is_written(world, tmp_path):
+    """A 255-byte name is valid; its temporary's name must be too."""
+    name = "n" * 247 + ".parquet"
+    write_table(pd.DataFrame({"a": [1]}), tmp_path / name)
+    save_policy(load_policy(world[1]), tmp_path / ("p" * 255))
+    assert sorted(len(p.name) for p in tmp_path.iterdir()) == [255, 255]
+
+
+def test_a_symlink_at_out_is_replaced_as_a_name_not_followed(world, tmp_path):
+    target = tmp_path / "theirs.csv"
+    target.write_text("not ours\n")
+    (tmp_path / "a.csv").symlink_to(target)
+    write_table(pd.DataFrame({"a": [1]}), tmp_path / "a.csv")
+    assert target.read_text() == "not ours\n" and not (tmp_path / "a.csv").is_symlink()
+
+
+def test_a_temporary_is_kept_while_its_process_lives_and_removed_after_kill_9(tmp_path):
+    import signal
+
+    target = tmp_path / "a.parquet"
+    code = ("import sys, time; from pathlib import Path; from budgetalloc.files import claim_temp; "
+            f"tmp, fd = claim_temp(Path({str(target)!r}), '.tmp', directory=False); print(tmp, flush=True); "
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        tmp = Path(proc.stdout.readline().strip())
+        assert tmp.exists()
+        write_table(pd.DataFrame({"a": [1]}), target)  # another run's clean-up keeps the live temporary
+        assert tmp.exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    write_table(pd.DataFrame({"a": [2]}), target)  # the killed run's temporary goes
+    assert not tmp.exists() and [p.name for p in tmp_path.iterdir()] == ["a.parquet"]

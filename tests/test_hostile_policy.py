@@ -213,3 +213,16 @@ def test_the_cli_refuses_a_rehashed_impossible_policy(copy, tiny_fitted, tmp_pat
 
 def test_an_untouched_copy_loads(copy, tiny_fitted):
     assert load_policy(copy).k == load_policy(tiny_fitted[0]).k
+
+
+def test_rehashed_params_with_a_repeated_key_are_refused(copy):
+    path = copy / "params.yaml"
+    path.write_text(path.read_text() + "seed: 99\n")
+    _rehash(copy)
+    _refused(copy, "duplicate key 'seed'")
+
+
+def test_a_pipe_in_place_of_a_policy_file_does_not_hang(copy):
+    (copy / "statistics.npz").unlink()
+    os.mkfifo(copy / "statistics.npz")
+    _refused(copy, "statistics.npz")

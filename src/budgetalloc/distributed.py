@@ -61,7 +61,14 @@ from prefect.cache_policies import NO_CACHE
 from budgetalloc.allocate import check_budget, check_spend, program_for, unspent_budget
 from budgetalloc.data import USER_ID, check_file
 from budgetalloc.errors import BudgetallocError, DataError
-from budgetalloc.files import atomic_path, claim_temp, make_parents, naming, remove_created, remove_stale
+from budgetalloc.files import (
+    atomic_path,
+    claim_temp,
+    make_parents,
+    naming,
+    remove_created,
+    remove_stale,
+)
 from budgetalloc.policy import Policy, load_policy
 from budgetalloc.readers import is_parquet, parquet_file, parquet_frames
 from budgetalloc.streaming import (

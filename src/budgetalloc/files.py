@@ -77,26 +77,46 @@ def claim_temp(target: Path, suffix: str, *, directory: bool) -> tuple[Path, int
         ``(path, fd)``: keep ``fd`` open while the temporary is in use; closing it
         releases the lock (so does the death of the process).
     """
+    prefix = f".{_stem(target.name)}."
     for _ in range(100):
         if directory:
-            tmp = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+            tmp = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=target.parent)
             fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
         else:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+        _lock(fd)
         if os.fstat(fd).st_nlink > 0:
             return Path(tmp), fd
         os.close(fd)  # another run's clean-up removed it before it was locked: make another
     raise OSError(errno.EAGAIN, "cannot create a temporary file", str(target))
 
 
+def _lock(fd: int) -> None:
+    """An exclusive ``flock`` (waits); a filesystem without locks goes without (nothing then removes its temporaries)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as err:
+        if err.errno not in _NO_LOCKS:
+            raise
+
+
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EBADF)
+
+
+def _stem(name: str) -> str:
+    """The part of an output's name its temporaries carry: short enough for a 255-byte name."""
+    while len(name.encode()) > _STEM_BYTES:
+        name = name[:-1]
+    return name
+
+
+_STEM_BYTES = 200
+
+
 def _is_temp_of(name: str, target_name: str, suffixes: tuple[str, ...]) -> bool:
-    prefix = f".{target_name}."
-    for suffix in suffixes:
-        if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix):
-            if _RANDOM_PART.fullmatch(name[len(prefix):-len(suffix)]):
-                return True
-    return False
+    prefix = f".{_stem(target_name)}."
+    return any(name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix)
+               and _RANDOM_PART.fullmatch(name[len(prefix):-len(suffix)]) for suffix in suffixes)
 
 
 def remove_stale(target: Path, suffixes: tuple[str, ...] = TEMP_SUFFIXES) -> None:
@@ -201,15 +221,21 @@ def _is_temporary_name(name: str, target: Path, temps: tuple[Path, ...]) -> bool
     """A path one of ``target``'s temporaries has (or ``mkstemp`` tried to give one)."""
     if any(name.startswith(str(t)) for t in temps):
         return True
-    return os.path.basename(name).startswith(f".{target.name}.")
+    return os.path.basename(name).startswith(f".{_stem(target.name)}.")
 
 
 def check_output_file(path: Path) -> None:
-    """An output file may replace a file, never a directory."""
+    """An output file may replace a file (or a link, as a name), never a directory or a device."""
     if path.name in ("", ".", ".."):
         raise BudgetallocError(f"{path}: not a file name")
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory (an output file was expected)", str(path))
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise BudgetallocError(f"{path}: is a device, pipe or socket, not a file; refusing to replace it")
 
 
 def check_distinct(output: Path, /, **inputs: Path | None) -> None:
@@ -283,7 +309,7 @@ def _parent_lock(path: Path) -> Iterator[None]:
     """Serialise swaps into one directory between runs (``flock`` on the directory itself)."""
     fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock(fd)
         yield
     finally:
         os.close(fd)
@@ -341,15 +367,20 @@ def _swap_directory(tmp: Path, path: Path, check: Callable[[Path], None]) -> Non
             check(path)
             old, old_fd = claim_temp(path, ".old", directory=True)
             os.replace(path, old / "previous")
+        swapped = False
         try:
             os.replace(tmp, path)
+            swapped = True
         except OSError:
             if old is not None:
                 os.replace(old / "previous", path)  # put the previous one back
+                swapped = True  # nothing of value is left in ``old``
             raise
         finally:
-            if old is not None:
+            if old is not None and swapped:
                 _discard(old, old_fd)
+            elif old is not None:
+                os.close(old_fd)  # the previous policy stays in ``old``, for the user to recover
 
 
 @contextmanager

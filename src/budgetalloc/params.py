@@ -233,7 +233,7 @@ def load_params(path: str | Path | None = None) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        raw = parse_yaml(path.read_text())
     except _DuplicateKey as err:
         raise ParamsError(f"{path}: {err}") from None
     except UnicodeDecodeError:
@@ -265,6 +265,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: the constructor's own error follows
                 continue
         return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str):
+    """YAML parsed by a safe loader that refuses a repeated key (raises ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def params_to_dict(params: Params) -> dict:

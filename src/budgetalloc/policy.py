@@ -38,7 +38,7 @@ from budgetalloc.data import Preprocessor
 from budgetalloc.distill import StudentModel, load_student, save_student
 from budgetalloc.errors import BudgetallocError, PolicyError
 from budgetalloc.files import atomic_directory
-from budgetalloc.params import Params, params_from_dict, params_to_dict
+from budgetalloc.params import Params, params_from_dict, params_to_dict, parse_yaml
 from budgetalloc.statistics import ClusterStatistics
 
 FORMAT_VERSION = 2
@@ -268,7 +268,7 @@ def load_policy(directory: str | Path) -> Policy:
     directory = Path(directory)
     manifest = verify_policy(directory)
     try:
-        params = params_from_dict(yaml.safe_load((directory / "params.yaml").read_text()),
+        params = params_from_dict(parse_yaml((directory / "params.yaml").read_text()),
                                   source=str(directory / "params.yaml"))
         policy = Policy(
             feature_names=tuple(manifest["feature_names"]),
