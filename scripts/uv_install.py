@@ -3,8 +3,9 @@
 ``make install`` runs it with the virtual environment's python after ``pip install uv``.
 uv does not read pip's configuration, so the indexes, find-links, constraints and
 certificate that ``pip config list`` reports (``/etc/pip.conf``, ``PIP_*`` variables,
-user and site files) are passed to uv: both install from the same places. Standard
-library only: it runs before the project is installed.
+user and site files) are passed to uv: both install from the same places, and, as
+pip does, uv picks the best version across all indexes (``unsafe-best-match``).
+Standard library only: it runs before the project is installed.
 
     python scripts/uv_install.py -e '.[dev]'
 """
@@ -46,8 +47,17 @@ def uv_command(args: list[str], config: dict[str, list[str]]) -> tuple[list[str]
             env.setdefault("SSL_CERT_FILE", values[0])
             continue
         for value in values:
+            if missing_local(value):
+                continue  # pip skips a local index or find-links that is not there (with a warning)
             cmd += [option, value]
-    return cmd + args, env
+    return cmd + ["--index-strategy", "unsafe-best-match", *args], env
+
+
+def missing_local(location: str) -> bool:
+    """Whether ``location`` is a local path or ``file://`` URL that does not exist."""
+    if "://" in location and not location.startswith("file://"):
+        return False
+    return not Path(location.removeprefix("file://")).exists()
 
 
 def main() -> int:
