@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "[2/3] uv (installer), with pip"
 	@$(BIN)/python -m pip install --progress-bar on --upgrade pip uv
-	@echo "[3/3] budgetalloc and its dependencies, with uv (about 1 minute; pip alone takes about 4)"
+	@echo "[3/3] budgetalloc and its dependencies, with uv (under a minute here; pip alone takes about 3)"
 	@$(BIN)/python scripts/uv_install.py -e '.[dev]'
 	@touch $(STAMP)
 	@echo "installed: source $(VENV)/bin/activate"
