@@ -43,21 +43,21 @@ def publish(root: Path, revision: orch.Revision) -> dict:
     who = f"{summary['population']} ({summary['users']} users)"
     create_markdown_artifact(
         orch.curve_markdown(root, orch.ALLOCATION_CURVE_PLOT, orch.ALLOCATION_CURVE, f"Budget curve of {who}"),
-        key="allocation-budget-curve", description=f"Expected response and spend against the budget, {who}",
+        key="allocation-budget-curve", description=orch.card(
+            f"Expected response and spend against the budget, {who}", orch.read_png(root, orch.ALLOCATION_CURVE_PLOT)),
     )
-    create_markdown_artifact(orch.cost_curve_markdown(root), key="allocation-cost-curve",
-                             description="The policy's held-out cost curve with its 95% confidence band")
+    create_markdown_artifact(orch.cost_curve_markdown(root), key="allocation-cost-curve", description=orch.card(
+        "The policy's test-trial cost curve with its 95% confidence band", orch.read_png(root, orch.EVALUATION_PLOT)))
     clusters = pd.read_csv(Path(root) / orch.ALLOCATION_CLUSTERS)
     create_table_artifact(
         dashboards.analyst_table(clusters), key="allocation-clusters",
         description=(f"Clusters of {who}, chosen arm first (at budget {summary['budget']:.6g}): size, "
                      "estimated response and cost per arm, users per arm"),
     )
-    create_markdown_artifact(
-        "\n\n".join([f"# Clusters of {who} at budget {summary['budget']:.6g}",
-                      orch.picture(root, orch.ALLOCATION_CLUSTERS_PLOT, "clusters")]),
-        key="allocation-clusters-chart", description="Clusters: size, chosen arm, response per cost",
-    )
+    title = f"Clusters of {who} at budget {summary['budget']:.6g}"
+    png = orch.read_png(root, orch.ALLOCATION_CLUSTERS_PLOT)
+    create_markdown_artifact(orch.clusters_markdown(png, title), key="allocation-clusters-chart",
+                             description=orch.card("Clusters: size, chosen arm, response per cost", png))
     create_markdown_artifact(orch.allocation_markdown(root, revision), key="allocation-report",
                              description=f"Scenario {revision.experiment}: budget {summary['budget']:.6g}")
     return {"experiment": revision.experiment, "commit": revision.commit, **{

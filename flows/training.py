@@ -60,18 +60,21 @@ def publish(root: Path, revision: orch.Revision, budget_level: float | None) -> 
     """Publish the budget curve, the cost curve, the clusters and the report as Prefect artifacts."""
     create_markdown_artifact(
         orch.curve_markdown(root, orch.POLICY_CURVE_PLOT, orch.POLICY_CURVE, "Budget curve of the fitted policy"),
-        key="budget-curve", description="Expected response and spend per user against the budget (fit trial)",
+        key="budget-curve", description=orch.card("Expected response and spend per user against the budget "
+                                                  "(fit trial)", orch.read_png(root, orch.POLICY_CURVE_PLOT)),
     )
-    create_markdown_artifact(orch.cost_curve_markdown(root), key="cost-curve",
-                             description="Held-out cost curve with its 95% confidence band")
+    create_markdown_artifact(orch.cost_curve_markdown(root), key="cost-curve", description=orch.card(
+        "Test-trial cost curve with its 95% confidence band", orch.read_png(root, orch.EVALUATION_PLOT)))
     clusters, row = orch.policy_clusters(root, budget_level)
     at = f"budget level {row['level']:g} ({row['budget_per_user']:.3g} per user)"
     create_table_artifact(
         dashboards.analyst_table(clusters), key="clusters",
         description=f"Clusters, chosen arm first (at {at}): size, estimated response and cost per arm",
     )
-    create_markdown_artifact(orch.clusters_markdown(clusters, f"Clusters of the fitted policy at {at}"),
-                             key="clusters-chart", description=f"Clusters: size, chosen arm, response per cost ({at})")
+    title = f"Clusters of the fitted policy at {at}"
+    png = dashboards.clusters_png(clusters, title=title)
+    create_markdown_artifact(orch.clusters_markdown(png, title), key="clusters-chart",
+                             description=orch.card("Clusters: size, chosen arm, response per cost", png))
     create_markdown_artifact(orch.training_markdown(root, revision), key="training-report",
                              description="Training run: fit summary, evaluation, reproduction")
     return {"experiment": revision.experiment, "commit": revision.commit,

@@ -7,9 +7,10 @@ is clean; a budget scenario run with ``dvc exp run`` is brought back byte for by
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +19,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "seed": 3,
-    "simulate": {"n_users": 8000},
-    "train": {"hidden": 32, "head_hidden": 8, "epochs": 8, "batch_size": 512, "patience": 2},
-    "cluster": {"k": 12, "n_init": 1},
-    "distill": {"hidden": 32, "epochs": 8, "batch_size": 512},
-    "statistics": {"n_scenarios": 10},
-    "program": {"budget_levels": [0.05, 0.2, 0.5]},
-    "allocate": {"budget": 150.0},
-}
-TINY_POPULATION = 1500
+SCRIPTS = ROOT / "scripts"
+_spec = importlib.util.spec_from_file_location("local_prefect", SCRIPTS / "local_prefect.py")
+local_prefect = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(local_prefect)
+TINY, TINY_POPULATION = local_prefect.TINY, local_prefect.TINY_POPULATION
 STAGES = ("prepare", "train", "embed", "cluster", "distill", "policy", "evaluate", "allocate")
 
 
@@ -52,28 +47,9 @@ def dvc(repo: Path, *args: str) -> str:
 
 
 def tiny_repo(dst: Path) -> Path:
-    """A committed copy of the working tree with tiny params and freshly simulated tiny data.
-
-    The files git tracks or would track are copied (not data/, models/, caches);
-    data/ is simulated from the tiny params and recorded in a new data.dvc.
-    """
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        src = ROOT / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    for key, value in TINY.items():
-        params[key] = {**params[key], **value} if isinstance(value, dict) else value
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (dst / "data.dvc").unlink(missing_ok=True)
-    sh(dst, "git", "init", "-q")
-    sh(dst, sys.executable, "-m", "budgetalloc.stages.simulate", "--population-size", str(TINY_POPULATION))
-    sh(dst, "git", "add", "-A")
-    sh(dst, "git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "baseline")
-    return dst
+    """A committed copy of the working tree with tiny params and freshly simulated tiny data
+    (``scripts/local_prefect.py``, which the end-to-end scripts use too)."""
+    return local_prefect.copy_repository(dst, TINY, population=TINY_POPULATION)
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +83,23 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(repro):
     summary = found["reports/allocation/summary.json"]["data"]
     assert summary["budget"] == TINY["allocate"]["budget"] >= summary["expected_spend"]
     plots = json.loads(dvc(repo, "plots", "show", "--json"))["data"]
-    for name in ("reports/evaluate/curve.json", "reports/policy/budget_curve.csv",
-                 "reports/allocation/budget_curve.csv", "reports/evaluate/curve.png"):
-        assert name in plots, sorted(plots)
+    pictures = ("reports/evaluate/curve.png", "reports/policy/budget_curve.png", "reports/policy/clusters.png",
+                "reports/allocation/budget_curve.png", "reports/allocation/clusters.png")
+    assert sorted(plots) == sorted(pictures)
+    for name in pictures:
+        assert (repo / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_plots_render_without_network(repro):
+    """`dvc plots show` writes a page that loads nothing from the network (no Vega-Lite from a CDN)."""
+    repo, _ = repro
+    dvc(repo, "plots", "show", "-o", "plots_offline")
+    page = (repo / "plots_offline" / "index.html").read_text()
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    images = re.findall(r'<img[^>]+src="([^"]+)"', page)
+    assert len(images) == 5
+    for src in images:
+        assert src.startswith("data:image/png") or (repo / "plots_offline" / src).is_file(), src
 
 
 def test_second_repro_does_nothing_and_status_is_clean(repro):
@@ -141,6 +131,12 @@ def test_budget_scenario_is_an_experiment_reproduced_exactly(repro):
     budgets = {rev["name"]: rev["data"]["params"]["params.yaml"]["data"]["allocate"]["budget"]
                for baseline in shown for exp in baseline.get("experiments") or [] for rev in exp["revs"]}
     assert budgets == {"budget-100": 100, "budget-250": 250}
+    # the README's one command for the scenarios: their budget and headline metrics only
+    listed = sh(repo, "make", "-s", "scenarios", f"BIN={Path(sys.executable).parent}", "STAMP=")
+    header, _, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in listed.splitlines()]
+    assert header == ["Experiment", "aucc", "expected_response", "expected_spend", "users", "allocate.budget"]
+    by_name = {re.sub(r".*\[(.*)\]", r"\1", row[0]): row for row in rows}
+    assert by_name["budget-100"][-1] == "100" and by_name["budget-250"][-1] == "250"
 
     dvc(repo, "exp", "apply", "budget-100")
     assert allocation.read_bytes() == first

@@ -46,16 +46,20 @@ def repo(tmp_path_factory):
     return tiny_repo(tmp_path_factory.mktemp("flows") / "repo")
 
 
+def read_artifacts(state) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+
+
 def artifacts_of(state) -> dict:
     """Artifacts of a flow run by key: (type, data)."""
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    out = {}
-    for a in found:
-        data = json.loads(a.data) if a.type == "table" else a.data
-        out[a.key] = (a.type, data)
-    return out
+    return {a.key: (a.type, json.loads(a.data) if a.type == "table" else a.data) for a in read_artifacts(state)}
+
+
+def descriptions_of(state) -> dict:
+    """Artifacts of a flow run by key: their description (the UI shows it on the Artifacts tab)."""
+    return {a.key: a.description for a in read_artifacts(state)}
 
 
 def experiments(repo: Path) -> set[str]:
@@ -73,9 +77,10 @@ def trained(harness, repo):
 def test_training_flow_runs_the_dvc_stages_and_publishes_dashboards(trained, repo):
     result = trained.result()
     arts = artifacts_of(trained)
+    described = descriptions_of(trained)
     for key in ("budget-curve", "cost-curve", "clusters-chart"):  # pictures, held in the markdown itself
         kind, text = arts[key]
-        assert kind == "markdown" and IMAGE in text, key
+        assert kind == "markdown" and IMAGE in text and IMAGE in described[key], key
     assert "expected_response" in arts["budget-curve"][1] and "response_lo" in arts["cost-curve"][1]
     kind, clusters = arts["clusters"]
     assert kind == "table" and len(clusters) >= 2
@@ -100,9 +105,10 @@ def test_allocation_flow_is_a_reproducible_scenario(trained, repo):
     result = state.result()
     assert result["budget"] == TINY["allocate"]["budget"] >= result["expected_spend"]
     arts = artifacts_of(state)
+    described = descriptions_of(state)
     for key in ("allocation-budget-curve", "allocation-cost-curve", "allocation-clusters-chart"):
         kind, text = arts[key]
-        assert kind == "markdown" and IMAGE in text, key
+        assert kind == "markdown" and IMAGE in text and IMAGE in described[key], key
     assert list(arts["allocation-clusters"][1][0])[:3] == ["chosen_arm", "cluster", "size"]
     assert "users_arm_0" in arts["allocation-clusters"][1][0]
     report = arts["allocation-report"][1]

@@ -387,16 +387,25 @@ def policy_clusters(root: Path, level: float | None) -> tuple[pd.DataFrame, dict
     return pd.read_csv(Path(root) / POLICY_CLUSTERS).assign(chosen_arm=arms), row
 
 
-def picture(root: Path, path: str, alt: str) -> str:
-    """A PNG a stage wrote, as a markdown image that holds the picture itself."""
-    return dashboards.markdown_image((Path(root) / path).read_bytes(), alt)
+def read_png(root: Path, path: str) -> bytes:
+    """A PNG a stage wrote."""
+    return (Path(root) / path).read_bytes()
+
+
+def card(caption: str, png: bytes) -> str:
+    """An artifact description: a caption, then the picture itself (a ``data:`` URI).
+
+    Prefect's UI renders each artifact's description as markdown on the flow run's
+    Artifacts tab, so the picture shows there, not only on the artifact's own page.
+    """
+    return f"{caption}\n\n{dashboards.markdown_image(png, caption)}"
 
 
 def curve_markdown(root: Path, png: str, csv: str, title: str) -> str:
     """A budget curve: its picture, then its table at 3 significant digits."""
     rows = dashboards.analyst_table(pd.read_csv(Path(root) / csv))
     columns = [c for c in ("budget", "expected_response", "expected_spend", "level", "status") if c in rows[0]]
-    return "\n\n".join([f"# {title}", picture(root, png, title), _md_table(rows, columns),
+    return "\n\n".join([f"# {title}", dashboards.markdown_image(read_png(root, png), title), _md_table(rows, columns),
                          f"Table: `{csv}`; picture: `{png}`."])
 
 
@@ -406,15 +415,14 @@ def cost_curve_markdown(root: Path) -> str:
     rows = [{k: dashboards.significant(v) for k, v in r.items()} for r in m["curve"]]
     return "\n\n".join([
         f"# Test-trial cost curve (AUCC {m['aucc']:.3f})",
-        picture(root, EVALUATION_PLOT, "cost curve on the held-out test trial"),
+        dashboards.markdown_image(read_png(root, EVALUATION_PLOT), "cost curve on the held-out test trial"),
         "IPS estimate of the response per user at each spend, with its 95% confidence band.",
         _md_table(rows, ("budget", "cost", "response", "response_lo", "response_hi", "status")),
     ])
 
 
-def clusters_markdown(clusters: pd.DataFrame, title: str) -> str:
+def clusters_markdown(png: bytes, title: str) -> str:
     """The clusters as a picture: size, chosen arm, response per cost."""
-    png = dashboards.clusters_png(clusters, title=title)
     note = ("Each point is a cluster: its size, and the extra response per extra unit of cost that its "
             "chosen arm buys over control (for clusters left at control: the best coupon's ratio).")
     return "\n\n".join([f"# {title}", dashboards.markdown_image(png, title), note])
