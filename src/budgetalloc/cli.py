@@ -5,12 +5,11 @@ as one line on stderr and the command exits with code 2, without a traceback. So
 is every fault of the environment (an ``OSError``: disk full, permissions, a path
 that is a file or a directory, an unreachable scheduler), worded by
 :func:`~budgetalloc.errors.describe_os_error` to name the path or address: one
-rule for every command, in :func:`handle_errors`.
+rule for every command, in :func:`~budgetalloc.errors.handle_errors`.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from budgetalloc.errors import BudgetallocError, describe_os_error
+from budgetalloc.errors import handle_errors
 
 app = typer.Typer(
     name="budgetalloc",
@@ -35,23 +34,6 @@ err_console = Console(stderr=True)
 @app.callback()
 def _root() -> None:
     """Robust marketing budget allocation by hidden-representation clustering."""
-
-
-def handle_errors(fn):
-    """Turn project errors and faults of the environment into one line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except BudgetallocError as err:
-            line = " ".join(str(err).split("\n"))
-        except OSError as err:
-            line = describe_os_error(err)
-        print(f"error: {line}", file=sys.stderr)
-        raise typer.Exit(code=2)
-
-    return wrapper
 
 
 def frame_table(df, title: str, *, digits: int = 4) -> Table:

@@ -2,40 +2,24 @@
 
 Kept apart from ``cli.py`` and added to its app by :func:`register`. Like every
 command they only parse, call one library function (:mod:`budgetalloc.datasets`,
-:mod:`budgetalloc.abtest`) and print. ``budgetalloc.cli`` is imported lazily,
-when a command runs, so ``cli.py`` may import this module at its top without a
-circular import.
+:mod:`budgetalloc.abtest`) and print; errors go through the one rule of
+:func:`budgetalloc.errors.handle_errors`. This module never imports ``cli.py``.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
+from budgetalloc.errors import handle_errors
+
+console = Console()
 data_app = typer.Typer(name="data", help="Public datasets: import into the trial contract.",
                        no_args_is_help=True, pretty_exceptions_enable=False)
-
-
-def _handled(fn):
-    """``budgetalloc.cli.handle_errors`` applied at call time (one line, exit 2)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from budgetalloc.cli import handle_errors
-
-        return handle_errors(fn)(*args, **kwargs)
-
-    return wrapper
-
-
-def _console():
-    from budgetalloc.cli import console
-
-    return console
 
 
 @data_app.callback()
@@ -44,7 +28,7 @@ def _data() -> None:
 
 
 @data_app.command("import")
-@_handled
+@handle_errors
 def import_(
     name: Annotated[str, typer.Argument(help="dataset: criteo, hillstrom or mt-lift")],
     src: Annotated[Path, typer.Argument(help="the released CSV file (local; .gz allowed)")],
@@ -71,7 +55,7 @@ def import_(
     for arm, (rows, resp, cost) in enumerate(zip(summary.arm_rows, summary.arm_response,
                                                  summary.arm_cost, strict=True)):
         table.add_row(str(arm), str(rows), f"{resp:.4g}", f"{cost:.4g}")
-    _console().print(table)
+    console.print(table)
 
 
 def _fmt(value, spec: str = ".4g") -> str:
@@ -98,7 +82,7 @@ def report_tables(report) -> tuple[Table, Table]:
     return groups, lifts
 
 
-@_handled
+@handle_errors
 def abtest(
     data: Annotated[Path | None, typer.Option(
         "--data", help="logged per-user table: group, orders, gmv, cost")] = None,
@@ -130,7 +114,6 @@ def abtest(
     report = run_abtest(data=data, control_group=control_group, simulate=simulate,
                         policy_a=policy_a, policy_b=policy_b, budget_per_user=budget_per_user,
                         users=users, seed=seed, world=world, alpha=alpha, out=out, outcomes=outcomes)
-    console = _console()
     for table in report_tables(report):
         console.print(table)
     if out is not None:

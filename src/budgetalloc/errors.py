@@ -11,6 +11,8 @@ one line naming the path or address, and the CLI exits 2 with it as well.
 from __future__ import annotations
 
 import errno
+import functools
+import sys
 
 
 class BudgetallocError(Exception):
@@ -61,3 +63,22 @@ def describe_os_error(err: OSError) -> str:
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0][:300] if lines else ""
+
+
+def handle_errors(fn):
+    """Turn project errors and faults of the environment into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BudgetallocError as err:
+            line = " ".join(str(err).split("\n"))
+        except OSError as err:
+            line = describe_os_error(err)
+        import typer  # the command line's exit; imported only when a command fails
+
+        print(f"error: {line}", file=sys.stderr)
+        raise typer.Exit(code=2)
+
+    return wrapper

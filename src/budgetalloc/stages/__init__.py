@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from budgetalloc.data import Preprocessor, Trial, load_trial
+from budgetalloc.errors import handle_errors
 from budgetalloc.files import atomic_path
 from budgetalloc.nn import STOPPED_EARLY, early_stop_message
 from budgetalloc.params import Params, load_params
@@ -111,8 +112,6 @@ def load_array(path: Path, *, mmap: bool = False) -> np.ndarray:
 def stage_app(main: Callable[..., None]):
     """A stage's ``main`` as a typer command; project errors become one line and exit code 2."""
     import typer
-
-    from budgetalloc.cli import handle_errors
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(handle_errors(main))
