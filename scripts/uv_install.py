@@ -5,7 +5,8 @@ uv does not read pip's configuration, so the indexes, find-links, constraints an
 certificate that ``pip config list`` reports (``/etc/pip.conf``, ``PIP_*`` variables,
 user and site files) are passed to uv: both install from the same places, and, as
 pip does, uv picks the best version across all indexes (``unsafe-best-match``).
-Standard library only: it runs before the project is installed.
+Should uv fail, pip installs the same requirements. Standard library only: it runs
+before the project is installed.
 
     python scripts/uv_install.py -e '.[dev]'
 """
@@ -62,7 +63,11 @@ def missing_local(location: str) -> bool:
 
 def main() -> int:
     cmd, env = uv_command(sys.argv[1:], pip_config())
-    return subprocess.call(cmd, env=env)
+    code = subprocess.call(cmd, env=env)
+    if code == 0:
+        return 0
+    print(f"uv exited with {code}; installing with pip instead (slower)", file=sys.stderr)
+    return subprocess.call([sys.executable, "-m", "pip", "install", "--progress-bar", "on", *sys.argv[1:]])
 
 
 if __name__ == "__main__":
