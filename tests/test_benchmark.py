@@ -61,14 +61,14 @@ def test_matched_capture_takes_back_what_overspending_buys():
     r, c = pop.true_response, pop.true_cost
     scale = max_spend(c)
     targets = [0.02 * scale, 0.05 * scale, 0.2 * scale]
-    overspender = lambda budget: oracle_arms(r, c, 1.3 * budget)  # noqa: E731
+    overspender = lambda budget: oracle_arms(r, c, 1.3 * budget)
     nominal = [score_allocation(overspender(b), r, c, b) for b in targets]
     assert all(s.capture > 1.02 and s.spend_ratio > 1.25 for s in nominal)
     spend, uplift = budget_path(overspender, r, c, [lv * scale for lv in PATH_LEVELS])
     matched = matched_capture(spend, uplift, targets, oracle_uplift(r, c, targets))
     np.testing.assert_allclose(matched, 1.0, atol=0.01)
-    # a method that spends half its budget is read at its own spend too: below the oracle
-    underspender = lambda budget: oracle_arms(r, c, 0.5 * budget)  # noqa: E731
+    # one that spends half its budget is read at its own true spend too: the same path, the same capture
+    underspender = lambda budget: oracle_arms(r, c, 0.5 * budget)
     spend, uplift = budget_path(underspender, r, c, [lv * scale for lv in PATH_LEVELS])
     np.testing.assert_allclose(matched_capture(spend, uplift, targets, oracle_uplift(r, c, targets)), 1.0,
                                atol=0.01)

@@ -38,7 +38,13 @@ from budgetalloc.lagrangian import lagrangian_allocation
 from budgetalloc.metrics import ips_value, matched_capture, multi_arm_aucc
 from budgetalloc.params import Params, SimulateParams
 from budgetalloc.pipeline import fit_policy
-from budgetalloc.simulate import max_spend, oracle_arms, score_allocation, simulate_population, simulate_trial
+from budgetalloc.simulate import (
+    max_spend,
+    oracle_arms,
+    score_allocation,
+    simulate_population,
+    simulate_trial,
+)
 
 METHODS = ("HRC", *BASELINES)
 BUDGET_LEVELS = (0.02, 0.05, 0.1, 0.2, 0.35)
@@ -313,8 +319,8 @@ def benchmark_markdown(summary: pd.DataFrame, meta: dict, results: pd.DataFrame 
     """The report: run description, one summary table per case and (with ``results``) its budget levels."""
     lines = ["# Benchmark: HRC against six baselines", "",
              "| " + " | ".join(f"{k}: {v}" for k, v in meta.items()) + " |", "",
-             "capture: share of the per-user oracle's uplift at the nominal budget; matched: at the method's "
-             "own true spend equal to the budget (budget path interpolated); spend: true spend / budget.", ""]
+             ("capture: share of the per-user oracle's uplift at the nominal budget; matched: at the method's "
+              "own true spend equal to the budget (budget path interpolated); spend: true spend / budget."), ""]
     cols = ["method", "capture_mean", "capture_min", "matched_mean", "matched_min", "spend_ratio_max", "aucc",
             "fit_s", "allocate_s"]
     for case, sub in summary.groupby("case", sort=False):
