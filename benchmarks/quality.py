@@ -36,15 +36,15 @@ def main() -> None:
     rows = []
     started = time.time()
     for case in cases:
-        rows += run_case(case, ["HRC"], params, seed=0, n_test=100_000, n_population=args.population,
-                         quick=False, levels=LEVELS)
-        rows[-1]["k"] = params.cluster.k
-        for r in rows[-len(LEVELS):]:
+        part = run_case(case, ["HRC"], params, seed=0, n_test=100_000, n_population=args.population,
+                        quick=False, levels=LEVELS).rows
+        for r in part:
             r["k"] = params.cluster.k
+        rows += part
     for k in [int(v) for v in args.ks.split(",") if v]:
         p = with_overrides(params, {"cluster.k": k})
         part = run_case(Case(f"binary K={k}", cases[0].world), ["HRC"], p, seed=0, n_test=100_000,
-                        n_population=args.population, quick=False, levels=LEVELS)
+                        n_population=args.population, quick=False, levels=LEVELS).rows
         for r in part:
             r["k"] = k
         rows += part
@@ -57,6 +57,7 @@ def main() -> None:
     (out / "quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     g = df.groupby(["case", "k"], sort=False)
     table = pd.DataFrame({"capture_mean": g["capture"].mean(), "capture_min": g["capture"].min(),
+                          "matched_mean": g["matched_capture"].mean(), "matched_min": g["matched_capture"].min(),
                           "spend_ratio_max": g["spend_ratio"].max(), "aucc": g["aucc"].mean(),
                           "fit_s": g["fit_s"].mean()}).reset_index()
     (out / "quality.md").write_text(f"{meta}\n\n" + table.to_markdown(index=False, floatfmt=".3f") + "\n")

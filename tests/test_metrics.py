@@ -297,3 +297,25 @@ def test_spend_ratio(arms, budget, expected):
 def test_spend_ratio_rejects_nonpositive_budget():
     with pytest.raises(DataError):
         m.spend_ratio(np.zeros(3, int), TRUE_C, 0.0)
+
+
+# ----------------------------------------------------------------------------- matched spend
+def test_uplift_at_spend_hand_computed():
+    # path (0, 0), (2, 1), (4, 3), (6, 2): at 1 half of 1, at 3 between 1 and 3, at 5 between 3 and 2,
+    # at 8 past the path's largest spend: held at 2
+    got = m.uplift_at_spend([4.0, 2.0, 6.0], [3.0, 1.0, 2.0], [0.0, 1.0, 3.0, 5.0, 8.0])
+    np.testing.assert_allclose(got, [0.0, 0.5, 2.0, 2.5, 2.0], atol=1e-12)
+    # two allocations with the same spend 2 (uplifts 1 and 3) count as their mean, 2
+    got = m.uplift_at_spend([2.0, 2.0, 4.0], [1.0, 3.0, 5.0], [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(got, [1.0, 2.0, 3.5], atol=1e-12)
+
+
+def test_matched_capture_hand_computed():
+    got = m.matched_capture([2.0, 4.0, 6.0], [1.0, 3.0, 2.0], [1.0, 3.0, 5.0], [1.0, 4.0, 0.0])
+    np.testing.assert_allclose(got[:2], [0.5, 0.5], atol=1e-12)
+    assert np.isnan(got[2])  # the oracle gains nothing there
+
+
+def test_uplift_at_spend_rejects_negative_spend():
+    with pytest.raises(DataError, match="uplift_at_spend"):
+        m.uplift_at_spend([-1.0], [0.0], [1.0])

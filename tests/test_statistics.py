@@ -43,7 +43,7 @@ def test_unbiased_whatever_the_predictions(estimator, pred_bias, pooling):
     n, m = len(t), tr.shape[1]
     pred_r = np.full((n, m), y.mean() + pred_bias)
     pred_c = np.full((n, m), c.mean())
-    params = StatisticsParams(estimator=estimator, pooling=pooling, shrinkage=0.0, n_scenarios=5)
+    params = StatisticsParams(cost_margin=0.0, estimator=estimator, pooling=pooling, shrinkage=0.0, n_scenarios=5)
     st = cluster_statistics(labels, t, y, c, np.ones(n), pred_r, pred_c, k=4, params=params, seed=0)
     np.testing.assert_allclose(st.response, tr, atol=5 * st.response_se.max() + 0.01)
     # 5,000 rows a cell: the plain mean is already 0.024 off in the worst of 12 cells
@@ -56,10 +56,10 @@ def test_shrinkage_pulls_small_cells_to_predictions():
     n, m = len(t), tr.shape[1]
     pred = np.full((n, m), 0.5)
     heavy = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4,
-                               params=StatisticsParams(pooling="rows", shrinkage=1e6, n_scenarios=2), seed=0)
+                               params=StatisticsParams(cost_margin=0.0, pooling="rows", shrinkage=1e6, n_scenarios=2), seed=0)
     np.testing.assert_allclose(heavy.response, 0.5, atol=1e-3)
     none = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4,
-                              params=StatisticsParams(pooling="rows", shrinkage=0.0, n_scenarios=2,
+                              params=StatisticsParams(cost_margin=0.0, pooling="rows", shrinkage=0.0, n_scenarios=2,
                                                       estimator="mean"), seed=0)
     cell = (labels == 0) & (t == 1)
     assert none.response[0, 1] == pytest.approx(y[cell].mean())
@@ -72,7 +72,7 @@ def test_robust_estimate_beats_mean_under_cost_outliers():
     errs = {}
     for est in ("mean", "winsorize"):
         st = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4,
-                                params=StatisticsParams(estimator=est, pooling="rows", shrinkage=0.0,
+                                params=StatisticsParams(cost_margin=0.0, estimator=est, pooling="rows", shrinkage=0.0,
                                                         n_scenarios=2), seed=0)
         errs[est] = np.abs(st.cost - tc).max()
     assert errs["winsorize"] < 0.03 < errs["mean"]
@@ -89,7 +89,7 @@ def test_scenarios_spread_like_standard_errors_and_roundtrip(tmp_path):
     labels, t, y, c, tr, _ = _world(n=20_000)
     n, m = len(t), tr.shape[1]
     pred = np.full((n, m), y.mean())
-    params = StatisticsParams(estimator="mean", shrinkage=0.0, n_scenarios=200)
+    params = StatisticsParams(cost_margin=0.0, estimator="mean", shrinkage=0.0, n_scenarios=200)
     st = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4, params=params, seed=1)
     boot_sd = st.response_scenarios.std(axis=0)
     ratio = boot_sd[:, 1:] / st.response_se[:, 1:]
@@ -113,7 +113,7 @@ def test_inverse_propensity_weights_correct_unbalanced_assignment():
     prop = np.where(t == 1, p1, 1 - p1)
     pred = np.zeros((n, 2))
     st = cluster_statistics(labels, t, y, np.zeros(n), 1.0 / (2 * prop), pred, pred, k=1,
-                            params=StatisticsParams(estimator="mean", shrinkage=0.0, n_scenarios=2), seed=0)
+                            params=StatisticsParams(cost_margin=0.0, estimator="mean", shrinkage=0.0, n_scenarios=2), seed=0)
     assert st.response[0, 1] - st.response[0, 0] == pytest.approx(0.0, abs=0.01)
 
 
@@ -139,7 +139,7 @@ def test_accumulating_in_chunks_equals_one_shot_exactly(estimator, cuts):
     n, m = len(t), 3
     pred_r, pred_c = rng.random((n, m)), rng.random((n, m))
     ipw = rng.uniform(0.5, 2.0, n)
-    params = StatisticsParams(estimator=estimator, n_scenarios=7, clip_sample=10_000)
+    params = StatisticsParams(cost_margin=0.0, estimator=estimator, n_scenarios=7, clip_sample=10_000)
     one_shot = cluster_statistics(labels, t, y, c, ipw, pred_r, pred_c, k=7, params=params, seed=3)
     chunked = _accumulated(labels, t, y, c, ipw, pred_r, pred_c, k=7, params=params, seed=3, cuts=cuts)
     for f in fields(ClusterStatistics):
@@ -150,10 +150,10 @@ def test_accumulating_in_chunks_equals_one_shot_exactly(estimator, cuts):
 def test_winsorize_bands_come_from_a_seeded_sample_above_clip_sample():
     _, t, y, c, _, tc = _world(n=30_000, outliers=0.03)
     m = tc.shape[1]
-    small = StatisticsParams(clip_sample=5000)
+    small = StatisticsParams(cost_margin=0.0, clip_sample=5000)
     rows = clip_sample_rows(len(t), small, seed=0)
     assert len(rows) == 5000 and np.all(np.diff(rows) > 0)
-    assert clip_sample_rows(len(t), StatisticsParams(), seed=0) is None  # every row up to clip_sample
+    assert clip_sample_rows(len(t), StatisticsParams(cost_margin=0.0), seed=0) is None  # every row up to clip_sample
     band = winsorize_bands(t[rows], y[rows], c[rows], m, params=small)[1]
     # the sampled bands still pull the 10x costs back to the typical coupon cost
     assert band[1, 1] < 2.0 and band[1, 2] < 4.0 and np.isinf(band[1, 0])
@@ -176,7 +176,7 @@ def test_empirical_bayes_pools_noise_but_keeps_real_differences():
     errors = {}
     for pooling in ("empirical_bayes", "rows"):
         st = cluster_statistics(labels, t, y, y, np.ones(n), pred, pred, k=k, seed=0,
-                                params=StatisticsParams(estimator="mean", pooling=pooling, shrinkage=0.0,
+                                params=StatisticsParams(cost_margin=0.0, estimator="mean", pooling=pooling, shrinkage=0.0,
                                                         n_scenarios=3))
         errors[pooling] = np.abs(st.response - truth).max()
     # arm-level bias removed by m[j]; per-cell noise (se ~0.008 at 800 rows) pooled away
@@ -186,9 +186,9 @@ def test_empirical_bayes_pools_noise_but_keeps_real_differences():
     labels, t, y, c, tr, _ = _world()  # clusters differ by 0.05: far above the noise
     pred = np.full((len(t), tr.shape[1]), y.mean())
     st = cluster_statistics(labels, t, y, c, np.ones(len(t)), pred, pred, k=4, seed=0,
-                            params=StatisticsParams(estimator="mean", n_scenarios=3))
+                            params=StatisticsParams(cost_margin=0.0, estimator="mean", n_scenarios=3))
     raw = cluster_statistics(labels, t, y, c, np.ones(len(t)), pred, pred, k=4, seed=0,
-                             params=StatisticsParams(estimator="mean", pooling="rows", shrinkage=0.0, n_scenarios=3))
+                             params=StatisticsParams(cost_margin=0.0, estimator="mean", pooling="rows", shrinkage=0.0, n_scenarios=3))
     np.testing.assert_allclose(st.response, raw.response, atol=0.002)
 
 
@@ -214,3 +214,39 @@ def test_calibrated_prior_trusts_the_network_only_as_far_as_the_rows_bear_it_out
     assert slope0 == pytest.approx(1.0, abs=0.05)
     assert np.ptp(prior[0, :, 1]) < 0.2 * np.ptp(base[0, :, 1])  # pulled flat, to about the arm's mean
     assert np.mean(prior[0, :, 1]) == pytest.approx(0.25, abs=0.01)
+
+
+@pytest.mark.parametrize("pooling", ["empirical_bayes", "rows"])
+def test_cost_margin_adds_standard_errors_to_every_cost(pooling):
+    """The budget side: ``cost_margin`` standard errors on the point and every scenario, responses untouched."""
+    labels, t, y, c, _, _ = _world(n=3000)
+    n, m = len(t), 3
+    pred = np.full((n, m), c.mean())
+    common = {"estimator": "mean", "pooling": pooling, "n_scenarios": 4}
+    plain = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4, seed=0,
+                               params=StatisticsParams(cost_margin=0.0, **common))
+    upper = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4, seed=0,
+                               params=StatisticsParams(cost_margin=1.5, **common))
+    assert (plain.cost_se[:, 1:] > 0).all()
+    np.testing.assert_allclose(upper.cost, plain.cost + 1.5 * plain.cost_se, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(upper.cost_scenarios, np.maximum(plain.cost_scenarios + 1.5 * plain.cost_se, 0.0),
+                               rtol=0, atol=1e-12)
+    assert (upper.cost[:, 0] == 0).all()  # control stays free
+    np.testing.assert_array_equal(upper.response, plain.response)
+    np.testing.assert_array_equal(upper.response_scenarios, plain.response_scenarios)
+
+
+def test_upward_budget_cost_is_never_below_the_pooled_or_the_raw_cost():
+    """``budget_cost: upward`` keeps a cell's own (raw) cost wherever pooling would lower it."""
+    labels, t, y, c, _, _ = _world(n=2000)
+    n, m = len(t), 3
+    pred = np.full((n, m), c.mean())
+    common = {"estimator": "mean", "n_scenarios": 3, "cost_margin": 0.0}
+    pooled = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4, seed=0,
+                                params=StatisticsParams(**common))
+    raw = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4, seed=0,
+                             params=StatisticsParams(pooling="rows", shrinkage=0.0, **common))
+    up = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4, seed=0,
+                            params=StatisticsParams(budget_cost="upward", **common))
+    np.testing.assert_allclose(up.cost, np.maximum(pooled.cost, raw.cost), rtol=0, atol=1e-12)
+    assert (up.cost > pooled.cost + 1e-9).any()  # pooling lowered some cell, upward undoes it

@@ -175,6 +175,7 @@ def benchmark(
     quick: Annotated[bool, typer.Option("--quick", help="small worlds: about 10 minutes on 2 cores")] = False,
     methods: Annotated[str | None, typer.Option(help="comma-separated subset, e.g. HRC,TPM-XL")] = None,
     seed: Annotated[int, typer.Option(help="seed of the worlds and fits")] = 0,
+    cases: Annotated[str | None, typer.Option(help="comma-separated worlds, e.g. binary,gmv,noisy")] = None,
     params: ParamsOpt = None,
 ) -> None:
     """HRC and the six baselines on simulated worlds with a noise sweep."""
@@ -182,7 +183,8 @@ def benchmark(
     from budgetalloc.params import load_params
 
     chosen = tuple(m.strip() for m in methods.split(",")) if methods else METHODS
-    summary = run_benchmark(out, load_params(params), quick=quick, seed=seed, methods=chosen,
+    names = tuple(c.strip() for c in cases.split(",")) if cases else None
+    summary = run_benchmark(out, load_params(params), quick=quick, seed=seed, methods=chosen, case_names=names,
                             log=lambda line: console.print(line, markup=False, highlight=False))
     console.print(frame_table(summary, f"Benchmark written to {out}", digits=3))
 

@@ -474,3 +474,53 @@ def spend_ratio(arms, true_cost, budget: float) -> float:
     if not budget > 0:
         raise DataError(f"spend_ratio: budget must be > 0, got {budget}")
     return float(_gather(true_cost, _arms(arms), "true_cost").sum() / budget)
+
+
+def uplift_at_spend(spend, uplift, targets) -> np.ndarray:
+    """A method's true uplift at given true spends, read off its budget path.
+
+    The path is the method's allocations over a grid of budgets, each scored in
+    truth: ``(spend[g], uplift[g])``. All-control, ``(0, 0)``, is added; points are
+    sorted by spend (points with equal spend are averaged) and linearly
+    interpolated, which is what a coin flip between two neighbouring allocations
+    achieves in expectation. Beyond the path's largest spend the uplift is held
+    at that point's (the method does not spend more), so a target past it is
+    not extrapolated.
+
+    Args:
+        spend: (G,) true spend of each allocation on the path (>= 0).
+        uplift: (G,) its true uplift over all-control.
+        targets: (T,) true spends to read the uplift at (>= 0).
+
+    Returns:
+        (T,) interpolated uplift.
+    """
+    x = np.r_[0.0, _vec("spend", spend)]
+    y = np.r_[0.0, _vec("uplift", uplift, x.shape[0] - 1)]
+    t = np.asarray(targets, dtype=float)
+    if np.any(x < 0) or np.any(t < 0) or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise DataError("uplift_at_spend: spends and targets must be finite and >= 0")
+    xs, inverse = np.unique(x, return_inverse=True)
+    ys = np.bincount(inverse, weights=y) / np.bincount(inverse)
+    return np.interp(t, xs, ys)
+
+
+def matched_capture(spend, uplift, targets, oracle_uplift) -> np.ndarray:
+    """Capture at matched true spend: :func:`uplift_at_spend` over the oracle's uplift.
+
+    A method that overspends its budget buys uplift it was not given; reading its
+    uplift where its *true* spend equals the target compares every method at the
+    same money.
+
+    Args:
+        spend, uplift: the method's budget path in truth (see :func:`uplift_at_spend`).
+        targets: (T,) target true spends.
+        oracle_uplift: (T,) the oracle's uplift at each target budget.
+
+    Returns:
+        (T,) matched-spend capture (nan where the oracle gains nothing).
+    """
+    got = uplift_at_spend(spend, uplift, targets)
+    ref = np.asarray(oracle_uplift, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ref > 0, got / np.where(ref > 0, ref, 1.0), np.nan)

@@ -110,6 +110,12 @@ class StatisticsParams(_Section):
         20.0, ge=0.0, description="pooling=rows: pseudo-rows of the network's prediction in each cell"
     )
     n_scenarios: int = Field(50, ge=1)
+    budget_cost: Literal["pooled", "upward"] = Field(
+        "pooled", description="upward: a cell's cost is pooled towards its prior only upwards (see statistics.py)"
+    )
+    cost_margin: float = Field(
+        1.0, ge=0.0, description="cost standard errors added to every cell's cost, the budget side (0: none)"
+    )
     min_cell_rows: int = Field(5, ge=1)
     clip_sample: int = Field(
         1_000_000, ge=100, description="winsorize: honest rows (a seeded sample) the bands are taken from"
