@@ -517,7 +517,8 @@ def where_markdown(root: Path) -> str:
 
 def benchmark_markdown(summary: list[dict], settings: dict, rev: Revision, out: Path) -> str:
     """The benchmark run's report: what ran, the summary table, the revision."""
-    columns = ("case", "method", "capture_mean", "capture_min", "spend_ratio_max", "aucc", "fit_s")
+    columns = ("case", "method", "capture_mean", "capture_min", "matched_mean", "matched_min", "spend_ratio_max",
+               "aucc", "fit_s")
     lines = [
         "# Benchmark",
         *(f"- {key}: {value}" for key, value in settings.items()),
