@@ -6,12 +6,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
-from test_dvc import ROOT, TINY, dvc, sh, tiny_repo
+from test_dvc import ROOT, TINY, dvc, local_prefect, sh, tiny_repo
 
 from budgetalloc import orchestration as orch
 
@@ -186,42 +183,12 @@ def test_dvc_hints_are_shown_once():
         "Running stage 'a':", "To track the changes with git, run:", "\tgit add dvc.lock", "Running stage 'b':"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "prefect server exited"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"no Prefect server at {url}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGINT (servers and workers may ignore SIGTERM), then kill if it lingers."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def test_prefect_yaml_deployments_load_with_their_schedules(tmp_path, harness):
     project = tmp_path / "project"
     (project / "flows").mkdir(parents=True)
     for name in ("prefect.yaml", *(f"flows/{p.name}" for p in (ROOT / "flows").glob("*.py"))):
         (project / name).write_bytes((ROOT / name).read_bytes())
-    port = free_port()
+    port = local_prefect.free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": url, "PWD": str(project)}
     env.pop("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", None)
@@ -229,7 +196,7 @@ def test_prefect_yaml_deployments_load_with_their_schedules(tmp_path, harness):
     server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_healthy(url, server)
+        local_prefect.wait_healthy(url, server)
         for cmd in (["work-pool", "create", "budgetalloc-process", "--type", "process"],
                     ["--no-prompt", "deploy", "--all"]):
             res = subprocess.run([str(bin_dir / "prefect"), *cmd], cwd=project, env=env, capture_output=True,
@@ -253,7 +220,7 @@ def test_prefect_yaml_deployments_load_with_their_schedules(tmp_path, harness):
         assert problem and "training/weekly-retraining" in problem and "allocation/daily-allocation" in problem
         assert "benchmark/on-demand" not in problem and "schedule pause" in problem
     finally:
-        stop(server)
+        local_prefect.stop(server)
 
 
 def test_serve_builds_the_same_deployments_as_prefect_yaml(monkeypatch):
