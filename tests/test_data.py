@@ -146,6 +146,14 @@ def test_population_extra_columns_and_missing_feature(tmp_path):
         load_population(path, ("f1", "f3"))
 
 
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_infinite_arm_is_a_data_error(value):
+    df = good_frame().astype({"treatment": float})
+    df.loc[3, "treatment"] = value
+    with pytest.raises(DataError, match=r"gen: column 'treatment' must be integer \(value -?inf\)"):
+        trial_from_frame(df, source="gen")
+
+
 def test_arm_summary_matches_groupby():
     df = good_frame()
     summary = arm_summary(trial_from_frame(df))

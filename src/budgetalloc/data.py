@@ -340,7 +340,7 @@ def _treatment(df: pd.DataFrame, source: str) -> np.ndarray:
     if not pd.api.types.is_numeric_dtype(col.dtype) or col.dtype == bool:
         raise DataError(f"{source}: column '{TREATMENT}' must be integer (value {_show(_first_non_numeric(col))})")
     values = col.to_numpy(dtype=np.float64)
-    frac = values != np.round(values)
+    frac = ~np.isfinite(values) | (values != np.round(values))
     if frac.any():
         raise DataError(f"{source}: column '{TREATMENT}' must be integer (value {_show(values[frac][0])})")
     if (values < 0).any():
