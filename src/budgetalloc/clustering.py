@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
+from threadpoolctl import threadpool_limits
 
 from budgetalloc.blocks import Rebatcher
 from budgetalloc.params import ClusterParams
@@ -203,7 +204,8 @@ def fit_clusters_batches(batches, *, n_rows: int, k: int, params: ClusterParams,
         return _partial_fit_passes(batches, mean, proj, k=k, params=params, seed=seed)
     z = ((sample.rows() - mean) @ proj).astype(np.float32)
     km = KMeans(n_clusters=k, n_init=params.n_init, max_iter=params.max_iter, random_state=seed)
-    km.fit(z)
+    with threadpool_limits(1):  # k-means sums its centres per thread: one thread, the same bytes on any core count
+        km.fit(z)
     return ClusterModel(_ordered(km.cluster_centers_), mean, proj, float(km.inertia_))
 
 
@@ -242,16 +244,17 @@ def _partial_fit_passes(batches, mean, proj, *, k: int, params: ClusterParams, s
             km.partial_fit(np.concatenate(pending))
             pending = []
 
-    for _ in range(STREAM_PASSES):
-        blocks = Rebatcher(params.batch_size)
-        for batch in batches():
-            for (block,) in blocks.push(batch):
-                feed(block)
-        last = blocks.flush()
-        if last is not None:
-            feed(last[0])
-    if pending:
-        km.partial_fit(np.concatenate(pending))
+    with threadpool_limits(1):  # as in fit_clusters: the same bytes on any core count
+        for _ in range(STREAM_PASSES):
+            blocks = Rebatcher(params.batch_size)
+            for batch in batches():
+                for (block,) in blocks.push(batch):
+                    feed(block)
+            last = blocks.flush()
+            if last is not None:
+                feed(last[0])
+        if pending:
+            km.partial_fit(np.concatenate(pending))
     return ClusterModel(_ordered(km.cluster_centers_), mean, proj, float(km.inertia_))
 
 
