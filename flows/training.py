@@ -26,8 +26,8 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
-from budgetalloc import dashboards
-from budgetalloc import orchestration as orch
+from budgetalloc.serve import dashboards
+from flows import orchestration as orch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def publish(root: Path, revision: orch.Revision, budget_level: float | None) -> 
 def training_flow(root: Path = ROOT, budget_level: float | None = None) -> dict:
     """Fit and evaluate the policy through DVC, record the run, publish the dashboards.
 
-    The run holds the DVC workspace (:func:`~budgetalloc.orchestration.workspace_lock`)
+    The run holds the DVC workspace (:func:`~flows.orchestration.workspace_lock`)
     from its first stage to its last artifact: runs that share it never interleave.
 
     Args:

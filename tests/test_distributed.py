@@ -7,17 +7,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from budgetalloc.distributed import (
+from budgetalloc.errors import BudgetallocError, DataError
+from budgetalloc.params import SimulateParams
+from budgetalloc.policy import load_policy
+from budgetalloc.serve.distributed import (
     FAIL_ONCE_ENV,
     allocate_distributed,
     partition_offsets,
     partition_plan,
 )
-from budgetalloc.errors import BudgetallocError, DataError
-from budgetalloc.params import SimulateParams
-from budgetalloc.policy import load_policy
-from budgetalloc.simulate import simulate_population
-from budgetalloc.streaming import allocate_file
+from budgetalloc.serve.streaming import allocate_file
+from budgetalloc.studies.simulate import simulate_population
 
 BUDGET = 400.0
 ROW_GROUP = 1500
@@ -130,7 +130,7 @@ def test_csv_and_bad_partition_counts_are_refused(tiny_fitted, tmp_path, populat
 def test_cli_runs_the_flow_on_a_cluster_address(tiny_fitted, population, single, threaded_cluster, tmp_path):
     from typer.testing import CliRunner
 
-    from budgetalloc.cli import app
+    from budgetalloc.cli.main import app
 
     out = tmp_path / "cli.parquet"
     res = CliRunner().invoke(app, ["allocate", "--policy", str(tiny_fitted[0]), "--users", str(population),

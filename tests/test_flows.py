@@ -19,7 +19,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from test_dvc import ROOT, TINY, dvc, local_prefect, sh, tiny_repo
 
-from budgetalloc import orchestration as orch
+from flows import orchestration as orch
 
 IMAGE = "](data:image/png;base64,"  # a markdown image that holds a PNG
 

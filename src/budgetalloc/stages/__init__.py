@@ -2,8 +2,8 @@
 
 Each module is the command of one stage of ``dvc.yaml`` and is thin: it reads
 ``params.yaml``, loads its inputs (the outputs of earlier stages), calls the
-library (mostly :mod:`budgetalloc.pipeline`: the same functions that
-:func:`~budgetalloc.pipeline.fit_policy` runs in one process) and writes its
+library (mostly :mod:`budgetalloc.fit.pipeline`: the same functions that
+:func:`~budgetalloc.fit.pipeline.fit_policy` runs in one process) and writes its
 outputs atomically. Input and output paths come from the command line, so
 ``dvc.yaml`` is the one place that names them.
 
@@ -15,7 +15,7 @@ The stage graph (``dvc dag``)::
 
 The cluster statistics are estimated after distillation because the honest rows
 are grouped by the student, which is what assigns users when serving (see
-:mod:`budgetalloc.pipeline`). :mod:`budgetalloc.stages.simulate` is not a
+:mod:`budgetalloc.fit.pipeline`). :mod:`budgetalloc.stages.simulate` is not a
 ``dvc.yaml`` stage: it materialises the input ``data/`` that ``data.dvc`` records.
 
 What this module holds: params loading, the one-line error convention of the
@@ -34,12 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from budgetalloc.data import Preprocessor, Trial, load_trial
+from budgetalloc.data.contract import Preprocessor, Trial, load_trial
 from budgetalloc.errors import handle_errors
 from budgetalloc.files import atomic_path
-from budgetalloc.nn import STOPPED_EARLY, early_stop_message
+from budgetalloc.fit.pipeline import Reporter
+from budgetalloc.models.nn import STOPPED_EARLY, early_stop_message
 from budgetalloc.params import Params, load_params
-from budgetalloc.pipeline import Reporter
 
 PARAMS_FILE = Path("params.yaml")
 _PROGRESS = re.compile(r"^progress: (?P<stage>[\w-]+) (?P<done>\d+)/(?P<total>\d+)\b")

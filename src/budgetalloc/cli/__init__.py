@@ -1,0 +1,1 @@
+"""The command line: the typer app (main), its extra commands, Rich progress."""
