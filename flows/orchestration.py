@@ -27,8 +27,8 @@ import pandas as pd
 import yaml
 
 from budgetalloc.files import atomic_path
+from budgetalloc.progress_line import parse_progress
 from budgetalloc.serve import dashboards
-from budgetalloc.stages import parse_progress
 
 #: The fit pipeline in ``dvc.yaml``, in order (``allocate`` is the scenario stage).
 TRAINING_STAGES = ("prepare", "train", "embed", "cluster", "distill", "policy", "evaluate")

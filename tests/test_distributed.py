@@ -1,4 +1,4 @@
-"""The Dask path on real LocalClusters: the single-process bytes, partitions retried alone."""
+"""The Dask path on real LocalClusters (library and Prefect flow): the single-process bytes, retries."""
 
 from __future__ import annotations
 
@@ -101,6 +101,20 @@ def test_failed_partition_is_retried_alone(tiny_fitted, population, single, thre
                                   partitions=4, batch_size=1024)
     assert marker.exists()
     assert result.run_counts == {"classify": (1, 1, 1, 1), "assign": (1, 1, 2, 1)}
+    assert out.read_bytes() == single.read_bytes()
+
+
+def test_prefect_flow_retries_a_failed_partition_alone(tiny_fitted, population, single, threaded_cluster,
+                                                       tmp_path, monkeypatch):
+    from flows.dask_allocation import allocate_distributed as allocate_in_prefect
+
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"classify:1:{marker}")
+    out = tmp_path / "prefect.parquet"
+    result = allocate_in_prefect(tiny_fitted[0], population, BUDGET, out, address=threaded_cluster,
+                                 partitions=3, batch_size=1024)
+    assert marker.exists()
+    assert result.run_counts == {"classify": (1, 2, 1), "assign": (1, 1, 1)}
     assert out.read_bytes() == single.read_bytes()
 
 

@@ -19,6 +19,7 @@ from budgetalloc.errors import DataError, ParamsError
 from budgetalloc.fit.pipeline import fit_policy
 from budgetalloc.params import load_params, params_to_dict
 from budgetalloc.policy import load_policy, save_policy
+from budgetalloc.progress_line import parse_progress
 from budgetalloc.serve import dashboards
 from budgetalloc.stages import (
     StageReporter,
@@ -27,7 +28,6 @@ from budgetalloc.stages import (
     distill,
     embed,
     evaluate,
-    parse_progress,
     policy,
     prepare,
     simulate,

@@ -1,6 +1,6 @@
-"""Partition-parallel allocation on Dask, through Prefect's Dask task runner.
+"""Partition-parallel allocation on Dask (``dask.distributed``), under one global budget.
 
-The same flow runs on a ``LocalCluster`` (default: 2 worker processes, one thread
+The same passes run on a ``LocalCluster`` (default: 2 worker processes, one thread
 each) or on an existing Dask cluster given its scheduler address. Its result is
 the exact allocation :func:`budgetalloc.serve.streaming.allocate_file` writes for the
 same file (the same bytes, for Parquet output), because the budget stays global:
@@ -13,13 +13,13 @@ same file (the same bytes, for Parquet output), because the budget stays global:
    write the partition's ids and clusters to ``pass1-NNNNN.parquet``; return the
    partition's cluster sizes.
 3. **Check ids** (one task): one sort of 64-bit keys over every partition finds
-   duplicate ids across partitions, with data.py's message.
-4. **Solve once** (in the flow) for the summed sizes. Partition ``p`` starts each
+   duplicate ids across partitions, with the data contract's message.
+4. **Solve once** for the summed sizes. Partition ``p`` starts each
    cluster's running offset at the sizes of partitions ``0..p-1`` (prefix sums),
    so every partition assigns arms alone and the result is the file-order one.
 5. **Assign** (a task per partition, in parallel): arms for the partition's users,
    written atomically to ``part-NNNNN.parquet``; returns its rows and spend.
-6. **Assemble** (in the flow): the total spend is checked against the budget, the
+6. **Assemble**: the total spend is checked against the budget, the
    parts are copied in order into a temporary sibling of the output, which is
    renamed into place; the parts are removed.
 
@@ -29,34 +29,30 @@ times) on its own when it fails for any reason other than a
 the other partitions' results stand and are not recomputed. Each result carries
 the task's run count, so a caller sees which partitions were retried.
 
+:func:`allocate_partitions` takes the executor as a ``run`` function, so the same
+passes run under :func:`dask_runner` here and as Prefect tasks in
+``flows/dask_allocation.py``; the library never imports Prefect.
+
 Where files live. The partition files go in a hidden directory beside the
 output; with a remote cluster the input and the output's directory must be on a
 filesystem every worker sees (NFS, a mounted bucket), as they must for any
 partition-parallel Dask job reading local paths.
-
-One Prefect API for all workers. Without ``PREFECT_API_URL``, Prefect starts an
-ephemeral API server in each process that reports a run; Dask worker processes
-would each start their own (measured: a 4-task flow took 32 s against 11 s with
-one shared server). :func:`shared_prefect_api` starts the ephemeral server once
-in the calling process and hands its address to the workers through Prefect's
-settings context, which travels with every task.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
 from budgetalloc.data.contract import USER_ID, check_file
 from budgetalloc.data.readers import STREAM_BATCH_ROWS, is_parquet, parquet_file, parquet_frames
@@ -126,7 +122,7 @@ class Classified:
 
     index: int
     sizes: np.ndarray  # (K,) users per cluster in the partition
-    run_count: int
+    run_count: int = 1
 
 
 @dataclass(frozen=True)
@@ -136,18 +132,7 @@ class Assigned:
     index: int
     rows: int
     spend: float
-    run_count: int
-
-
-def _worth_retrying(task, task_run, state) -> bool:
-    """Retry anything but a project error (bad data fail again the same way)."""
-    try:
-        state.result()
-    except BudgetallocError:
-        return False
-    except Exception:  # noqa: BLE001 - any other failure may be transient
-        return True
-    return True
+    run_count: int = 1
 
 
 def injected_failure(step: str, index: int) -> None:
@@ -168,12 +153,6 @@ def injected_failure(step: str, index: int) -> None:
     except FileExistsError:
         return
     raise RuntimeError(f"injected failure: {step} of partition {index}")
-
-
-def _run_count() -> int:
-    from prefect.runtime import task_run
-
-    return int(task_run.run_count or 1)
 
 
 def pass1_path(workdir: Path, index: int) -> Path:
@@ -201,8 +180,6 @@ def _kept_batches(path: Path, rows: int) -> ClusterPass:
     return kept
 
 
-@task(retries=RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS, retry_condition_fn=_worth_retrying,
-      cache_policy=NO_CACHE, task_run_name="classify-{index}")
 def classify_partition(policy_dir: str, users: str, index: int, row_groups: list[int], rows: int,
                        workdir: str) -> Classified:
     """Pass 1 over one partition: validated, classified; ids and clusters written to disk."""
@@ -213,11 +190,9 @@ def classify_partition(policy_dir: str, users: str, index: int, row_groups: list
     injected_failure("classify", index)
     with atomic_path(pass1_path(Path(workdir), index)) as tmp:
         pq.write_table(_kept_table(kept), tmp)
-    return Classified(index=index, sizes=kept.sizes, run_count=_run_count())
+    return Classified(index=index, sizes=kept.sizes)
 
 
-@task(retries=RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS, retry_condition_fn=_worth_retrying,
-      cache_policy=NO_CACHE, task_run_name="check-ids")
 def check_partition_ids(workdir: str, n_partitions: int, source: str) -> None:
     """Duplicate ids across all partitions (data.py's message for the first one in file order)."""
     chunks = []
@@ -227,8 +202,6 @@ def check_partition_ids(workdir: str, n_partitions: int, source: str) -> None:
     check_unique_ids(chunks, source)
 
 
-@task(retries=RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS, retry_condition_fn=_worth_retrying,
-      cache_policy=NO_CACHE, task_run_name="assign-{index}")
 def assign_partition(policy_dir: str, index: int, counts: np.ndarray, offsets: np.ndarray,
                      rows: int, workdir: str) -> Assigned:
     """Pass 2 over one partition: arms from the global counts and this partition's offsets."""
@@ -237,7 +210,7 @@ def assign_partition(policy_dir: str, index: int, counts: np.ndarray, offsets: n
     with atomic_path(part_path(Path(workdir), index)) as tmp, frame_sink(tmp, as_csv=False) as write:
         written = write_arms(policy, kept, counts, write, offsets=offsets.astype(np.int64))
         injected_failure("assign", index)
-    return Assigned(index=index, rows=written.rows, spend=written.spend, run_count=_run_count())
+    return Assigned(index=index, rows=written.rows, spend=written.spend)
 
 
 # -- flow ----------------------------------------------------------------------------------
@@ -272,13 +245,25 @@ def parts_directory(out: Path) -> Iterator[Path]:
             remove_created(created)
 
 
-def _results(futures) -> list:
-    """Results in submission (file) order: the first failure in file order is the one raised."""
-    return [future.result() for future in futures]
+#: ``run(fn, args_per_task)``: ``fn(*args)`` for each argument tuple (in parallel), the
+#: results in the order given, each with its run count; the first failure in that order is raised.
+Runner = Callable[[Callable, list[tuple]], list]
 
 
-@flow(name="allocate-partitions")
-def allocate_partitions(policy_dir: str, users: str, budget: float, out: str,
+def check_partition_input(users: str | Path, budget, partitions: int | None) -> tuple[float, Path]:
+    """The budget and the users path, checked for the partitioned path (Parquet, ``partitions >= 1``)."""
+    budget = check_budget(budget)
+    users = Path(users)
+    check_file(users)
+    if not is_parquet(users):
+        raise DataError(f"{users}: the Dask path partitions Parquet row groups; "
+                        "convert the file to Parquet or allocate it without --dask-address")
+    if partitions is not None and partitions < 1:
+        raise BudgetallocError(f"partitions must be >= 1, got {partitions}")
+    return budget, users
+
+
+def allocate_partitions(policy_dir: str, users: str, budget: float, out: str, *, run: Runner,
                         partitions: int | None = None, batch_size: int | None = None) -> StreamedAllocation:
     """Allocate a Parquet population partition by partition under one global budget.
 
@@ -287,6 +272,7 @@ def allocate_partitions(policy_dir: str, users: str, budget: float, out: str,
         users: population Parquet file; its row groups are the partitions.
         budget: total budget in cost units.
         out: allocation file (Parquet, or CSV by suffix).
+        run: the executor (:data:`Runner`): :func:`dask_runner`, or Prefect tasks in the flows.
         partitions: number of partitions (default: one per row group).
         batch_size: rows per batch inside a partition (default ``STREAM_BATCH_ROWS``).
 
@@ -300,15 +286,15 @@ def allocate_partitions(policy_dir: str, users: str, budget: float, out: str,
     rows = compiled_rows(batch_size or STREAM_BATCH_ROWS)
     seconds = {}
     with parts_directory(out_path) as workdir:
-        classified = _results([classify_partition.submit(policy_dir, users, i, groups, rows, str(workdir))
-                               for i, groups in enumerate(plan)])
-        check_partition_ids.submit(str(workdir), len(plan), users).result()
+        classified = run(classify_partition, [(policy_dir, users, i, groups, rows, str(workdir))
+                                              for i, groups in enumerate(plan)])
+        run(check_partition_ids, [(str(workdir), len(plan), users)])
         seconds["classify_and_check"] = round(time.perf_counter() - started, 3)
         sizes = np.stack([c.sizes for c in classified])
         solution = program_for(policy).solve(sizes.sum(axis=0), budget)
         offsets = partition_offsets(sizes)
-        assigned = _results([assign_partition.submit(policy_dir, i, solution.counts, offsets[i], rows,
-                                                     str(workdir)) for i in range(len(plan))])
+        assigned = run(assign_partition, [(policy_dir, i, solution.counts, offsets[i], rows, str(workdir))
+                                          for i in range(len(plan))])
         spend = float(sum(a.spend for a in assigned))
         check_spend(spend, budget)
         seconds["solve_and_assign"] = round(time.perf_counter() - started - seconds["classify_and_check"], 3)
@@ -326,54 +312,51 @@ def allocate_partitions(policy_dir: str, users: str, budget: float, out: str,
 # -- entry point ---------------------------------------------------------------------------
 
 
+def dask_runner(client) -> Runner:
+    """A :data:`Runner` on a ``distributed.Client``: tasks submitted at once, failures retried alone."""
+
+    def run(fn: Callable, args_per_task: list[tuple]) -> list:
+        futures = [client.submit(fn, *args, pure=False) for args in args_per_task]
+        results = []
+        for args, future in zip(args_per_task, futures):
+            runs = 1
+            while True:
+                try:
+                    result = future.result()
+                    break
+                except BudgetallocError:
+                    raise  # bad data fail again the same way
+                except Exception:  # any other failure may be transient
+                    if runs > RETRIES:
+                        raise
+                    runs += 1
+                    time.sleep(RETRY_DELAY_SECONDS)
+                    future = client.submit(fn, *args, pure=False)
+            results.append(replace(result, run_count=runs) if is_dataclass(result) else result)
+        return results
+
+    return run
+
+
 @contextmanager
-def shared_prefect_api(*, stop: bool = False) -> Iterator[None]:
-    """Make the calling process and every Dask worker report to one Prefect API.
+def dask_client(address: str | None, *, n_workers: int = DEFAULT_WORKERS, processes: bool = True) -> Iterator:
+    """A client of the cluster at ``address``, or of a new ``LocalCluster`` (``None`` or ``"local"``)."""
+    from distributed import Client, LocalCluster
 
-    With ``PREFECT_API_URL`` set (a server, or a test harness) nothing changes.
-    Otherwise the ephemeral server Prefect would start anyway is started here, and
-    its address is put in the settings that travel with each task to the workers;
-    it keeps running for later flows of this process unless ``stop``.
-    """
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_SERVER_EPHEMERAL_ENABLED,
-        temporary_settings,
-    )
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        yield
+    if address not in (None, "local"):
+        with Client(address) as client:
+            yield client
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the process-wide instance Prefect's own client would use
-    started = not server.running
-    server.start()
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield
-    finally:
-        if stop and started:
-            from prefect.logging.handlers import APILogWorker
-
-            APILogWorker.drain_all(timeout=5)
-            server.stop()
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=processes,
+                      silence_logs=logging.ERROR, dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client
 
 
 @contextmanager
-def quiet_console() -> Iterator[None]:
-    """No Prefect or Dask log lines on the console while the flow runs (the CLI prints its own).
-
-    The console handlers of this process are raised to CRITICAL, and processes
-    started meanwhile (Dask workers, the ephemeral Prefect server) inherit
-    CRITICAL logging levels.
-    """
-    import logging
-
-    handlers = [h for name in (None, "prefect", "distributed") for h in logging.getLogger(name).handlers]
+def quiet_console(loggers: tuple = (None, "distributed")) -> Iterator[None]:
+    """No Dask log lines on the console while the passes run (the CLI prints its own)."""
+    handlers = [h for name in loggers for h in logging.getLogger(name).handlers]
     levels = [h.level for h in handlers]
-    saved = {name: os.environ.get(name) for name in _QUIET_ENV}
-    os.environ.update(_QUIET_ENV)
     for handler in handlers:
         handler.setLevel(logging.CRITICAL)
     try:
@@ -381,28 +364,6 @@ def quiet_console() -> Iterator[None]:
     finally:
         for handler, level in zip(handlers, levels):
             handler.setLevel(level)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-_QUIET_ENV = {"PREFECT_LOGGING_LEVEL": "CRITICAL", "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
-              "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-
-
-def dask_task_runner(address: str | None, *, n_workers: int = DEFAULT_WORKERS, processes: bool = True):
-    """Prefect's Dask runner: on the cluster at ``address``, or on a new ``LocalCluster``."""
-    import logging
-
-    from prefect_dask import DaskTaskRunner
-
-    if address:
-        return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1,
-                                          "processes": processes, "silence_logs": logging.ERROR,
-                                          "dashboard_address": None})
 
 
 def allocate_distributed(policy_dir: str | Path, users: str | Path, budget, out: str | Path, *,
@@ -422,9 +383,8 @@ def allocate_distributed(policy_dir: str | Path, users: str | Path, budget, out:
         batch_size: rows per batch inside a partition.
         n_workers: LocalCluster workers.
         processes: LocalCluster workers as processes (default) or threads.
-        quiet: for one-shot command-line use: no Prefect or Dask log lines on the
-            console (:func:`quiet_console`), and an ephemeral Prefect server started
-            by this call is stopped at the end.
+        quiet: for one-shot command-line use: no Dask log lines on the console
+            (:func:`quiet_console`).
 
     Returns:
         The :class:`~budgetalloc.serve.streaming.StreamedAllocation`.
@@ -433,17 +393,8 @@ def allocate_distributed(policy_dir: str | Path, users: str | Path, budget, out:
         DataError: the file breaks the contract, or is not Parquet.
         BudgetallocError: a bad budget or partition count.
     """
-    budget = check_budget(budget)
-    users = Path(users)
-    check_file(users)
-    if not is_parquet(users):
-        raise DataError(f"{users}: the Dask path partitions Parquet row groups; "
-                        "convert the file to Parquet or allocate it without --dask-address")
-    if partitions is not None and partitions < 1:
-        raise BudgetallocError(f"partitions must be >= 1, got {partitions}")
-    runner = dask_task_runner(None if address in (None, "local") else address,
-                              n_workers=n_workers, processes=processes)
-    with quiet_console() if quiet else nullcontext(), shared_prefect_api(stop=quiet):
-        return allocate_partitions.with_options(task_runner=runner)(
-            str(policy_dir), str(users), budget, str(out), partitions=partitions, batch_size=batch_size)
-
+    budget, users = check_partition_input(users, budget, partitions)
+    with quiet_console() if quiet else nullcontext(), \
+            dask_client(address, n_workers=n_workers, processes=processes) as client:
+        return allocate_partitions(str(policy_dir), str(users), budget, str(out), run=dask_runner(client),
+                                   partitions=partitions, batch_size=batch_size)
