@@ -8,7 +8,7 @@ the population's budget curve and the policy's cost curve as pictures, its clust
 the policy's evaluation metrics and the experiment's name. A scenario with its own
 budget or population leaves ``params.yaml`` and the workspace at their defaults.
 
-    python flows/allocation.py [BUDGET [POPULATION]]
+    python -m flows.allocation [BUDGET [POPULATION]]
 """
 
 from __future__ import annotations

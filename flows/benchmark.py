@@ -7,7 +7,7 @@ are written to ``reports/benchmark/`` (``results.csv``, ``summary.csv``) and
 published as a table and a markdown report. The benchmark is not a DVC stage:
 it draws its own worlds from the seed and reads only ``params.yaml``.
 
-    python flows/benchmark.py
+    python -m flows.benchmark
 """
 
 from __future__ import annotations

@@ -527,5 +527,5 @@ def benchmark_markdown(summary: list[dict], settings: dict, rev: Revision, out: 
         "",
         _md_table(summary, columns),
     ]
-    rerun = "Rerun: `python flows/benchmark.py` (or the `benchmark/on-demand` deployment) with these settings."
+    rerun = "Rerun: `python -m flows.benchmark` (or the `benchmark/on-demand` deployment) with these settings."
     return "\n\n".join(["\n".join(lines), revision_markdown(rev), rerun, f"Results: `{out}`."])

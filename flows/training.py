@@ -9,7 +9,7 @@ budget curve and the held-out cost curve as pictures, the clusters as a table
 (chosen arm first) and a picture, and a markdown report with the evaluation metrics.
 The whole run holds the DVC workspace, so runs that share it wait for each other.
 
-    python flows/training.py            # Prefect's ephemeral mode, no server needed
+    python -m flows.training            # Prefect's ephemeral mode, no server needed
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def test_workspace_lock_makes_a_second_run_wait(tmp_path):
     code = ("import sys, time; from budgetalloc import orchestration as o\n"
             "with o.workspace_lock(sys.argv[1], 'flow run other'):\n print('held', flush=True); time.sleep(3)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])})
     try:
         assert holder.stdout.readline().strip() == "held"
         waits, start = [], time.monotonic()

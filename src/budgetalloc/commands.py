@@ -97,7 +97,7 @@ def run_allocate(*, policy_dir: Path, users: Path, budget, out: Path, dask_addre
     """Allocate a population file under a total budget, streamed; write the allocation atomically.
 
     The file is read in batches (:func:`budgetalloc.serve.streaming.allocate_file`), so memory
-    does not grow with its width. With ``dask_address`` the partition-parallel flow runs
+    does not grow with its width. With ``dask_address`` the partition-parallel passes run on Dask
     instead (:func:`budgetalloc.serve.distributed.allocate_distributed`): ``"local"`` on a new
     LocalCluster, otherwise on the Dask scheduler at that address. Both write the rows
     :func:`budgetalloc.serve.allocate.allocate_population` gives, and return a

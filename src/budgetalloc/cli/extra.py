@@ -1,9 +1,9 @@
 """More ``budgetalloc`` commands: ``data import`` and ``abtest``.
 
-Kept apart from ``cli.py`` and added to its app by :func:`register`. Like every
+Kept apart from ``main.py`` and added to its app by :func:`register`. Like every
 command they only parse, call one library function (:mod:`budgetalloc.data.datasets`,
 :mod:`budgetalloc.studies.abtest`) and print; errors go through the one rule of
-:func:`budgetalloc.errors.handle_errors`. This module never imports ``cli.py``.
+:func:`budgetalloc.errors.handle_errors`. This module never imports ``main.py``.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def _csv_failure(path: Path, schema: pa.Schema, err: pa.ArrowInvalid) -> Excepti
     name, value = schema.names[int(match.group(1))], match.group(2)
     if name == USER_ID:  # read as text: only bytes that are not UTF-8 fail
         return DataError(f"{path}: column '{USER_ID}' has a value that is not valid UTF-8 ({value!r})")
-    # data.py words the message (the in-memory reader would have read the column as text)
+    # the contract words the message (the in-memory reader would have read the column as text)
     return cell_error(name, value, str(path)) or _unreadable(path, "CSV", err)
 
 

@@ -194,7 +194,7 @@ def classify_partition(policy_dir: str, users: str, index: int, row_groups: list
 
 
 def check_partition_ids(workdir: str, n_partitions: int, source: str) -> None:
-    """Duplicate ids across all partitions (data.py's message for the first one in file order)."""
+    """Duplicate ids across all partitions (the contract's message for the first one in file order)."""
     chunks = []
     for index in range(n_partitions):
         ids = pq.read_table(pass1_path(Path(workdir), index), columns=[USER_ID]).column(USER_ID)

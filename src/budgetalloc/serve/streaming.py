@@ -17,7 +17,7 @@ same order, same solver counts) without ever holding the feature matrix:
    user instead of the ``4 d`` of its features.
 2. **Ids are unique across batches.** One sort of a compact 64-bit key per user
    (the id itself, or a hash of a text id); only users whose keys repeat are
-   compared exactly, and the message is data.py's, naming the first duplicate in
+   compared exactly, and the message is the contract's, naming the first duplicate in
    file order.
 3. **The program is solved once** for the file's cluster sizes.
 4. **Pass 2 (memory only).** Users take arms in file order with a running offset
@@ -149,7 +149,7 @@ def file_cluster_pass(policy: Policy, path: Path, *, rows: int) -> ClusterPass:
 
 
 def check_unique_ids(chunks: list, source: str) -> None:
-    """Raise data.py's duplicate-id error for the first repeated id in file order, if any.
+    """Raise the contract's duplicate-id error for the first repeated id in file order, if any.
 
     Memory: one 64-bit key per user, sorted in place (the keys are rebuilt, in
     file order, only when some repeat).
