@@ -37,7 +37,7 @@ def frame():
 @pytest.fixture(autouse=True)
 def small_csv_blocks(monkeypatch):
     """64 KB CSV blocks, so that "late" means a later block of the CSV reader too."""
-    from budgetalloc.data.contract import readers
+    from budgetalloc.data import readers
 
     monkeypatch.setattr(readers, "CSV_BLOCK_BYTES", 1 << 16)
 

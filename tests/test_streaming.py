@@ -36,7 +36,7 @@ def frame(tiny_fitted):
 @pytest.fixture(autouse=True)
 def small_csv_blocks(monkeypatch):
     """64 KB CSV blocks, so that a 12,000-row file has many and "late" means a later block."""
-    from budgetalloc.data.contract import readers
+    from budgetalloc.data import readers
 
     monkeypatch.setattr(readers, "CSV_BLOCK_BYTES", 1 << 16)
 
