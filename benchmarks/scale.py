@@ -50,7 +50,7 @@ from budgetalloc.params import SimulateParams
 from budgetalloc.studies.simulate import simulate_population, simulate_trial
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "budgetalloc.cli.main"]
+CLI = [sys.executable, "-m", "budgetalloc.cli.app"]
 CHUNK_ROWS = 1 << 20  # rows simulated at once; also the population's row group
 
 

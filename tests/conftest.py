@@ -74,6 +74,6 @@ def peak_bytes(fn) -> int:
 @pytest.fixture(scope="session")
 def app():
     """The ``budgetalloc`` command line, every command registered (as the console script runs it)."""
-    from budgetalloc.cli.main import app as cli_app
+    from budgetalloc.cli.app import app as cli_app
 
     return cli_app

@@ -7,7 +7,7 @@ import pandas as pd
 from conftest import TINY_PARAMS
 from typer.testing import CliRunner
 
-from budgetalloc.cli.main import app
+from budgetalloc.cli.app import app
 from budgetalloc.params import SimulateParams, params_from_dict
 from budgetalloc.studies.benchmark import METHODS, PATH_LEVELS, BenchmarkSize, Case, run_benchmark
 

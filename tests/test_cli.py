@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 from typer.testing import CliRunner
 
-from budgetalloc.cli.main import app
+from budgetalloc.cli.app import app
 
 runner = CliRunner()
 

@@ -144,7 +144,7 @@ def test_csv_and_bad_partition_counts_are_refused(tiny_fitted, tmp_path, populat
 def test_cli_runs_the_flow_on_a_cluster_address(tiny_fitted, population, single, threaded_cluster, tmp_path):
     from typer.testing import CliRunner
 
-    from budgetalloc.cli.main import app
+    from budgetalloc.cli.app import app
 
     out = tmp_path / "cli.parquet"
     res = CliRunner().invoke(app, ["allocate", "--policy", str(tiny_fitted[0]), "--users", str(population),

@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY_PARAMS as TINY
 from typer.testing import CliRunner
 
-from budgetalloc.cli.main import app
+from budgetalloc.cli.app import app
 from budgetalloc.data.contract import population_from_frame, trial_from_frame
 from budgetalloc.errors import PolicyError
 from budgetalloc.fit.pipeline import fit_policy

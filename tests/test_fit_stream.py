@@ -17,7 +17,7 @@ import yaml
 from conftest import TINY_PARAMS, peak_bytes
 from typer.testing import CliRunner
 
-from budgetalloc.cli.main import app
+from budgetalloc.cli.app import app
 from budgetalloc.commands import fit_path
 from budgetalloc.data.contract import load_trial
 from budgetalloc.errors import DataError

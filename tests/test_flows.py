@@ -158,7 +158,7 @@ def test_tasks_retry_only_transient_failures():
 
 def test_workspace_lock_makes_a_second_run_wait(tmp_path):
     """Another process holds the workspace: the run waits (and says for whom) until it is released."""
-    code = ("import sys, time; from budgetalloc import orchestration as o\n"
+    code = ("import sys, time; from flows import orchestration as o\n"
             "with o.workspace_lock(sys.argv[1], 'flow run other'):\n print('held', flush=True); time.sleep(3)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])})

@@ -19,7 +19,7 @@ from conftest import TINY_PARAMS
 from test_reliability import error_line, one_error_line
 from typer.testing import CliRunner
 
-from budgetalloc.cli.main import app
+from budgetalloc.cli.app import app
 
 runner = CliRunner()
 

@@ -13,7 +13,7 @@ import pytest
 from test_reliability import one_error_line
 from typer.testing import CliRunner
 
-from budgetalloc.cli.main import app
+from budgetalloc.cli.app import app
 from budgetalloc.data.contract import load_trial, read_table
 from budgetalloc.policy import load_policy
 from budgetalloc.serve.streaming import allocate_file

@@ -19,7 +19,7 @@ from conftest import TINY_PARAMS
 from test_reliability import one_error_line
 from typer.testing import CliRunner
 
-from budgetalloc.cli.main import app
+from budgetalloc.cli.app import app
 from budgetalloc.files import atomic_path, claim_temp, remove_stale, write_table
 from budgetalloc.policy import load_policy, save_policy
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from budgetalloc.cli.main import app
+from budgetalloc.cli.app import app
 from budgetalloc.errors import PolicyError
 from budgetalloc.params import params_from_dict
 from budgetalloc.policy import load_policy

@@ -200,7 +200,7 @@ def test_rebatch_cuts_exact_sizes_across_record_batches():
 def test_cli_streams_and_refuses_partitions_without_dask(tiny_fitted, frame, tmp_path):
     from typer.testing import CliRunner
 
-    from budgetalloc.cli.main import app
+    from budgetalloc.cli.app import app
 
     src = write_parquet(frame, tmp_path / "users.parquet")
     args = ["allocate", "--policy", str(tiny_fitted[0]), "--users", str(src), "--budget", str(BUDGET)]

@@ -1,9 +1,9 @@
 """More ``budgetalloc`` commands: ``data import`` and ``abtest``.
 
-Kept apart from ``main.py`` and added to its app by :func:`register`. Like every
+Kept apart from ``app.py`` and added to its app by :func:`register`. Like every
 command they only parse, call one library function (:mod:`budgetalloc.data.datasets`,
 :mod:`budgetalloc.studies.abtest`) and print; errors go through the one rule of
-:func:`budgetalloc.errors.handle_errors`. This module never imports ``main.py``.
+:func:`budgetalloc.errors.handle_errors`. This module never imports ``app.py``.
 """
 
 from __future__ import annotations
