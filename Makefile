@@ -39,6 +39,7 @@ scenarios: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests flows benchmarks scripts
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV)

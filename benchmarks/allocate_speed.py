@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetalloc.allocate import allocate_population, population_clusters, program_for
-from budgetalloc.data import Population, trial_from_frame
+from budgetalloc.data.contract import Population, trial_from_frame
+from budgetalloc.fit.pipeline import fit_policy
 from budgetalloc.params import Params, SimulateParams
-from budgetalloc.pipeline import fit_policy
-from budgetalloc.simulate import simulate_population, simulate_trial
+from budgetalloc.serve.allocate import allocate_population, population_clusters, program_for
+from budgetalloc.studies.simulate import simulate_population, simulate_trial
 
 
 def main() -> None:

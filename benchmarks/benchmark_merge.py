@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from budgetalloc.benchmark import merge_reports
+from budgetalloc.studies.benchmark import merge_reports
 
 
 def main() -> None:

@@ -11,17 +11,17 @@ import time
 
 import numpy as np
 
-from budgetalloc import pipeline as P
-from budgetalloc.allocate import arms_in_file_order
-from budgetalloc.benchmark import _draw, _features, default_cases
-from budgetalloc.clustering import assign_clusters
-from budgetalloc.distill import predict_clusters
+from budgetalloc.data.sampling import split_mask
+from budgetalloc.fit import pipeline as P
+from budgetalloc.method.clustering import assign_clusters
+from budgetalloc.method.program import AllocationProgram
+from budgetalloc.method.statistics import cluster_statistics
+from budgetalloc.models.distill import predict_clusters
+from budgetalloc.models.representation import embed, predict_outcomes
 from budgetalloc.params import Params, with_overrides
-from budgetalloc.program import AllocationProgram
-from budgetalloc.representation import embed, predict_outcomes
-from budgetalloc.sampling import split_mask
-from budgetalloc.simulate import max_spend, score_allocation
-from budgetalloc.statistics import cluster_statistics
+from budgetalloc.serve.allocate import arms_in_file_order
+from budgetalloc.studies.benchmark import _draw, _features, default_cases
+from budgetalloc.studies.simulate import max_spend, score_allocation
 
 PARAMS = with_overrides(Params(), {"statistics.cost_margin": 0.0})  # the variants add their own
 LEVELS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35)

@@ -2,7 +2,7 @@
 
 Compares a straightforward CVXPY formulation (a Python loop adding one
 constraint per scenario, no Parameters, solved as a MIP) with
-:class:`budgetalloc.program.AllocationProgram` (vectorised, DPP Parameters,
+:class:`budgetalloc.method.program.AllocationProgram` (vectorised, DPP Parameters,
 relax-and-round with a certified gap, MIP only when needed) on realistic synthetic
 statistics, for the split and the whole-cluster variants. Prints a table and
 writes ``reports/program_speed.json``.
@@ -21,8 +21,8 @@ import cvxpy as cp
 import numpy as np
 import typer
 
+from budgetalloc.method.program import AllocationProgram, budget_bounds, solve_budget_table
 from budgetalloc.params import ProgramParams
-from budgetalloc.program import AllocationProgram, budget_bounds, solve_budget_table
 
 TARGET_SECONDS = 0.5
 

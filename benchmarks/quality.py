@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from budgetalloc.benchmark import Case, default_cases, run_case
 from budgetalloc.params import Params, with_overrides
+from budgetalloc.studies.benchmark import Case, default_cases, run_case
 
 LEVELS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)
 

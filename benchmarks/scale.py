@@ -47,10 +47,10 @@ import typer
 
 from budgetalloc.files import atomic_path, write_json
 from budgetalloc.params import SimulateParams
-from budgetalloc.simulate import simulate_population, simulate_trial
+from budgetalloc.studies.simulate import simulate_population, simulate_trial
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "budgetalloc.cli"]
+CLI = [sys.executable, "-m", "budgetalloc.cli.app"]
 CHUNK_ROWS = 1 << 20  # rows simulated at once; also the population's row group
 
 
@@ -221,8 +221,8 @@ def step_allocate(work: Path, users: Path, n_users: int, *, extra: list[str] = (
 
 IN_MEMORY = """
 import sys
-from budgetalloc.allocate import allocate_population
-from budgetalloc.data import load_population
+from budgetalloc.serve.allocate import allocate_population
+from budgetalloc.data.contract import load_population
 from budgetalloc.files import write_table
 from budgetalloc.policy import load_policy
 policy = load_policy("policy")
@@ -232,7 +232,7 @@ write_table(allocation.frame, sys.argv[3])
 
 DASK_THREADS = """
 import sys
-from budgetalloc.distributed import allocate_distributed
+from budgetalloc.serve.distributed import allocate_distributed
 if __name__ == "__main__":
     allocate_distributed("policy", sys.argv[1], float(sys.argv[2]), sys.argv[3], processes=False)
 """
@@ -262,9 +262,9 @@ def per_user_estimates(n: int, n_arms: int) -> tuple[np.ndarray, np.ndarray]:
 
 def step_program(work: Path, sizes_10m: np.ndarray, n_arms: int) -> dict:
     """The cluster program at 1M and 10M users against the per-user Lagrangian on (n, M) arrays."""
-    from budgetalloc.allocate import program_for
-    from budgetalloc.lagrangian import lagrangian_allocation
+    from budgetalloc.method.lagrangian import lagrangian_allocation
     from budgetalloc.policy import load_policy
+    from budgetalloc.serve.allocate import program_for
 
     policy = load_policy(work / "policy")
     out = {}

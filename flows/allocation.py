@@ -8,7 +8,7 @@ the population's budget curve and the policy's cost curve as pictures, its clust
 the policy's evaluation metrics and the experiment's name. A scenario with its own
 budget or population leaves ``params.yaml`` and the workspace at their defaults.
 
-    python flows/allocation.py [BUDGET [POPULATION]]
+    python -m flows.allocation [BUDGET [POPULATION]]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import NonNegativeFloat
 
-from budgetalloc import dashboards
-from budgetalloc import orchestration as orch
+from budgetalloc.serve import dashboards
+from flows import orchestration as orch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def allocation_flow(budget: NonNegativeFloat | None = None, population: Path | N
     The run holds the DVC workspace while it runs. A budget or population other than
     ``params.yaml``'s is recorded as the experiment only: afterwards ``params.yaml``,
     ``dvc.lock`` and the allocate stage's files are as they were
-    (:func:`~budgetalloc.orchestration.defaults_kept`).
+    (:func:`~flows.orchestration.defaults_kept`).
 
     Args:
         budget: total budget for the population, in cost units (default: params.yaml's allocate.budget).

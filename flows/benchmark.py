@@ -1,13 +1,13 @@
 """Benchmark flow: our method against the baselines on simulated worlds, one task per world.
 
-A thin wrapper over :mod:`budgetalloc.benchmark` (the library the ``benchmarks/``
+A thin wrapper over :mod:`budgetalloc.studies.benchmark` (the library the ``benchmarks/``
 scripts use): each case (a world at one noise level) is a task that fits every
 method on its trial and scores the allocations against the truth. The results
 are written to ``reports/benchmark/`` (``results.csv``, ``summary.csv``) and
 published as a table and a markdown report. The benchmark is not a DVC stage:
 it draws its own worlds from the seed and reads only ``params.yaml``.
 
-    python flows/benchmark.py
+    python -m flows.benchmark
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from budgetalloc import benchmark
-from budgetalloc import orchestration as orch
 from budgetalloc.files import write_table
 from budgetalloc.params import Params, load_params
+from budgetalloc.studies import benchmark
+from flows import orchestration as orch
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from budgetalloc import orchestration as orch
+from flows import orchestration as orch
 from flows.allocation import allocation_flow
 from flows.training import ROOT, training_flow
 

@@ -11,7 +11,7 @@ so serving never re-registers, pauses or deletes what ``prefect deploy`` made, a
 start while a ``prefect deploy`` deployment of the same schedule is active (the
 schedule would run twice), and says how to pause it.
 
-    python flows/serve.py
+    python -m flows.serve
 """
 
 from __future__ import annotations

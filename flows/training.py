@@ -9,7 +9,7 @@ budget curve and the held-out cost curve as pictures, the clusters as a table
 (chosen arm first) and a picture, and a markdown report with the evaluation metrics.
 The whole run holds the DVC workspace, so runs that share it wait for each other.
 
-    python flows/training.py            # Prefect's ephemeral mode, no server needed
+    python -m flows.training            # Prefect's ephemeral mode, no server needed
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
-from budgetalloc import dashboards
-from budgetalloc import orchestration as orch
+from budgetalloc.serve import dashboards
+from flows import orchestration as orch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def publish(root: Path, revision: orch.Revision, budget_level: float | None) -> 
 def training_flow(root: Path = ROOT, budget_level: float | None = None) -> dict:
     """Fit and evaluate the policy through DVC, record the run, publish the dashboards.
 
-    The run holds the DVC workspace (:func:`~budgetalloc.orchestration.workspace_lock`)
+    The run holds the DVC workspace (:func:`~flows.orchestration.workspace_lock`)
     from its first stage to its last artifact: runs that share it never interleave.
 
     Args:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 from budgetalloc.params import SimulateParams
-from budgetalloc.simulate import simulate_trial
+from budgetalloc.studies.simulate import simulate_trial
 
 TINY_PARAMS = {
     "seed": 3,
@@ -32,11 +32,11 @@ TINY_PARAMS = {
 @pytest.fixture(scope="session")
 def tiny_fitted(tmp_path_factory):
     """A policy fitted on a 12,000-row trial with tiny params, saved; plus a population with truth."""
-    from budgetalloc.data import trial_from_frame
+    from budgetalloc.data.contract import trial_from_frame
+    from budgetalloc.fit.pipeline import fit_policy
     from budgetalloc.params import params_from_dict
-    from budgetalloc.pipeline import fit_policy
     from budgetalloc.policy import save_policy
-    from budgetalloc.simulate import simulate_population
+    from budgetalloc.studies.simulate import simulate_population
 
     world = simulate_trial(SimulateParams(n_users=12_000), seed=1)
     params = params_from_dict(TINY_PARAMS)
@@ -74,6 +74,6 @@ def peak_bytes(fn) -> int:
 @pytest.fixture(scope="session")
 def app():
     """The ``budgetalloc`` command line, every command registered (as the console script runs it)."""
-    from budgetalloc.cli import app as cli_app
+    from budgetalloc.cli.app import app as cli_app
 
     return cli_app

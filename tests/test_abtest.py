@@ -11,12 +11,12 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from budgetalloc.abtest import analyse_ab, simulate_ab
-from budgetalloc.data import trial_from_frame
+from budgetalloc.data.contract import trial_from_frame
+from budgetalloc.fit.pipeline import fit_policy
 from budgetalloc.params import params_from_dict
-from budgetalloc.pipeline import fit_policy
 from budgetalloc.policy import save_policy
-from budgetalloc.simulate import SimulateParams, simulate_trial
+from budgetalloc.studies.abtest import analyse_ab, simulate_ab
+from budgetalloc.studies.simulate import SimulateParams, simulate_trial
 
 runner = CliRunner()
 Z975 = 1.959963984540054

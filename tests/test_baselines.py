@@ -10,13 +10,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.exceptions import NotFittedError
 
-from budgetalloc.baselines import BASELINES, Baseline, make_baseline
-from budgetalloc.baselines.dfcl import decision_loss, lambda_grid
-from budgetalloc.baselines.direct import DirectRankModel, DirectROIPrediction, roi_calibrator
-from budgetalloc.data import population_from_frame, trial_from_frame
+from budgetalloc.data.contract import population_from_frame, trial_from_frame
 from budgetalloc.errors import BudgetallocError, DataError
 from budgetalloc.params import SimulateParams
-from budgetalloc.simulate import max_spend, score_allocation, simulate_population, simulate_trial
+from budgetalloc.studies.baselines import BASELINES, Baseline, make_baseline
+from budgetalloc.studies.baselines.dfcl import decision_loss, lambda_grid
+from budgetalloc.studies.baselines.direct import (
+    DirectRankModel,
+    DirectROIPrediction,
+    roi_calibrator,
+)
+from budgetalloc.studies.simulate import (
+    max_spend,
+    score_allocation,
+    simulate_population,
+    simulate_trial,
+)
 
 NAMES = ("TPM-SL", "TPM-XL", "TPM-CF", "DRM", "DRP", "DFCL")
 

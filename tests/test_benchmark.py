@@ -7,9 +7,9 @@ import pandas as pd
 from conftest import TINY_PARAMS
 from typer.testing import CliRunner
 
-from budgetalloc.benchmark import METHODS, PATH_LEVELS, BenchmarkSize, Case, run_benchmark
-from budgetalloc.cli import app
+from budgetalloc.cli.app import app
 from budgetalloc.params import SimulateParams, params_from_dict
+from budgetalloc.studies.benchmark import METHODS, PATH_LEVELS, BenchmarkSize, Case, run_benchmark
 
 
 def test_tiny_benchmark_all_methods(tmp_path):
@@ -53,9 +53,14 @@ def test_benchmark_cli_rejects_unknown_method(tmp_path):
 
 def test_matched_capture_takes_back_what_overspending_buys():
     """An oracle given 1.3x its budget captures more than 1 nominally, but exactly its worth at matched spend."""
-    from budgetalloc.benchmark import budget_path, oracle_uplift
-    from budgetalloc.metrics import matched_capture
-    from budgetalloc.simulate import max_spend, oracle_arms, score_allocation, simulate_population
+    from budgetalloc.serve.metrics import matched_capture
+    from budgetalloc.studies.benchmark import budget_path, oracle_uplift
+    from budgetalloc.studies.simulate import (
+        max_spend,
+        oracle_arms,
+        score_allocation,
+        simulate_population,
+    )
 
     pop = simulate_population(SimulateParams(), seed=5, n_users=10_000)
     r, c = pop.true_response, pop.true_cost

@@ -12,10 +12,15 @@ import numpy as np
 import pytest
 from conftest import TINY_PARAMS
 
-from budgetalloc.benchmark import HRCMethod, _features
-from budgetalloc.data import trial_from_frame
+from budgetalloc.data.contract import trial_from_frame
 from budgetalloc.params import SimulateParams, params_from_dict
-from budgetalloc.simulate import max_spend, score_allocation, simulate_population, simulate_trial
+from budgetalloc.studies.benchmark import HRCMethod, _features
+from budgetalloc.studies.simulate import (
+    max_spend,
+    score_allocation,
+    simulate_population,
+    simulate_trial,
+)
 
 LEVELS = (0.02, 0.05, 0.1, 0.2, 0.35)
 

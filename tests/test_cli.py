@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 from typer.testing import CliRunner
 
-from budgetalloc.cli import app
+from budgetalloc.cli.app import app
 
 runner = CliRunner()
 
@@ -40,7 +40,7 @@ def test_rich_progress_counts_epochs_from_one():
 
     from rich.console import Console
 
-    from budgetalloc.progress import RichReporter
+    from budgetalloc.cli.progress import RichReporter
 
     reporter = RichReporter(Console(file=io.StringIO()))
     reporter.epoch("representation", 1, 4, {"val_loss": 0.5})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from budgetalloc.clustering import (
+from budgetalloc.method.clustering import (
     assign_clusters,
     centroid_soft_targets,
     effective_k,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from budgetalloc.data import (
+from budgetalloc.data.contract import (
     Preprocessor,
     arm_summary,
     load_population,

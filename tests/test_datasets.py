@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from budgetalloc.data import load_trial
-from budgetalloc.datasets import ImportOptions, import_dataset
+from budgetalloc.data.contract import load_trial
+from budgetalloc.data.datasets import ImportOptions, import_dataset
 from budgetalloc.errors import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures"

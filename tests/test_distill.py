@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from budgetalloc import nn
-from budgetalloc.distill import (
+from budgetalloc.errors import DataError, PolicyError
+from budgetalloc.models import nn
+from budgetalloc.models.distill import (
     load_student,
     predict_clusters,
     save_student,
     train_student,
 )
-from budgetalloc.errors import DataError, PolicyError
 from budgetalloc.params import DistillParams
 
 K = 6
@@ -101,7 +101,7 @@ def test_save_load_round_trip_is_bit_identical(student, tmp_path):
 
 
 def test_wrong_artifact_kind_is_refused(student, tmp_path):
-    from budgetalloc.representation import load_representation
+    from budgetalloc.models.representation import load_representation
 
     save_student(student[0], tmp_path / "student")
     with pytest.raises(PolicyError, match="not a representation"):

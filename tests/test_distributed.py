@@ -1,4 +1,4 @@
-"""The Dask path on real LocalClusters: the single-process bytes, partitions retried alone."""
+"""The Dask path on real LocalClusters (library and Prefect flow): the single-process bytes, retries."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from budgetalloc.distributed import (
+from budgetalloc.errors import BudgetallocError, DataError
+from budgetalloc.params import SimulateParams
+from budgetalloc.policy import load_policy
+from budgetalloc.serve.distributed import (
     FAIL_ONCE_ENV,
     allocate_distributed,
     partition_offsets,
     partition_plan,
 )
-from budgetalloc.errors import BudgetallocError, DataError
-from budgetalloc.params import SimulateParams
-from budgetalloc.policy import load_policy
-from budgetalloc.simulate import simulate_population
-from budgetalloc.streaming import allocate_file
+from budgetalloc.serve.streaming import allocate_file
+from budgetalloc.studies.simulate import simulate_population
 
 BUDGET = 400.0
 ROW_GROUP = 1500
@@ -104,6 +104,20 @@ def test_failed_partition_is_retried_alone(tiny_fitted, population, single, thre
     assert out.read_bytes() == single.read_bytes()
 
 
+def test_prefect_flow_retries_a_failed_partition_alone(tiny_fitted, population, single, threaded_cluster,
+                                                       tmp_path, monkeypatch):
+    from flows.dask_allocation import allocate_distributed as allocate_in_prefect
+
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"classify:1:{marker}")
+    out = tmp_path / "prefect.parquet"
+    result = allocate_in_prefect(tiny_fitted[0], population, BUDGET, out, address=threaded_cluster,
+                                 partitions=3, batch_size=1024)
+    assert marker.exists()
+    assert result.run_counts == {"classify": (1, 2, 1), "assign": (1, 1, 1)}
+    assert out.read_bytes() == single.read_bytes()
+
+
 def test_bad_data_fail_once_with_the_single_process_message(tiny_fitted, threaded_cluster, tmp_path):
     frame = simulate_population(SimulateParams(), seed=8, n_users=6000).frame
     frame.loc[4000, "user_id"] = frame.loc[100, "user_id"]
@@ -130,7 +144,7 @@ def test_csv_and_bad_partition_counts_are_refused(tiny_fitted, tmp_path, populat
 def test_cli_runs_the_flow_on_a_cluster_address(tiny_fitted, population, single, threaded_cluster, tmp_path):
     from typer.testing import CliRunner
 
-    from budgetalloc.cli import app
+    from budgetalloc.cli.app import app
 
     out = tmp_path / "cli.parquet"
     res = CliRunner().invoke(app, ["allocate", "--policy", str(tiny_fitted[0]), "--users", str(population),

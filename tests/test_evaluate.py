@@ -7,8 +7,8 @@ import json
 import numpy as np
 from typer.testing import CliRunner
 
-from budgetalloc.cli import app
-from budgetalloc.simulate import SimulateParams, simulate_trial
+from budgetalloc.cli.app import app
+from budgetalloc.studies.simulate import SimulateParams, simulate_trial
 
 
 def test_evaluate_writes_metrics_and_plot(tiny_fitted, tmp_path):

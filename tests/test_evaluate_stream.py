@@ -9,14 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import peak_bytes
 
-from budgetalloc.allocate import population_clusters
-from budgetalloc.data import load_trial
+from budgetalloc.data.contract import load_trial
 from budgetalloc.errors import DataError
-from budgetalloc.evaluate import evaluate_policy
-from budgetalloc.evaluate_stream import evaluate_file, streamed_outcomes
 from budgetalloc.params import SimulateParams
 from budgetalloc.policy import load_policy
-from budgetalloc.simulate import simulate_trial
+from budgetalloc.serve.allocate import population_clusters
+from budgetalloc.serve.evaluate import evaluate_policy
+from budgetalloc.serve.evaluate_stream import evaluate_file, streamed_outcomes
+from budgetalloc.studies.simulate import simulate_trial
 
 REPORTS = ("metrics.json", "curve.json", "curve.png")
 BATCH = 1000
@@ -37,7 +37,7 @@ def frame():
 @pytest.fixture(autouse=True)
 def small_csv_blocks(monkeypatch):
     """64 KB CSV blocks, so that "late" means a later block of the CSV reader too."""
-    from budgetalloc import readers
+    from budgetalloc.data import readers
 
     monkeypatch.setattr(readers, "CSV_BLOCK_BYTES", 1 << 16)
 

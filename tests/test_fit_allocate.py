@@ -8,13 +8,13 @@ import pytest
 from conftest import TINY_PARAMS as TINY
 from typer.testing import CliRunner
 
-from budgetalloc.allocate import allocate_population, arms_in_file_order
-from budgetalloc.cli import app
-from budgetalloc.data import population_from_frame, trial_from_frame
+from budgetalloc.cli.app import app
+from budgetalloc.data.contract import population_from_frame, trial_from_frame
 from budgetalloc.errors import PolicyError
-from budgetalloc.pipeline import fit_policy
+from budgetalloc.fit.pipeline import fit_policy
 from budgetalloc.policy import load_policy, save_policy
-from budgetalloc.simulate import (
+from budgetalloc.serve.allocate import allocate_population, arms_in_file_order
+from budgetalloc.studies.simulate import (
     SimulateParams,
     max_spend,
     score_allocation,

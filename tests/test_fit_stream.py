@@ -17,17 +17,25 @@ import yaml
 from conftest import TINY_PARAMS, peak_bytes
 from typer.testing import CliRunner
 
-from budgetalloc.cli import app
+from budgetalloc.cli.app import app
 from budgetalloc.commands import fit_path
-from budgetalloc.data import load_trial
+from budgetalloc.data.contract import load_trial
 from budgetalloc.errors import DataError
-from budgetalloc.fit_stream import fit_policy_file
+from budgetalloc.fit.fit_stream import fit_policy_file
+from budgetalloc.fit.pipeline import fit_policy, network_rows, student_rows, train_honest_rows
+from budgetalloc.fit.trial_scan import (
+    CLIP,
+    HOLDOUT,
+    HONEST,
+    NETWORK,
+    PREPROCESS,
+    STUDENT,
+    row_roles,
+)
+from budgetalloc.method.statistics import clip_sample_rows
 from budgetalloc.params import SimulateParams, params_from_dict
-from budgetalloc.pipeline import fit_policy, network_rows, student_rows, train_honest_rows
 from budgetalloc.policy import save_policy
-from budgetalloc.simulate import simulate_trial
-from budgetalloc.statistics import clip_sample_rows
-from budgetalloc.trial_scan import CLIP, HOLDOUT, HONEST, NETWORK, PREPROCESS, STUDENT, row_roles
+from budgetalloc.studies.simulate import simulate_trial
 
 runner = CliRunner()
 

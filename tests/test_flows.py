@@ -19,7 +19,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from test_dvc import ROOT, TINY, dvc, local_prefect, sh, tiny_repo
 
-from budgetalloc import orchestration as orch
+from flows import orchestration as orch
 
 IMAGE = "](data:image/png;base64,"  # a markdown image that holds a PNG
 
@@ -158,10 +158,10 @@ def test_tasks_retry_only_transient_failures():
 
 def test_workspace_lock_makes_a_second_run_wait(tmp_path):
     """Another process holds the workspace: the run waits (and says for whom) until it is released."""
-    code = ("import sys, time; from budgetalloc import orchestration as o\n"
+    code = ("import sys, time; from flows import orchestration as o\n"
             "with o.workspace_lock(sys.argv[1], 'flow run other'):\n print('held', flush=True); time.sleep(3)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])})
     try:
         assert holder.stdout.readline().strip() == "held"
         waits, start = [], time.monotonic()

@@ -14,19 +14,19 @@ from conftest import TINY_PARAMS
 from test_reliability import error_line, one_error_line
 from typer.testing import CliRunner
 
-from budgetalloc.cli import app
-from budgetalloc.data import Preprocessor
+from budgetalloc.cli.app import app
+from budgetalloc.data.contract import Preprocessor
 from budgetalloc.errors import ParamsError
 from budgetalloc.params import load_params
 from budgetalloc.policy import load_policy
-from budgetalloc.streaming import allocate_file
+from budgetalloc.serve.streaming import allocate_file
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_fitted):
-    from budgetalloc.simulate import SimulateParams, simulate_trial
+    from budgetalloc.studies.simulate import SimulateParams, simulate_trial
 
     root = tmp_path_factory.mktemp("data")
     policy_dir, pop, _ = tiny_fitted
@@ -184,7 +184,7 @@ def test_a_leaked_label_copy_is_refused_in_the_streamed_fit(world, tmp_path):
 
 
 def test_explicit_features_may_use_any_name(world, tmp_path):
-    from budgetalloc.data import load_trial
+    from budgetalloc.data.contract import load_trial
 
     _, _, trial, _ = world
     trial.rename(columns={"x0": "Cost"}).to_csv(tmp_path / "t.csv", index=False)

@@ -19,7 +19,7 @@ from conftest import TINY_PARAMS
 from test_reliability import error_line, one_error_line
 from typer.testing import CliRunner
 
-from budgetalloc.cli import app
+from budgetalloc.cli.app import app
 
 runner = CliRunner()
 
@@ -28,7 +28,7 @@ runner = CliRunner()
 def world(tmp_path_factory, tiny_fitted):
     import yaml
 
-    from budgetalloc.simulate import SimulateParams, simulate_trial
+    from budgetalloc.studies.simulate import SimulateParams, simulate_trial
 
     root = tmp_path_factory.mktemp("env")
     policy_dir, pop, _ = tiny_fitted

@@ -13,10 +13,10 @@ import pytest
 from test_reliability import one_error_line
 from typer.testing import CliRunner
 
-from budgetalloc.cli import app
-from budgetalloc.data import load_trial, read_table
+from budgetalloc.cli.app import app
+from budgetalloc.data.contract import load_trial, read_table
 from budgetalloc.policy import load_policy
-from budgetalloc.streaming import allocate_file
+from budgetalloc.serve.streaming import allocate_file
 
 runner = CliRunner()
 WIDTHS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
@@ -127,7 +127,7 @@ def test_canonical_csv_ids_stay_int64(setting, tmp_path):
 
 
 def test_fit_and_evaluate_accept_uint64_ids_beyond_int64(tmp_path, tiny_fitted):
-    from budgetalloc.simulate import SimulateParams, simulate_trial
+    from budgetalloc.studies.simulate import SimulateParams, simulate_trial
 
     _, _, _ = tiny_fitted
     trial = simulate_trial(SimulateParams(n_users=2000), seed=5).frame
@@ -188,7 +188,7 @@ def test_the_dask_path_writes_the_same_ids(setting, tmp_path):
     """Partitions keep the ids' width too: the partition-parallel file is the single-process file."""
     from distributed import LocalCluster
 
-    from budgetalloc.distributed import allocate_distributed
+    from budgetalloc.serve.distributed import allocate_distributed
 
     policy, policy_dir, frame = setting
     text = np.array([f"{t}-{i}" for i, t in enumerate(TEXT_IDS * 8)][: len(frame)], dtype=object)

@@ -19,7 +19,7 @@ from conftest import TINY_PARAMS
 from test_reliability import one_error_line
 from typer.testing import CliRunner
 
-from budgetalloc.cli import app
+from budgetalloc.cli.app import app
 from budgetalloc.files import atomic_path, claim_temp, remove_stale, write_table
 from budgetalloc.policy import load_policy, save_policy
 
@@ -31,7 +31,7 @@ BIN = Path(sys.executable).parent / "budgetalloc"
 def world(tmp_path_factory, tiny_fitted):
     import yaml
 
-    from budgetalloc.simulate import SimulateParams, simulate_trial
+    from budgetalloc.studies.simulate import SimulateParams, simulate_trial
 
     root = tmp_path_factory.mktemp("outputs")
     policy_dir, pop, _ = tiny_fitted

@@ -16,7 +16,7 @@ import pytest
 from test_reliability import one_error_line
 from typer.testing import CliRunner
 
-from budgetalloc.cli import app
+from budgetalloc.cli.app import app
 from budgetalloc.errors import PolicyError
 from budgetalloc.policy import MANIFEST, SELF_HASH, _json_text, _manifest_digest, load_policy
 

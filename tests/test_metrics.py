@@ -1,4 +1,4 @@
-"""Tests of budgetalloc.metrics: hand-computed examples, simulated trials, sklift parity."""
+"""Tests of budgetalloc.serve.metrics: hand-computed examples, simulated trials, sklift parity."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from budgetalloc import metrics as m
 from budgetalloc.errors import DataError
+from budgetalloc.serve import metrics as m
 
 sklift_metrics = pytest.importorskip("sklift.metrics")
 # scikit-uplift 0.5.1 calls sklearn's deprecated stable_cumsum.

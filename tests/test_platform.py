@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from budgetalloc.simulate import SimulateParams, simulate_trial
+from budgetalloc.studies.simulate import SimulateParams, simulate_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"seed": 5, "train": {"hidden": 32, "head_hidden": 8, "epochs": 4, "batch_size": 256, "patience": 2}}

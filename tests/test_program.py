@@ -1,4 +1,4 @@
-"""Tests of the stage-4 integer program (budgetalloc.program) and its numpy safety net."""
+"""Tests of the stage-4 integer program (budgetalloc.method.program) and its numpy safety net."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from budgetalloc.errors import SolverError
-from budgetalloc.greedy import SpendRule, greedy_allocation, repair_allocation, round_relaxed
-from budgetalloc.params import ProgramParams
-from budgetalloc.program import (
+from budgetalloc.method.greedy import SpendRule, greedy_allocation, repair_allocation, round_relaxed
+from budgetalloc.method.program import (
     AllocationProgram,
     budget_bounds,
     solve_budget_table,
 )
+from budgetalloc.params import ProgramParams
 
 
 def random_stats(seed: int, n_clusters: int, n_arms: int, n_scen: int, noise: float = 0.15):
@@ -394,7 +394,7 @@ def test_first_solve_prints_nothing_on_stdout():
     script = (
         "import numpy as np\n"
         "from budgetalloc.params import ProgramParams\n"
-        "from budgetalloc.program import AllocationProgram\n"
+        "from budgetalloc.method.program import AllocationProgram\n"
         "r = np.array([[0.1, 0.3], [0.2, 0.25]]); c = np.array([[0.0, 1.0], [0.0, 1.0]])\n"
         "p = AllocationProgram(r, c, r[None], c[None], params=ProgramParams())\n"
         "print('counts', p.solve(np.array([10, 10]), 10.0).counts.sum())\n"

@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from budgetalloc.cli import app
+from budgetalloc.cli.app import app
 from budgetalloc.errors import PolicyError
 from budgetalloc.params import params_from_dict
 from budgetalloc.policy import load_policy
-from budgetalloc.simulate import SimulateParams, simulate_trial
+from budgetalloc.studies.simulate import SimulateParams, simulate_trial
 
 runner = CliRunner()
 BIN = Path(sys.executable).parent / "budgetalloc"

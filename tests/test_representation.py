@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from budgetalloc import nn, weights
 from budgetalloc.errors import DataError, PolicyError
-from budgetalloc.params import TrainParams
-from budgetalloc.representation import (
+from budgetalloc.models import nn, weights
+from budgetalloc.models.representation import (
     MultiTaskNet,
     embed,
     load_representation,
@@ -21,6 +20,7 @@ from budgetalloc.representation import (
     save_representation,
     train_representation,
 )
+from budgetalloc.params import TrainParams
 
 M = 3
 TINY = TrainParams(hidden=16, head_hidden=8, epochs=4, batch_size=256, patience=2)

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from budgetalloc import nn
+from budgetalloc.models import nn
 
 # Trains the representation network on a small simulated trial and prints what it
 # saw: how the first epoch's inputs were placed, whether its compiled program
@@ -23,11 +23,11 @@ SCRIPT = """
 import hashlib, json, sys
 import flax.serialization, jax, numpy as np
 from flax import nnx
-from budgetalloc import nn
-from budgetalloc.data import trial_from_frame
+from budgetalloc.models import nn
+from budgetalloc.data.contract import trial_from_frame
 from budgetalloc.params import SimulateParams, TrainParams
-from budgetalloc.representation import train_representation
-from budgetalloc.simulate import simulate_trial
+from budgetalloc.models.representation import train_representation
+from budgetalloc.studies.simulate import simulate_trial
 
 seen = {}
 make_train_epoch = nn.make_train_epoch

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budgetalloc.lagrangian import lagrangian_allocation
+from budgetalloc.method.lagrangian import lagrangian_allocation
 from budgetalloc.params import SimulateParams
-from budgetalloc.simulate import (
+from budgetalloc.studies.simulate import (
     latent_segment,
     max_spend,
     oracle_arms,

@@ -14,13 +14,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from budgetalloc import dashboards
-from budgetalloc.data import load_trial, read_table
+from budgetalloc.data.contract import load_trial, read_table
 from budgetalloc.errors import DataError, ParamsError
+from budgetalloc.fit.pipeline import fit_policy
 from budgetalloc.params import load_params, params_to_dict
-from budgetalloc.pipeline import fit_policy
 from budgetalloc.policy import load_policy, save_policy
-from budgetalloc.simulate import SimulateParams, simulate_population, simulate_trial
+from budgetalloc.progress_line import parse_progress
+from budgetalloc.serve import dashboards
 from budgetalloc.stages import (
     StageReporter,
     allocate,
@@ -28,13 +28,13 @@ from budgetalloc.stages import (
     distill,
     embed,
     evaluate,
-    parse_progress,
     policy,
     prepare,
     simulate,
     stage_app,
     train,
 )
+from budgetalloc.studies.simulate import SimulateParams, simulate_population, simulate_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 # soft targets (reads the embeddings), missing values and a K the honest rows cannot
@@ -196,7 +196,7 @@ def test_progress_lines_round_trip(capsys):
 
 def test_an_early_stop_says_so(capsys):
     """A real training run that stops early: its last epoch line says at which epoch, of how many."""
-    from budgetalloc.distill import train_student
+    from budgetalloc.models.distill import train_student
     from budgetalloc.params import DistillParams
 
     rng = np.random.default_rng(0)

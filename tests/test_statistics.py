@@ -7,8 +7,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
-from budgetalloc.params import StatisticsParams
-from budgetalloc.statistics import (
+from budgetalloc.method.statistics import (
     STAT_BLOCK,
     ClusterStatistics,
     StatisticsAccumulator,
@@ -19,6 +18,7 @@ from budgetalloc.statistics import (
     robust_clip,
     winsorize_bands,
 )
+from budgetalloc.params import StatisticsParams
 
 
 def _world(n=60_000, k=4, m=3, seed=0, outliers=0.0):

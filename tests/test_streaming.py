@@ -9,15 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import peak_bytes
 
-from budgetalloc.allocate import allocate_population
-from budgetalloc.data import load_population
+from budgetalloc.data.contract import load_population
+from budgetalloc.data.readers import rebatch
 from budgetalloc.errors import BudgetallocError, DataError
 from budgetalloc.files import write_table
 from budgetalloc.params import SimulateParams
 from budgetalloc.policy import load_policy
-from budgetalloc.readers import rebatch
-from budgetalloc.simulate import simulate_population
-from budgetalloc.streaming import allocate_file, check_unique_ids
+from budgetalloc.serve.allocate import allocate_population
+from budgetalloc.serve.streaming import allocate_file, check_unique_ids
+from budgetalloc.studies.simulate import simulate_population
 
 BUDGET = 400.0
 
@@ -36,7 +36,7 @@ def frame(tiny_fitted):
 @pytest.fixture(autouse=True)
 def small_csv_blocks(monkeypatch):
     """64 KB CSV blocks, so that a 12,000-row file has many and "late" means a later block."""
-    from budgetalloc import readers
+    from budgetalloc.data import readers
 
     monkeypatch.setattr(readers, "CSV_BLOCK_BYTES", 1 << 16)
 
@@ -129,7 +129,7 @@ def test_duplicate_ids_in_different_batches_give_the_in_memory_message(policy, f
 
 
 def test_hash_collisions_are_not_duplicates(monkeypatch):
-    from budgetalloc import streaming
+    from budgetalloc.serve import streaming
 
     monkeypatch.setattr(streaming, "id_keys", lambda ids: np.zeros(len(ids), dtype=np.uint64))
     text = pa.array(["a", "b", "c"], type=pa.large_string())
@@ -200,7 +200,7 @@ def test_rebatch_cuts_exact_sizes_across_record_batches():
 def test_cli_streams_and_refuses_partitions_without_dask(tiny_fitted, frame, tmp_path):
     from typer.testing import CliRunner
 
-    from budgetalloc.cli import app
+    from budgetalloc.cli.app import app
 
     src = write_parquet(frame, tmp_path / "users.parquet")
     args = ["allocate", "--policy", str(tiny_fitted[0]), "--users", str(src), "--budget", str(BUDGET)]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from budgetalloc.data import arm_summary, load_trial, trial_from_frame
+from budgetalloc.data.contract import arm_summary, load_trial, trial_from_frame
 from budgetalloc.files import atomic_path, check_distinct, is_csv_path, probe_writable, write_frame
 from budgetalloc.params import load_params, with_overrides
-from budgetalloc.simulate import simulate_population, simulate_trial, truth_frame
+from budgetalloc.studies.simulate import simulate_population, simulate_trial, truth_frame
 
 
 def run_simulate(
@@ -53,11 +53,11 @@ def fit_path(data: Path, params, stream: bool | None) -> str:
     """``"streamed"`` or ``"in memory"``: how ``fit`` reads this trial file.
 
     A Parquet trial with more than ``data.stream_rows`` rows (from its metadata) is
-    streamed (:func:`budgetalloc.fit_stream.fit_policy_file`); smaller ones and CSV
+    streamed (:func:`budgetalloc.fit.fit_stream.fit_policy_file`); smaller ones and CSV
     are loaded whole. ``stream`` forces one or the other (streaming needs Parquet).
     """
     from budgetalloc.errors import DataError
-    from budgetalloc.trial_scan import parquet_rows
+    from budgetalloc.fit.trial_scan import parquet_rows
 
     if stream is False:
         return "in memory"
@@ -75,7 +75,7 @@ def run_fit(*, data: Path, out: Path, params_path: Path | None, reporter=None, s
     The trial is streamed or loaded whole as :func:`fit_path` decides; the summary's
     ``fit_path`` says which.
     """
-    from budgetalloc.pipeline import fit_policy
+    from budgetalloc.fit.pipeline import fit_policy
     from budgetalloc.policy import check_policy_target, save_policy
 
     check_distinct(out, data=data)
@@ -83,7 +83,7 @@ def run_fit(*, data: Path, out: Path, params_path: Path | None, reporter=None, s
     probe_writable(out)
     params = load_params(params_path)
     if fit_path(data, params, stream) == "streamed":
-        from budgetalloc.fit_stream import fit_policy_file
+        from budgetalloc.fit.fit_stream import fit_policy_file
 
         policy = fit_policy_file(data, params, reporter)
     else:
@@ -96,30 +96,30 @@ def run_allocate(*, policy_dir: Path, users: Path, budget, out: Path, dask_addre
                  partitions: int | None = None):
     """Allocate a population file under a total budget, streamed; write the allocation atomically.
 
-    The file is read in batches (:func:`budgetalloc.streaming.allocate_file`), so memory
-    does not grow with its width. With ``dask_address`` the partition-parallel flow runs
-    instead (:func:`budgetalloc.distributed.allocate_distributed`): ``"local"`` on a new
+    The file is read in batches (:func:`budgetalloc.serve.streaming.allocate_file`), so memory
+    does not grow with its width. With ``dask_address`` the partition-parallel passes run on Dask
+    instead (:func:`budgetalloc.serve.distributed.allocate_distributed`): ``"local"`` on a new
     LocalCluster, otherwise on the Dask scheduler at that address. Both write the rows
-    :func:`budgetalloc.allocate.allocate_population` gives, and return a
-    :class:`budgetalloc.streaming.StreamedAllocation`.
+    :func:`budgetalloc.serve.allocate.allocate_population` gives, and return a
+    :class:`budgetalloc.serve.streaming.StreamedAllocation`.
     """
-    from budgetalloc.allocate import check_budget
     from budgetalloc.errors import BudgetallocError
     from budgetalloc.policy import check_not_policy_output
+    from budgetalloc.serve.allocate import check_budget
 
     budget = check_budget(budget)
     check_distinct(out, users=users)
     check_not_policy_output(out)
     if dask_address is not None:
         check_reachable(dask_address)
-        from budgetalloc.distributed import allocate_distributed
+        from budgetalloc.serve.distributed import allocate_distributed
 
         return allocate_distributed(policy_dir, users, budget, out, address=dask_address, partitions=partitions,
                                     quiet=True)
     if partitions is not None:
         raise BudgetallocError("--partitions applies to the Dask path: add --dask-address local (or an address)")
     from budgetalloc.policy import load_policy
-    from budgetalloc.streaming import allocate_file
+    from budgetalloc.serve.streaming import allocate_file
 
     return allocate_file(load_policy(policy_dir), users, budget, out)
 
@@ -127,12 +127,12 @@ def run_allocate(*, policy_dir: Path, users: Path, budget, out: Path, dask_addre
 def run_evaluate(*, policy_dir: Path, data: Path, out: Path, batch_size: int | None = None) -> dict:
     """Evaluate a policy on a held-out trial file, streamed; write metrics.json, curve.json, curve.png.
 
-    The file is read in batches (:func:`budgetalloc.evaluate_stream.evaluate_file`), so
+    The file is read in batches (:func:`budgetalloc.serve.evaluate_stream.evaluate_file`), so
     memory does not grow with its width; the reports are those of the whole file in
-    memory (:func:`budgetalloc.evaluate.evaluate_policy`).
+    memory (:func:`budgetalloc.serve.evaluate.evaluate_policy`).
     """
-    from budgetalloc.evaluate_stream import evaluate_file
     from budgetalloc.policy import check_not_policy_output, load_policy
+    from budgetalloc.serve.evaluate_stream import evaluate_file
 
     check_not_policy_output(out / "metrics.json")
     return evaluate_file(load_policy(policy_dir), data, out, batch_size=batch_size)

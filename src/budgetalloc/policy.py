@@ -34,12 +34,12 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from budgetalloc.data import Preprocessor
-from budgetalloc.distill import StudentModel, load_student, save_student
+from budgetalloc.data.contract import Preprocessor
 from budgetalloc.errors import BudgetallocError, PolicyError
 from budgetalloc.files import atomic_directory
+from budgetalloc.method.statistics import ClusterStatistics
+from budgetalloc.models.distill import StudentModel, load_student, save_student
 from budgetalloc.params import Params, params_from_dict, params_to_dict, parse_yaml
-from budgetalloc.statistics import ClusterStatistics
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"

@@ -2,8 +2,8 @@
 
 Each module is the command of one stage of ``dvc.yaml`` and is thin: it reads
 ``params.yaml``, loads its inputs (the outputs of earlier stages), calls the
-library (mostly :mod:`budgetalloc.pipeline`: the same functions that
-:func:`~budgetalloc.pipeline.fit_policy` runs in one process) and writes its
+library (mostly :mod:`budgetalloc.fit.pipeline`: the same functions that
+:func:`~budgetalloc.fit.pipeline.fit_policy` runs in one process) and writes its
 outputs atomically. Input and output paths come from the command line, so
 ``dvc.yaml`` is the one place that names them.
 
@@ -15,34 +15,33 @@ The stage graph (``dvc dag``)::
 
 The cluster statistics are estimated after distillation because the honest rows
 are grouped by the student, which is what assigns users when serving (see
-:mod:`budgetalloc.pipeline`). :mod:`budgetalloc.stages.simulate` is not a
+:mod:`budgetalloc.fit.pipeline`). :mod:`budgetalloc.stages.simulate` is not a
 ``dvc.yaml`` stage: it materialises the input ``data/`` that ``data.dvc`` records.
 
 What this module holds: params loading, the one-line error convention of the
 CLI (exit code 2), and :class:`StageReporter`, which prints progress as plain
-lines with a text bar that a Prefect task can follow (:func:`parse_progress`), and
+lines with a text bar that a Prefect task can follow (:func:`budgetalloc.progress_line.parse_progress`), and
 says when training stops early.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from budgetalloc.data import Preprocessor, Trial, load_trial
+from budgetalloc.data.contract import Preprocessor, Trial, load_trial
 from budgetalloc.errors import handle_errors
 from budgetalloc.files import atomic_path
-from budgetalloc.nn import STOPPED_EARLY, early_stop_message
+from budgetalloc.fit.pipeline import Reporter
+from budgetalloc.models.nn import STOPPED_EARLY, early_stop_message
 from budgetalloc.params import Params, load_params
-from budgetalloc.pipeline import Reporter
+from budgetalloc.progress_line import text_bar
 
 PARAMS_FILE = Path("params.yaml")
-_PROGRESS = re.compile(r"^progress: (?P<stage>[\w-]+) (?P<done>\d+)/(?P<total>\d+)\b")
 
 
 class StageReporter(Reporter):
@@ -62,20 +61,6 @@ class StageReporter(Reporter):
     def note(self, message: str) -> None:
         super().note(message)
         print(f"note: {message}", flush=True)
-
-
-def text_bar(done: int, total: int, width: int = 20) -> str:
-    """``[########------------]``: ``done`` of ``total`` as a bar of ``width`` characters."""
-    filled = round(width * min(done, total) / max(total, 1))
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
-
-
-def parse_progress(line: str) -> tuple[str, int, int] | None:
-    """``(stage, epochs done, total)`` from a :class:`StageReporter` line, else ``None``."""
-    match = _PROGRESS.match(line.strip())
-    if match is None:
-        return None
-    return match["stage"], int(match["done"]), int(match["total"])
 
 
 def stage_params(path: Path = PARAMS_FILE) -> Params:

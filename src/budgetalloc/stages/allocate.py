@@ -17,14 +17,14 @@ import numpy as np
 import pandas as pd
 import typer
 
-from budgetalloc.allocate import Allocation
 from budgetalloc.commands import run_allocate
-from budgetalloc.dashboards import budget_curve_png, clusters_png, write_png
 from budgetalloc.files import atomic_files, write_json, write_table
-from budgetalloc.pipeline import Reporter, program_stage
+from budgetalloc.fit.pipeline import Reporter, program_stage
 from budgetalloc.policy import Policy, load_policy
+from budgetalloc.serve.allocate import Allocation
+from budgetalloc.serve.dashboards import budget_curve_png, clusters_png, write_png
+from budgetalloc.serve.streaming import StreamedAllocation
 from budgetalloc.stages import PARAMS_FILE, run, stage_params
-from budgetalloc.streaming import StreamedAllocation
 
 AnyAllocation = Allocation | StreamedAllocation  # in memory or written by the stream: the same totals
 

@@ -1,7 +1,7 @@
 """Stage ``cluster``: k-means on the train rows' representation, then every row's cluster (METHOD stage 2).
 
-The train rows' embeddings are recomputed inside :func:`budgetalloc.pipeline.cluster_stage`
-(as in :func:`~budgetalloc.pipeline.fit_policy`) rather than sliced from the ``embed``
+The train rows' embeddings are recomputed inside :func:`budgetalloc.fit.pipeline.cluster_stage`
+(as in :func:`~budgetalloc.fit.pipeline.fit_policy`) rather than sliced from the ``embed``
 output, so the clusters are bit-identical to a one-process fit; the ``embed`` output
 gives every row's teacher label.
 """
@@ -13,10 +13,10 @@ from typing import Annotated
 
 import typer
 
-from budgetalloc.clustering import assign_clusters, cluster_sizes, save_clusters
 from budgetalloc.files import atomic_directory, write_json
-from budgetalloc.pipeline import cluster_stage, train_honest_rows
-from budgetalloc.representation import load_representation
+from budgetalloc.fit.pipeline import cluster_stage, train_honest_rows
+from budgetalloc.method.clustering import assign_clusters, cluster_sizes, save_clusters
+from budgetalloc.models.representation import load_representation
 from budgetalloc.stages import (
     PARAMS_FILE,
     StageReporter,

@@ -11,10 +11,10 @@ from typing import Annotated
 
 import typer
 
-from budgetalloc.clustering import load_clusters
-from budgetalloc.distill import predict_clusters, save_student
 from budgetalloc.files import atomic_directory, write_json
-from budgetalloc.pipeline import STUDENT_BATCH, distill_stage, student_agreement, student_rows
+from budgetalloc.fit.pipeline import STUDENT_BATCH, distill_stage, student_agreement, student_rows
+from budgetalloc.method.clustering import load_clusters
+from budgetalloc.models.distill import predict_clusters, save_student
 from budgetalloc.stages import (
     PARAMS_FILE,
     StageReporter,

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from budgetalloc.pipeline import EMBED_BATCH
-from budgetalloc.representation import embed, load_representation
+from budgetalloc.fit.pipeline import EMBED_BATCH
+from budgetalloc.models.representation import embed, load_representation
 from budgetalloc.stages import (
     PARAMS_FILE,
     fit_trial,

@@ -4,7 +4,7 @@ The honest rows are grouped by the student; the budget table is solved over the 
 trial's own cluster sizes. The policy directory (:mod:`budgetalloc.policy`) is what
 ``allocate`` and ``evaluate`` read. Besides it, two small tables for reports and
 dashboards: the budget curve (per user) and the clusters (size, per-arm estimates),
-with their pictures (:mod:`budgetalloc.dashboards`; the image plots of ``dvc plots``).
+with their pictures (:mod:`budgetalloc.serve.dashboards`; the image plots of ``dvc plots``).
 
 The policy embeds the params it was fitted with. Of the ``allocate`` section it keeps
 only ``batch_size`` (a serving setting); ``budget`` and ``users`` describe a scenario,
@@ -21,13 +21,14 @@ import numpy as np
 import pandas as pd
 import typer
 
-from budgetalloc.dashboards import budget_curve_png, chosen_arms, clusters_png, write_png
-from budgetalloc.distill import load_student
 from budgetalloc.files import write_table
+from budgetalloc.fit.pipeline import assemble_policy, budget_stage, fit_summary, train_honest_rows
+from budgetalloc.method.statistics import ClusterStatistics
+from budgetalloc.models.distill import load_student
+from budgetalloc.models.representation import load_representation
 from budgetalloc.params import AllocateParams, Params
-from budgetalloc.pipeline import assemble_policy, budget_stage, fit_summary, train_honest_rows
 from budgetalloc.policy import save_policy
-from budgetalloc.representation import load_representation
+from budgetalloc.serve.dashboards import budget_curve_png, chosen_arms, clusters_png, write_png
 from budgetalloc.stages import (
     PARAMS_FILE,
     StageReporter,
@@ -37,7 +38,6 @@ from budgetalloc.stages import (
     run,
     stage_params,
 )
-from budgetalloc.statistics import ClusterStatistics
 
 
 def policy_params(params: Params) -> Params:

@@ -14,10 +14,10 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from budgetalloc.data import read_table, trial_from_frame
+from budgetalloc.data.contract import read_table, trial_from_frame
 from budgetalloc.errors import ParamsError
 from budgetalloc.files import write_parquet
-from budgetalloc.pipeline import split_rows
+from budgetalloc.fit.pipeline import split_rows
 from budgetalloc.stages import PARAMS_FILE, run, stage_params
 
 TEST_SEED_OFFSET = 2

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from budgetalloc.files import atomic_directory, write_json
-from budgetalloc.pipeline import train_honest_rows, train_stage
-from budgetalloc.representation import save_representation
+from budgetalloc.fit.pipeline import train_honest_rows, train_stage
+from budgetalloc.models.representation import save_representation
 from budgetalloc.stages import PARAMS_FILE, StageReporter, fit_trial, run, stage_params
 
 

@@ -1,0 +1,257 @@
+"""Fitting a policy from a Parquet trial of any size, in bounded memory.
+
+:func:`fit_policy_file` runs the stages of :func:`budgetalloc.fit.pipeline.fit_policy`
+on a Parquet file read in batches (:mod:`budgetalloc.data.readers`), and never holds
+the table, its feature matrix, or its embeddings:
+
+1. **Pass 1: check and sample** (:mod:`budgetalloc.fit.trial_scan`). Every row's roles
+   come from the row count in the metadata (the in-memory fit's splits and samples);
+   every batch is checked by the trial contract; the samples' rows are kept.
+2. **In memory, on the samples**: the preprocessor (``data.preprocess_sample``
+   rows) and the network (``train.max_rows`` train rows), by the in-memory fit's
+   own functions.
+3. **Pass 2: clusters.** The train rows' embeddings, batch by batch, feed
+   :func:`budgetalloc.method.clustering.fit_clusters_batches`: moments and samples in one
+   pass, then ``KMeans`` on the sample or, above ``cluster.streaming_threshold``
+   train rows, three more passes of ``MiniBatchKMeans.partial_fit``.
+4. **Pass 3: teacher.** Every row's embedding and cluster; kept are the clusters
+   (and soft targets) of the student's sample (``distill.max_rows``) and the
+   clusters of the holdout rows. The student is trained in memory.
+5. **Pass 4: statistics.** Every row's student cluster (cluster sizes, agreement on
+   the holdout), and for the honest rows the student's cluster and the network's
+   predictions, fed to :class:`budgetalloc.method.statistics.StatisticsAccumulator`. Then
+   the budget table.
+
+**The in-memory fit's policy.** Each forward pass runs on blocks of the rows it is
+for, of the shape the in-memory call compiles, counted from the first such row,
+the last block padded as the in-memory call pads it (:mod:`budgetalloc.data.blocks`);
+sums and random draws follow fixed blocks too, and the samples are the in-memory
+fit's (``train.max_rows``, ``distill.max_rows`` and ``statistics.clip_sample``
+cap both fits). So on a trial of at most ``data.preprocess_sample`` rows the
+streamed fit returns the in-memory fit's policy bit for bit (preprocessor, weights,
+clusters, student, statistics, budget table; only ``summary.fit_path`` differs),
+however the file is batched and cut into row groups (``tests/test_fit_stream.py``).
+On more rows the streamed preprocessor is fitted on its sample, the in-memory one
+on every row, and the policies differ by that.
+
+**Memory** (docs/scale.md, "Fitting from Parquet"): per row, one role byte and,
+during pass 1, an 8-byte id key; per holdout row its teacher cluster; per batch,
+the frame and its arrays; the samples, each at most its cap. Every pass re-reads
+the file, which costs reading time, not memory.
+
+Only Parquet: the row count must be known before the first row is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from budgetalloc.data.blocks import Rebatcher, fixed_blocks, padded
+from budgetalloc.data.contract import Preprocessor, feature_matrix
+from budgetalloc.data.readers import STREAM_BATCH_ROWS, table_frames
+from budgetalloc.fit.pipeline import (
+    EMBED_BATCH,
+    STUDENT_BATCH,
+    Reporter,
+    assemble_policy,
+    cluster_k,
+    cluster_metric,
+    fit_summary,
+    missing_note,
+    network_rows_note,
+    program_stage,
+    train_network,
+    train_student_stage,
+)
+from budgetalloc.fit.trial_scan import (
+    HOLDOUT,
+    HONEST,
+    NETWORK,
+    PREPROCESS,
+    STUDENT,
+    Scan,
+    TrialFacts,
+    TrialFile,
+    open_trial,
+    row_roles,
+    scan_trial,
+)
+from budgetalloc.method.clustering import (
+    ASSIGN_BATCH,
+    ClusterModel,
+    assign_clusters,
+    centroid_soft_targets,
+    fit_clusters_batches,
+)
+from budgetalloc.method.statistics import ClusterStatistics, StatisticsAccumulator, winsorize_bands
+from budgetalloc.models.distill import fixed_shape_clusters
+from budgetalloc.models.nn import inference_batch_size
+from budgetalloc.models.representation import RepresentationModel, embed, predict_outcomes
+from budgetalloc.params import Params
+from budgetalloc.policy import Policy
+
+
+def _embedded(model: RepresentationModel, Z: np.ndarray, size: int) -> np.ndarray:
+    """``embed`` of a block of at most ``size`` rows, run at the in-memory call's shape."""
+    return embed(model, padded(Z, size), batch_size=size)[: Z.shape[0]]
+
+
+def _features(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, *, train_only: bool = False):
+    """``(Z, roles)`` of every batch's rows (only the train rows' with ``train_only``), in file order."""
+    start = 0
+    for frame in table_frames(trial.path, trial.feature_names, batch_rows=trial.batch_rows):
+        end = start + len(frame)
+        r = roles[start:end]
+        X = feature_matrix(frame, trial.feature_names, trial.source)
+        if train_only:
+            keep = (r & HONEST) == 0
+            X, r = X[keep], r[keep]
+        yield pre.transform(X), r
+        start = end
+
+
+def cluster_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
+                 facts: TrialFacts, params: Params, reporter: Reporter) -> ClusterModel:
+    """Pass 2: k-means on the train rows' embeddings, as :func:`budgetalloc.fit.pipeline.cluster_stage`."""
+    reporter.stage("clustering")
+    n_train = int(np.count_nonzero((roles & HONEST) == 0))
+    k = cluster_k(n_honest=trial.n - n_train, n_arms=facts.n_arms, params=params, reporter=reporter)
+    size = inference_batch_size(n_train, EMBED_BATCH)
+
+    def batches():
+        train_rows = ((Z,) for Z, _ in _features(trial, roles, pre, train_only=True))
+        return (_embedded(model, Z, size) for (Z,) in fixed_blocks(train_rows, size))
+
+    return fit_clusters_batches(batches, n_rows=n_train, k=k, params=params.cluster, seed=params.seed,
+                                metric=cluster_metric(model, params))
+
+
+def teacher_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
+                 clusters: ClusterModel, params: Params):
+    """Pass 3: every row's teacher cluster; returns the student sample's (and soft targets) and the holdout's."""
+    size = inference_batch_size(trial.n, EMBED_BATCH)
+    temperature = params.distill.soft_temperature
+    student, holdout, soft = [], [], []
+    soft_blocks = Rebatcher(ASSIGN_BATCH)  # soft targets in the blocks pipeline.student_soft_targets uses
+
+    def add_soft(emb: np.ndarray) -> None:
+        soft.append(centroid_soft_targets(clusters, emb, temperature=temperature))
+
+    for Z, r in fixed_blocks(_features(trial, roles, pre), size):
+        emb = _embedded(model, Z, size)
+        labels = assign_clusters(clusters, emb)
+        chosen = (r & STUDENT) != 0
+        student.append(labels[chosen])
+        holdout.append(labels[(r & HOLDOUT) != 0].astype(np.int16 if clusters.k <= 2**15 else np.int32))
+        if temperature > 0:
+            for (block,) in soft_blocks.push(emb[chosen]):
+                add_soft(block)
+    last = soft_blocks.flush()
+    if temperature > 0 and last is not None:
+        add_soft(last[0])
+    return np.concatenate(student), (np.concatenate(soft) if soft else None), np.concatenate(holdout)
+
+
+def statistics_pass(trial: TrialFile, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
+                    teacher_holdout: np.ndarray, params: Params) -> tuple[ClusterStatistics, np.ndarray, float]:
+    """Pass 4: statistics on the honest rows grouped by the student; cluster sizes; holdout agreement."""
+    facts = scan.facts
+    bands = winsorize_bands(scan.clip.treatment, scan.clip.response, scan.clip.cost, facts.n_arms,
+                            params=params.statistics)
+    acc = StatisticsAccumulator(k=student.n_clusters, n_arms=facts.n_arms, params=params.statistics,
+                                seed=params.seed, bands=bands)
+    n_honest = int(np.count_nonzero(roles & HONEST))
+    all_rows = inference_batch_size(trial.n, STUDENT_BATCH)
+    honest_rows = inference_batch_size(n_honest, STUDENT_BATCH)
+    everyone, honest = Rebatcher(all_rows), Rebatcher(honest_rows)
+    sizes = np.zeros(student.n_clusters, dtype=np.int64)
+    agree, seen = 0, 0
+
+    def classify(Z, r) -> None:
+        nonlocal agree, seen
+        labels = fixed_shape_clusters(student, Z, all_rows)
+        sizes[:] += np.bincount(labels, minlength=student.n_clusters)
+        held_out = labels[(r & HOLDOUT) != 0]
+        agree += int(np.count_nonzero(held_out == teacher_holdout[seen : seen + held_out.shape[0]]))
+        seen += held_out.shape[0]
+
+    def estimate(Z, treatment, response, cost, ipw) -> None:
+        labels = fixed_shape_clusters(student, Z, honest_rows)
+        pred_r, pred_c = predict_outcomes(model, padded(Z, honest_rows), batch_size=EMBED_BATCH)
+        b = Z.shape[0]
+        acc.update(labels, treatment, response, cost, ipw, pred_r[:b], pred_c[:b])
+
+    for start, cols in trial.checked():
+        r = roles[start : start + cols.treatment.shape[0]]
+        Z = pre.transform(cols.X)
+        for block in everyone.push(Z, r):
+            classify(*block)
+        h = (r & HONEST) != 0
+        p = None if cols.propensity is None else cols.propensity[h]
+        for block in honest.push(Z[h], cols.treatment[h], cols.response[h], cols.cost[h],
+                                 facts.ipw(cols.treatment[h], p)):
+            estimate(*block)
+    for rebatcher, consume in ((everyone, classify), (honest, estimate)):
+        last = rebatcher.flush()
+        if last is not None:
+            consume(*last)
+    return acc.finalize(), sizes, agree / max(seen, 1)
+
+
+def fit_policy_file(path: str | Path, params: Params, reporter: Reporter | None = None, *,
+                    batch_rows: int = STREAM_BATCH_ROWS) -> Policy:
+    """Fit a policy on a Parquet trial read in batches: :func:`budgetalloc.fit.pipeline.fit_policy`, streamed.
+
+    Args:
+        path: the trial (Parquet).
+        params: all params; ``train.max_rows``, ``distill.max_rows``,
+            ``data.preprocess_sample`` and ``statistics.clip_sample`` bound what is
+            held in memory.
+        reporter: progress sink; silent by default.
+        batch_rows: rows per batch read (any size: the result does not depend on it).
+
+    Returns:
+        The policy (not yet saved; see :func:`budgetalloc.policy.save_policy`), with
+        ``summary["fit_path"] == "streamed"``.
+
+    Raises:
+        DataError: the file is not a readable Parquet trial, or breaks the contract.
+    """
+    reporter = reporter or Reporter()
+    reporter.stage("reading")
+    trial = open_trial(path, params, batch_rows=batch_rows)
+    roles = row_roles(trial.n, params)
+    scan = scan_trial(trial, roles)
+    facts, held = scan.facts, scan.held
+
+    reporter.stage("representation")
+    pre = Preprocessor.fit(held.X[held.having(PREPROCESS)])
+    if facts.missing:
+        reporter.note(missing_note(facts.missing))
+    n_train = int(np.count_nonzero((roles & HONEST) == 0))
+    net = held.having(NETWORK)
+    if np.count_nonzero(net) < n_train:
+        reporter.note(network_rows_note(int(np.count_nonzero(net)), n_train))
+    model = train_network(pre.transform(held.X[net]), held.treatment[net], held.response[net], held.cost[net],
+                          facts.ipw(held.treatment[net], None if held.propensity is None else held.propensity[net]),
+                          n_arms=facts.n_arms, binary_response=facts.binary_response, params=params,
+                          reporter=reporter)
+
+    clusters = cluster_pass(trial, roles, pre, model, facts, params, reporter)
+    reporter.stage("distillation")
+    labels, soft, teacher_holdout = teacher_pass(trial, roles, pre, model, clusters, params)
+    chosen = held.having(STUDENT)
+    student = train_student_stage(pre.transform(held.X[chosen]), labels, soft, n_clusters=clusters.k,
+                                  params=params, reporter=reporter)
+    scan.held = held = labels = soft = None  # the samples are no longer needed
+
+    reporter.stage("statistics")
+    stats, n_users, agreement = statistics_pass(trial, roles, scan, pre, model, student, teacher_holdout, params)
+    table = program_stage(stats, n_users, params, reporter)
+    summary = fit_summary(facts, train_rows=n_train, honest_rows=trial.n - n_train, k=clusters.k,
+                          agreement=agreement, epochs=int(model.history.epochs_run), n_users=n_users,
+                          table=table, notes=reporter.notes, fit_path="streamed")
+    return assemble_policy(facts, params, preprocessor=pre, student=student, statistics=stats,
+                           budget_table=table, summary=summary)

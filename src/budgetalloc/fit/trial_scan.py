@@ -1,0 +1,218 @@
+"""The first pass of the streamed fit: a Parquet trial checked batch by batch, its samples kept.
+
+Before a row is read, the row count from the Parquet metadata fixes every row's
+role (:func:`row_roles`), with the very functions the in-memory fit splits and
+samples with (:mod:`budgetalloc.fit.pipeline`, :mod:`budgetalloc.data.sampling`): honest or
+train, holdout or student, and whether the row is in the preprocessor's, the
+network's, the student's or the winsorize bands' sample. One byte a row.
+
+:func:`scan_trial` then reads the file once: every batch gets the trial contract's
+row-wise checks (:func:`budgetalloc.data.contract.trial_columns`, row numbers counted from
+the file's start), and what is kept is an 8-byte key per id, the arm counts, and
+the sampled rows' features and outcomes. Then the checks over all rows: ids unique
+across batches (the ``user_id`` column is read again only if some key repeats, to
+name the first duplicate in file order, as the whole-file check does), arm 0
+present, no arm empty. A file with several faults may report another one first
+than the whole-file loader (a later batch's bad value before an earlier batch's
+duplicate id), never none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from budgetalloc.data.contract import (
+    MAX_ARMS,
+    PROPENSITY,
+    check_arm_counts,
+    check_file,
+    count_missing,
+    feature_columns,
+    trial_columns,
+)
+from budgetalloc.data.readers import (
+    check_unique_file_ids,
+    id_keys,
+    is_parquet,
+    parquet_file,
+    trial_frames,
+)
+from budgetalloc.data.sampling import PREPROCESS_SAMPLE, seeded_sample
+from budgetalloc.errors import DataError
+from budgetalloc.fit.pipeline import holdout_mask, honest_mask, network_rows, student_sample
+from budgetalloc.method.statistics import clip_sample_rows
+from budgetalloc.params import Params
+
+# Role bits, one byte per row.
+HONEST, HOLDOUT, PREPROCESS, NETWORK, STUDENT, CLIP = 1, 2, 4, 8, 16, 32
+HELD = PREPROCESS | NETWORK | STUDENT  # rows whose features pass 1 keeps
+
+
+@dataclass(frozen=True)
+class TrialFile:
+    """A Parquet trial: its rows (from the metadata), features (from the schema) and batch size."""
+
+    path: Path
+    n: int
+    feature_names: tuple[str, ...]
+    has_propensity: bool
+    batch_rows: int
+
+    @property
+    def source(self) -> str:
+        return str(self.path)
+
+    def frames(self) -> Iterator[tuple[int, pd.DataFrame]]:
+        """``(first row, batch)`` over the trial's columns, in file order."""
+        start = 0
+        for frame in trial_frames(self.path, self.feature_names, batch_rows=self.batch_rows):
+            yield start, frame
+            start += len(frame)
+
+    def checked(self) -> Iterator[tuple[int, object]]:
+        """``(first row, TrialColumns)`` of every batch, through the contract's row-wise checks."""
+        for start, frame in self.frames():
+            yield start, trial_columns(frame, features=self.feature_names, source=self.source, first_row=start)
+
+
+def parquet_rows(path: str | Path) -> int | None:
+    """Rows of a Parquet file from its metadata; ``None`` for another format."""
+    path = Path(path)
+    check_file(path)
+    return parquet_file(path).metadata.num_rows if is_parquet(path) else None
+
+
+def open_trial(path: str | Path, params: Params, *, batch_rows: int) -> TrialFile:
+    """The :class:`TrialFile` of a Parquet trial, with the contract's checks on its columns.
+
+    Raises:
+        DataError: not a readable Parquet file, no rows, or missing feature columns.
+    """
+    path = Path(path)
+    n = parquet_rows(path)
+    if n is None:
+        raise DataError(f"{path}: the streamed fit reads Parquet files only (convert it, or fit in memory)")
+    if n == 0:
+        raise DataError(f"{path}: table has no rows")
+    empty = parquet_file(path).schema_arrow.empty_table().to_pandas()
+    names = feature_columns(empty, params.data.features, str(path))
+    return TrialFile(path, n, names, PROPENSITY in empty.columns, batch_rows)
+
+
+def row_roles(n: int, params: Params) -> np.ndarray:
+    """Every row's roles (bits), drawn from the row count as the in-memory fit draws them.
+
+    Memory: one byte a row, plus the split's permutation (8 bytes a row) while it is drawn.
+    """
+    roles = np.zeros(n, dtype=np.uint8)
+    honest = honest_mask(n, params)
+    roles[honest] |= HONEST
+    roles[network_rows(np.flatnonzero(~honest), params)] |= NETWORK
+    honest_idx = np.flatnonzero(honest)
+    del honest
+    clip = clip_sample_rows(len(honest_idx), params.statistics, params.seed)
+    roles[honest_idx if clip is None else honest_idx[clip]] |= CLIP
+    del honest_idx
+    holdout = holdout_mask(n, params)
+    roles[holdout] |= HOLDOUT
+    roles[student_sample(np.flatnonzero(~holdout), params)] |= STUDENT
+    pre = seeded_sample(n, params.data.preprocess_sample, (params.seed, PREPROCESS_SAMPLE))
+    roles[slice(None) if pre is None else pre] |= PREPROCESS
+    return roles
+
+
+@dataclass(frozen=True)
+class TrialFacts:
+    """What the fit needs of the whole trial (the in-memory ``Trial``'s scalars)."""
+
+    n: int
+    n_arms: int
+    feature_names: tuple[str, ...]
+    binary_response: bool
+    arm_counts: np.ndarray  # (n_arms,) rows per arm
+    missing: int  # missing feature values
+
+    def ipw(self, treatment: np.ndarray, propensity: np.ndarray | None) -> np.ndarray:
+        """Inverse-propensity weights, as ``Trial.ipw`` (default propensity: the arm's share)."""
+        p = (self.arm_counts / self.n)[treatment] if propensity is None else propensity
+        return 1.0 / (self.n_arms * p)
+
+
+@dataclass
+class Rows:
+    """Rows kept in memory, in file order: roles, features and outcomes."""
+
+    roles: np.ndarray  # uint8
+    X: np.ndarray | None  # float32 (r, d), may hold NaN; None where only outcomes are kept
+    treatment: np.ndarray  # int32
+    response: np.ndarray  # float64
+    cost: np.ndarray  # float64
+    propensity: np.ndarray | None  # float64, None when the file has no such column
+
+    @classmethod
+    def empty(cls, roles: np.ndarray, d: int | None, with_propensity: bool) -> Rows:
+        r = roles.shape[0]
+        return cls(roles, None if d is None else np.empty((r, d), np.float32), np.empty(r, np.int32),
+                   np.empty(r), np.empty(r), np.empty(r) if with_propensity else None)
+
+    def fill(self, at: int, cols, keep: np.ndarray) -> int:
+        """Copy the ``keep`` rows of a batch's columns to position ``at``; returns the next position."""
+        end = at + int(np.count_nonzero(keep))
+        if self.X is not None:
+            self.X[at:end] = cols.X[keep]
+        for name in ("treatment", "response", "cost", "propensity"):
+            target = getattr(self, name)
+            if target is not None:
+                target[at:end] = getattr(cols, name)[keep]
+        return end
+
+    def having(self, role: int) -> np.ndarray:
+        """Mask of the kept rows with ``role``."""
+        return (self.roles & role) != 0
+
+
+@dataclass
+class Scan:
+    """What pass 1 keeps."""
+
+    facts: TrialFacts
+    held: Rows  # the samples: preprocessor, network, student
+    clip: Rows  # the winsorize bands' sample (outcomes only)
+
+
+def scan_trial(trial: TrialFile, roles: np.ndarray) -> Scan:
+    """Pass 1: check every batch, keep the samples; then the checks over all rows.
+
+    Raises:
+        DataError: the first contract violation, as one line naming file, column and value.
+    """
+    d = len(trial.feature_names)
+    held = Rows.empty(roles[(roles & HELD) != 0], d, trial.has_propensity)
+    clip = Rows.empty(roles[(roles & CLIP) != 0], None, False)
+    keys = np.empty(trial.n, dtype=np.uint64)
+    counts = np.zeros(MAX_ARMS, dtype=np.int64)
+    binary, missing, at_held, at_clip, end = True, 0, 0, 0, 0
+    for start, cols in trial.checked():
+        end = start + cols.treatment.shape[0]
+        if end > trial.n:
+            break
+        keys[start:end] = id_keys(cols.user_id)
+        counts += np.bincount(cols.treatment, minlength=MAX_ARMS)
+        binary = binary and bool(np.isin(cols.response, (0.0, 1.0)).all())
+        missing += count_missing(cols.X)
+        r = roles[start:end]
+        at_held = held.fill(at_held, cols, (r & HELD) != 0)
+        at_clip = clip.fill(at_clip, cols, (r & CLIP) != 0)
+    if end != trial.n:
+        raise DataError(f"{trial.source}: the file changed while it was read ({trial.n} rows in its metadata)")
+    n_arms = check_arm_counts(counts, trial.source)
+    check_unique_file_ids(trial.path, keys, batch_rows=trial.batch_rows)
+    facts = TrialFacts(trial.n, n_arms, trial.feature_names, binary, counts[:n_arms], missing)
+    return Scan(facts, held, clip)
+
+

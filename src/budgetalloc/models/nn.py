@@ -1,0 +1,367 @@
+"""Machinery shared by the two networks: the epoch loop, batched inference, artifacts.
+
+Both the multi-task representation network (``representation.py``) and the serving
+student (``distill.py``) are Flax NNX modules trained the same way, so the training
+loop, the inference loop and the weight files live here once.
+
+Design choices, and why:
+
+* **Pure state, split once.** A module is split into ``(graphdef, params)`` with
+  ``nnx.split``; ``params`` and the optax state travel as a plain pytree
+  (:class:`TrainState`), and the module is rebuilt with ``nnx.merge`` inside the
+  traced functions. This keeps ``train_step(state, batch) -> (state, metrics)`` pure
+  and costs nothing at run time (the merge happens while tracing), whereas
+  ``nnx.jit`` re-walks the object graph on every call.
+* **One jitted call per epoch.** The data stay on the device for the whole fit; an
+  epoch is a ``lax.scan`` of ``train_step`` over a ``(n_batches, batch_size)`` matrix
+  of row indices drawn in numpy from the seed, and each step gathers its rows on the
+  device. On two CPU cores the per-batch Python dispatch of a plain loop costs as
+  much as a small network's step, and a scan removes it.
+* **Fixed shapes.** The last partial batch is padded with row 0 at weight 0, so
+  every epoch has the same shape and nothing recompiles. A loss function returns
+  ``(sum of weighted losses, sum of weights)``; padded rows therefore count for
+  nothing, and the epoch loss is the exact weighted mean over real rows.
+* **Data parallel on several devices.** With more than one device (GPUs, or CPU
+  devices faked with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``), :func:`fit`
+  trains on a 1-D ``"data"`` mesh (:func:`data_parallel_mesh`): parameters, optimiser
+  state and data are replicated, the plan of row indices is sharded along its rows, so
+  each device gathers its share of a batch from its own copy and XLA's SPMD partitioner
+  all-reduces the gradients. A step's batch is rounded up to a multiple of the device
+  count (padded at weight 0). Losses match one device's to float rounding (sums are
+  reduced in another order). With one device, or ``BUDGETALLOC_DATA_PARALLEL=0``, the
+  single-device path runs unchanged and bit-identical. Replicated data cost each device
+  a copy (160 MB for 1M x 40 float32), simple and small next to a GPU's memory.
+  Inference stays on one device: :func:`fit` returns its parameters on the first.
+* **Inference** pads the last batch too, and uses batches of ``min(batch_size,
+  next power of two >= n)`` rows so that small inputs neither recompile per size
+  nor pay for a huge padded batch. Batches are dispatched one ahead of collection so
+  that host-side slicing overlaps the (asynchronous) device computation.
+* **Artifacts** (saving and loading a trained network) live in
+  :mod:`budgetalloc.models.weights`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+#: ``loss_fn(module, batch) -> (sum of weighted row losses, sum of row weights)``.
+LossFn = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
+#: ``progress(epoch, {"train_loss": ..., "val_loss": ...})`` after every epoch; the last epoch of
+#: a run that stops early also carries ``STOPPED_EARLY: patience``.
+Progress = Callable[[int, dict[str, float]], None]
+STOPPED_EARLY = "stopped_early_patience"
+
+
+def early_stop_message(epoch: int, epochs: int, metrics: dict) -> str | None:
+    """``"stopped early at epoch 6 of 30 (patience 3)"`` for the last epoch of an early stop, else ``None``."""
+    if STOPPED_EARLY not in metrics:
+        return None
+    return f"stopped early at epoch {epoch} of {epochs} (patience {int(metrics[STOPPED_EARLY])})"
+
+_MIN_IMPROVEMENT = 1e-4  # relative: smaller gains in validation loss do not reset patience
+INFERENCE_CHUNK = 4096  # rows per step inside a compiled batch: activations stay in cache
+DATA_PARALLEL_ENV = "BUDGETALLOC_DATA_PARALLEL"  # "0": one device even when there are several
+
+
+class TrainState(NamedTuple):
+    """Everything an optimisation step changes."""
+
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+@dataclass(frozen=True)
+class FitHistory:
+    """What the epoch loop did."""
+
+    epochs_run: int
+    best_epoch: int
+    best_val_loss: float
+    stopped_early: bool
+    train_loss: tuple[float, ...]
+    val_loss: tuple[float, ...]
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> FitHistory:
+        """Rebuild from the JSON form written by :func:`save_model`."""
+        return cls(
+            **{**raw, "train_loss": tuple(raw["train_loss"]), "val_loss": tuple(raw["val_loss"])}
+        )
+
+
+def split_rows(
+    n: int, val_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random train/validation split of ``range(n)``; both parts non-empty.
+
+    Returns:
+        ``(train_idx, val_idx)``, each sorted int64.
+    """
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    perm = rng.permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def batch_plan(rows: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut ``rows`` into fixed-size batches, padding the last with row 0 at weight 0.
+
+    Returns:
+        ``idx`` int32 ``(n_batches, batch_size)`` and ``valid`` float32 of the same shape.
+    """
+    n_batches = math.ceil(len(rows) / batch_size)
+    idx = np.zeros(n_batches * batch_size, dtype=np.int32)
+    valid = np.zeros(n_batches * batch_size, dtype=np.float32)
+    idx[: len(rows)] = rows
+    valid[: len(rows)] = 1.0
+    return idx.reshape(n_batches, batch_size), valid.reshape(n_batches, batch_size)
+
+
+def data_parallel_mesh() -> Mesh | None:
+    """A 1-D mesh over all devices with axis ``"data"``, for data-parallel training.
+
+    Returns:
+        None with one device, or when ``$BUDGETALLOC_DATA_PARALLEL`` is ``"0"``.
+    """
+    devices = jax.devices()
+    if len(devices) < 2 or os.environ.get(DATA_PARALLEL_ENV, "1").strip() == "0":
+        return None
+    return Mesh(np.array(devices), ("data",))
+
+
+def round_up_to_devices(rows: int, n_devices: int) -> int:
+    """The smallest multiple of ``n_devices`` that is ``>= rows``: a batch every device splits evenly."""
+    return -(-rows // n_devices) * n_devices
+
+
+def _place(tree: Any, mesh: Mesh | None, spec: P) -> Any:
+    """``tree`` on ``mesh`` laid out as ``spec``; untouched without a mesh (one device)."""
+    return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, spec))
+
+
+def _gather(
+    data: dict[str, jax.Array], idx: jax.Array, valid: jax.Array, mesh: Mesh | None = None
+) -> dict[str, jax.Array]:
+    batch = {key: value[idx] for key, value in data.items()}
+    batch["weight"] = batch["weight"] * valid
+    if mesh is not None:  # rows split across devices: the partitioner all-reduces the grads
+        batch = jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, P("data")))
+    return batch
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation):
+    """The pure step ``train_step(state, batch) -> (state, (loss_sum, weight_sum))``."""
+
+    def objective(params, batch):
+        loss_sum, weight_sum = loss_fn(nnx.merge(graphdef, params), batch)
+        return loss_sum / jnp.maximum(weight_sum, 1e-12), (loss_sum, weight_sum)
+
+    def train_step(state: TrainState, batch):
+        grads, sums = jax.grad(objective, has_aux=True)(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state), sums
+
+    return train_step
+
+
+def make_train_epoch(
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    mesh: Mesh | None = None,
+):
+    """A jitted ``train_epoch(state, data, idx, valid) -> (state, mean loss)``: one scan.
+
+    With a ``mesh``, each gathered batch is sharded along its rows and the outputs
+    are replicated (data parallelism); without one, it runs on one device.
+    """
+    train_step = make_train_step(graphdef, loss_fn, tx)
+
+    def train_epoch(state, data, idx, valid):
+        def body(carry, plan):
+            return train_step(carry, _gather(data, *plan, mesh))
+
+        state, (loss_sums, weight_sums) = jax.lax.scan(body, state, (idx, valid))
+        return state, jnp.sum(loss_sums) / jnp.maximum(jnp.sum(weight_sums), 1e-12)
+
+    if mesh is None:
+        return jax.jit(train_epoch, donate_argnums=0)
+    return jax.jit(train_epoch, donate_argnums=0, out_shardings=NamedSharding(mesh, P()))
+
+
+def make_evaluate(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh | None = None):
+    """A jitted ``evaluate(params, data, idx, valid) -> weighted mean loss`` (``mesh``: as above)."""
+
+    def evaluate(params, data, idx, valid):
+        def body(carry, plan):
+            batch = _gather(data, *plan, mesh)
+            loss_sum, weight_sum = loss_fn(nnx.merge(graphdef, params), batch)
+            return (carry[0] + loss_sum, carry[1] + weight_sum), None
+
+        (loss_sum, weight_sum), _ = jax.lax.scan(body, (0.0, 0.0), (idx, valid))
+        return loss_sum / jnp.maximum(weight_sum, 1e-12)
+
+    return jax.jit(evaluate)
+
+
+def fit(
+    module: nnx.Module,
+    loss_fn: LossFn,
+    data: dict[str, np.ndarray],
+    *,
+    tx: optax.GradientTransformation,
+    epochs: int,
+    batch_size: int,
+    patience: int,
+    val_fraction: float,
+    seed: int,
+    progress: Progress | None = None,
+) -> tuple[nnx.GraphDef, nnx.State, FitHistory]:
+    """Minibatch training with a validation split and early stopping.
+
+    Args:
+        module: the initialised network (left unchanged).
+        loss_fn: ``(module, batch) -> (loss_sum, weight_sum)``.
+        data: equal-length arrays, one of them ``"weight"`` (row weights).
+        tx: the optax optimiser.
+        epochs: the most passes over the training rows.
+        batch_size: rows per step (the last batch is padded at weight 0). With
+            several devices it is rounded up to a multiple of their number.
+        patience: epochs without a relative improvement of the validation loss
+            larger than 1e-4 before stopping.
+        val_fraction: share of rows held out for validation.
+        seed: seeds the split and the per-epoch shuffles (numpy Generator).
+        progress: called after every epoch with ``(epoch, {"train_loss", "val_loss"})``
+            (plus :data:`STOPPED_EARLY` on the epoch it stops early).
+
+    Returns:
+        ``(graphdef, params, history)`` with the parameters of the best validation epoch,
+        on one device.
+
+    With several devices (``jax.devices()``) training is data parallel over all of
+    them (see :func:`data_parallel_mesh`); ``BUDGETALLOC_DATA_PARALLEL=0`` in the
+    environment keeps it on one device, bit-identical to a one-device machine.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(data["weight"])
+    train_rows, val_rows = split_rows(n, val_fraction, rng)
+    mesh = data_parallel_mesh()
+    n_devices = 1 if mesh is None else mesh.size
+    train_batch = round_up_to_devices(min(batch_size, len(train_rows)), n_devices)
+    val_batch = round_up_to_devices(min(max(batch_size, 8192), len(val_rows)), n_devices)
+    device_data = _place({key: jnp.asarray(value) for key, value in data.items()}, mesh, P())
+    graphdef, params = nnx.split(module)
+    params = jax.tree.map(jnp.copy, params)  # the epoch donates its state: never the caller's
+    train_epoch, evaluate = (
+        make_train_epoch(graphdef, loss_fn, tx, mesh),
+        make_evaluate(graphdef, loss_fn, mesh),
+    )
+    val_plan = _place(batch_plan(val_rows, val_batch), mesh, P(None, "data"))
+    state = _place(TrainState(params, tx.init(params)), mesh, P())
+    best_params, best_loss, best_epoch = None, math.inf, 0
+    train_hist: list[float] = []
+    val_hist: list[float] = []
+    for epoch in range(1, epochs + 1):
+        plan = _place(batch_plan(rng.permutation(train_rows), train_batch), mesh, P(None, "data"))
+        state, train_loss = train_epoch(state, device_data, *plan)
+        val_loss = float(evaluate(state.params, device_data, *val_plan))
+        train_hist.append(float(train_loss))
+        val_hist.append(val_loss)
+        improved = best_params is None or val_loss < best_loss - _MIN_IMPROVEMENT * abs(best_loss)
+        if improved:
+            best_params = jax.tree.map(jnp.copy, state.params)
+            best_loss, best_epoch = val_loss, epoch
+        stop = not improved and epoch - best_epoch >= patience
+        if progress is not None:
+            metrics = {"train_loss": train_hist[-1], "val_loss": val_loss}
+            progress(epoch, {**metrics, STOPPED_EARLY: patience} if stop and epoch < epochs else metrics)
+        if stop:
+            break
+    history = FitHistory(
+        epochs_run=len(val_hist),
+        best_epoch=best_epoch,
+        best_val_loss=best_loss,
+        stopped_early=len(val_hist) < epochs,
+        train_loss=tuple(train_hist),
+        val_loss=tuple(val_hist),
+    )
+    if mesh is not None:  # inference and saving run on one device
+        best_params = jax.device_put(best_params, jax.devices()[0])
+    return graphdef, best_params, history
+
+
+@partial(jax.jit, static_argnames=("graphdef", "method", "chunk"))
+def _apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, method: str, chunk: int):
+    fn = getattr(nnx.merge(graphdef, params), method)
+    if x.shape[0] <= chunk:
+        return fn(x)
+    out = jax.lax.map(fn, x.reshape(-1, chunk, x.shape[1]))
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out)
+
+
+def inference_batch_size(n: int, batch_size: int) -> int:
+    """``min(batch_size, next power of two >= n)``, a multiple of ``INFERENCE_CHUNK`` above it.
+
+    Few distinct shapes (so few compilations) and little padding for small inputs.
+    """
+    size = max(1, min(batch_size, 1 << max(0, n - 1).bit_length()))
+    return size if size <= INFERENCE_CHUNK else -(-size // INFERENCE_CHUNK) * INFERENCE_CHUNK
+
+
+def batched_apply(
+    graphdef: nnx.GraphDef, params: nnx.State, X: np.ndarray, *, method: str, batch_size: int
+) -> Any:
+    """Apply ``module.<method>`` to ``X`` in fixed-shape batches (last one padded).
+
+    Runs on one device (where ``params`` are; :func:`fit` returns them on the first),
+    even when several are present.
+
+    Args:
+        graphdef, params: the split module.
+        X: float32 ``(n, d)``.
+        method: name of a module method mapping ``(b, d)`` to arrays with leading ``b``.
+        batch_size: the largest batch.
+
+    Returns:
+        The method's output pytree for all ``n`` rows, as numpy arrays.
+    """
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    n = X.shape[0]
+    size = inference_batch_size(n, batch_size)
+    result, pending = None, None
+    for start in range(0, max(n, 1), size):
+        chunk = X[start : start + size]
+        if chunk.shape[0] < size:
+            chunk = np.concatenate(
+                [chunk, np.zeros((size - chunk.shape[0], X.shape[1]), np.float32)]
+            )
+        current = (_apply(graphdef, params, chunk, method, INFERENCE_CHUNK), start)
+        if pending is not None:
+            result = _write(result, *pending, n)
+        pending = current
+    return _write(result, *pending, n)
+
+
+def _write(result: Any, out: Any, start: int, n: int) -> Any:
+    """Copy one batch's outputs into the preallocated ``result`` (allocated on first use)."""
+    if result is None:
+        result = jax.tree.map(lambda a: np.empty((n, *a.shape[1:]), a.dtype), out)
+    rows = min(n - start, jax.tree.leaves(out)[0].shape[0])
+
+    def copy(dst, src):
+        dst[start : start + rows] = np.asarray(src)[:rows]
+
+    jax.tree.map(copy, result, out)
+    return result

@@ -1,0 +1,1 @@
+"""Serving a policy: allocation (in memory, streamed, partitioned on Dask), evaluation, metrics, pictures."""

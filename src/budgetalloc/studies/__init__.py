@@ -1,0 +1,1 @@
+"""Studies over the method: simulated worlds, the benchmark, A/B analysis, the baselines."""

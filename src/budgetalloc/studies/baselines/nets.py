@@ -1,0 +1,197 @@
+"""Neural machinery shared by DRM, DRP and DFCL: an MLP, a trainer, batched prediction.
+
+Flax NNX modules are split once into ``(graphdef, params)``; the parameters and the
+optax state travel as a pytree through a pure ``train_step``, and one epoch is a
+jitted ``lax.scan`` over a ``(n_batches, batch_size)`` matrix of row indices drawn in
+numpy from the seed. Every batch has the same shape: the rows left over after the
+last full batch are skipped in that epoch (a new permutation each epoch gives them
+their turn), which matters for the group-softmax losses of DRM where padded rows
+would need masking. All randomness comes from ``seed``; the same seed gives the
+same weights bit for bit on the same machine.
+
+The baselines keep this small loop instead of sharing the representation network's
+(``budgetalloc.models.nn``) because their losses are not sums of per-row terms (DRM's is a
+ratio of batch sums) and they need no early stopping: the epochs are a size knob.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+#: ``loss_fn(module, batch) -> scalar`` (a dict of ``(batch_size, ...)`` arrays).
+LossFn = Callable[[nnx.Module, dict[str, jax.Array]], jax.Array]
+
+_PREDICT_CHUNK = 65536
+
+
+class MLP(nnx.Module):
+    """``depth`` relu layers of ``hidden`` units, then a linear map to ``n_out`` outputs."""
+
+    def __init__(self, n_in: int, n_out: int, *, hidden: int, depth: int, rngs: nnx.Rngs):
+        sizes = [n_in] + [hidden] * depth
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
+        self.out = nnx.Linear(sizes[-1], n_out, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = jax.nn.relu(layer(x))
+        return self.out(x)
+
+
+class TrainState(NamedTuple):
+    """What an optimisation step changes."""
+
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def make_train_epoch(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation):
+    """A jitted ``train_epoch(state, data, idx) -> (state, mean batch loss)``."""
+
+    def objective(params, batch):
+        return loss_fn(nnx.merge(graphdef, params), batch)
+
+    def train_step(state: TrainState, batch) -> tuple[TrainState, jax.Array]:
+        loss, grads = jax.value_and_grad(objective)(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
+
+    def train_epoch(state, data, idx):
+        def body(carry, rows):
+            return train_step(carry, {key: value[rows] for key, value in data.items()})
+
+        state, losses = jax.lax.scan(body, state, idx)
+        return state, jnp.mean(losses)
+
+    return jax.jit(train_epoch)
+
+
+def train(
+    module: nnx.Module,
+    loss_fn: LossFn,
+    data: dict[str, np.ndarray],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    seed: int,
+) -> tuple[nnx.GraphDef, nnx.State, list[float]]:
+    """Minibatch AdamW for a fixed number of epochs.
+
+    Args:
+        module: the initialised network.
+        loss_fn: ``(module, batch) -> scalar loss``.
+        data: equal-length arrays (rows on the first axis).
+        epochs: passes over the rows.
+        batch_size: rows per step (capped at the number of rows).
+        learning_rate, weight_decay: of ``optax.adamw``.
+        seed: seeds the per-epoch permutations.
+
+    Returns:
+        ``(graphdef, params, mean loss per epoch)``.
+    """
+    n = len(next(iter(data.values())))
+    size = min(batch_size, n)
+    n_batches = n // size
+    rng = np.random.default_rng(seed)
+    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
+    graphdef, params = nnx.split(module)
+    state = TrainState(params, tx.init(params))
+    device_data = {key: jnp.asarray(value) for key, value in data.items()}
+    train_epoch = make_train_epoch(graphdef, loss_fn, tx)
+    history = []
+    for _ in range(epochs):
+        idx = rng.permutation(n)[: n_batches * size].reshape(n_batches, size).astype(np.int32)
+        state, loss = train_epoch(state, device_data, jnp.asarray(idx))
+        history.append(float(loss))
+    return graphdef, state.params, history
+
+
+def predict(graphdef: nnx.GraphDef, params: nnx.State, Z: np.ndarray, method: str = "__call__"):
+    """Apply ``module.<method>`` to ``Z`` in fixed-shape chunks; numpy pytree out.
+
+    Chunks are ``min(65536, next power of two >= n)`` rows (the last one padded), so
+    few shapes are ever compiled.
+    """
+    Z = np.ascontiguousarray(Z, dtype=np.float32)
+    n = Z.shape[0]
+    size = max(1, min(_PREDICT_CHUNK, 1 << max(0, n - 1).bit_length()))
+    outs = []
+    for start in range(0, max(n, 1), size):
+        chunk = Z[start : start + size]
+        pad = size - chunk.shape[0]
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, Z.shape[1]), np.float32)])
+        out = _apply(graphdef, params, jnp.asarray(chunk), method)
+        outs.append(jax.tree.map(lambda a, keep=size - pad: np.asarray(a)[:keep], out))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+
+
+def _apply_impl(graphdef, params, x, method):
+    return getattr(nnx.merge(graphdef, params), method)(x)
+
+
+_apply = jax.jit(_apply_impl, static_argnames=("graphdef", "method"))
+
+
+class OutcomeNet(nnx.Module):
+    """Response and cost under every arm: an MLP with ``2M`` outputs.
+
+    ``__call__`` returns raw outputs ``(response, cost)``, each ``(b, M)``: the
+    response is a logit when the response is binary, a scaled value otherwise; the
+    cost is a scaled value passed through softplus so it is never negative.
+    """
+
+    def __init__(self, n_in: int, n_arms: int, *, hidden: int, depth: int, rngs: nnx.Rngs):
+        self.mlp = MLP(n_in, 2 * n_arms, hidden=hidden, depth=depth, rngs=rngs)
+        self.n_arms = n_arms
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out = self.mlp(x)
+        return out[:, : self.n_arms], jax.nn.softplus(out[:, self.n_arms :])
+
+
+def response_mean(raw: jax.Array, binary: bool) -> jax.Array:
+    """Expected (scaled) response from the response output: sigmoid of a logit if binary."""
+    return jax.nn.sigmoid(raw) if binary else raw
+
+
+def prediction_loss(raw_r: jax.Array, c_hat: jax.Array, batch: dict, binary: bool) -> jax.Array:
+    """Masked per-arm fit: only the received arm's outputs meet the row's targets.
+
+    Response: sigmoid cross-entropy (binary) or squared error (continuous, scaled);
+    cost: squared error (scaled). Rows weighted by ``batch["w"]`` (inverse propensity);
+    the result is the weighted mean of response plus cost loss.
+    """
+    arm = batch["t"][:, None]
+    r_raw = jnp.take_along_axis(raw_r, arm, axis=1)[:, 0]
+    c_pred = jnp.take_along_axis(c_hat, arm, axis=1)[:, 0]
+    if binary:
+        loss_r = optax.sigmoid_binary_cross_entropy(r_raw, batch["r"])
+    else:
+        loss_r = (r_raw - batch["r"]) ** 2
+    loss_c = (c_pred - batch["c"]) ** 2
+    w = batch["w"]
+    return jnp.sum(w * (loss_r + loss_c)) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def output_bias(mean_r: np.ndarray, mean_c: np.ndarray, binary: bool) -> np.ndarray:
+    """Initial output biases matching each arm's mean (scaled) response and cost."""
+    r = np.clip(mean_r, 1e-4, 1 - 1e-4) if binary else mean_r
+    r = np.log(r / (1 - r)) if binary else r
+    c = np.log(np.expm1(np.maximum(mean_c, 1e-4)))  # inverse softplus
+    return np.concatenate([r, c]).astype(np.float32)
+
+
+def set_output_bias(net: OutcomeNet, bias: np.ndarray) -> None:
+    """Start the outcome net at the arm means so the first epochs learn heterogeneity."""
+    net.mlp.out.bias[...] = jnp.asarray(bias)

@@ -1,0 +1,230 @@
+"""Simulated incentive trials with known ground truth, the oracle and scoring.
+
+The world: each user has ``d`` observed features (standard normal; one pair is
+correlated, and every feature from the tenth on is irrelevant). Four latent
+segments are defined by *interactions* (the sign of ``x0 * x1`` and whether
+``(x2, x3)`` lies outside a circle), so no single feature reveals them. Arm ``j``
+is a coupon of value ``v[j]`` (arm 0: no coupon). Conversion probability::
+
+    p[i, j] = sigmoid(b_i + a_i * (1 - exp(-g_i * v[j])))
+
+with baseline ``b_i``, sensitivity ``a_i`` and saturation rate ``g_i`` that depend
+non-linearly on features and segment: diminishing returns whose shape differs by
+user. In the ``binary`` world the response is the order (0/1); in the ``gmv`` world
+it is the order times a log-normal basket value whose mean depends on the user.
+The coupon costs its value when it is used, i.e. when the user orders, so the
+true expected cost is ``v[j] * p[i, j]``.
+
+Noise knobs act on what the trial *records*, never on the truth: ``label_noise``
+flips (binary) or shuffles (GMV) a share of responses, ``cost_outliers`` multiplies
+a share of costs by ten (an order-of-magnitude logging error), ``feature_noise``
+adds Gaussian noise to observed features, ``missing_rate`` blanks feature values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from budgetalloc.data.contract import COST, PROPENSITY, RESPONSE, TREATMENT, USER_ID
+from budgetalloc.method.lagrangian import lagrangian_allocation
+from budgetalloc.params import SimulateParams
+
+SEGMENT_SENSITIVITY = np.array([0.25, 1.6, 0.8, 2.4])
+GMV_COUPON_SCALE = 3.0
+
+
+@dataclass(frozen=True)
+class World:
+    """A simulated table with the truth behind it."""
+
+    frame: pd.DataFrame  # trial (or population) in the contract's layout
+    true_response: np.ndarray  # (n, M) expected response per arm
+    true_cost: np.ndarray  # (n, M) expected cost per arm
+    coupon_values: np.ndarray  # (M,)
+    segment: np.ndarray  # (n,) latent segment, for diagnostics only
+
+
+def coupon_values(n_arms: int, world: str) -> np.ndarray:
+    """Coupon value per arm: 0 for control, then increasing steps."""
+    steps = np.linspace(1.0, 1.0 + 0.75 * (n_arms - 2), n_arms - 1)
+    values = np.concatenate([[0.0], steps])
+    return values * (GMV_COUPON_SCALE if world == "gmv" else 1.0)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _features(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    X = rng.standard_normal((n, d))
+    X[:, 9] = 0.6 * X[:, 4] + 0.8 * X[:, 9]  # a correlated, otherwise irrelevant feature
+    return X
+
+
+def latent_segment(X: np.ndarray) -> np.ndarray:
+    """Segment 0..3 from two interactions that no single feature shows."""
+    a = (X[:, 0] * X[:, 1] > 0).astype(np.int64)
+    b = (X[:, 2] ** 2 + X[:, 3] ** 2 > 1.4).astype(np.int64)
+    return a + 2 * b
+
+
+def true_outcomes(X: np.ndarray, world: str, n_arms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Expected response, expected cost (n, M) and basket means for true features ``X``."""
+    seg = latent_segment(X)
+    base = -1.6 + 0.5 * X[:, 4] + 0.3 * np.tanh(2.0 * X[:, 5]) - 0.4 * (seg == 3)
+    sens = SEGMENT_SENSITIVITY[seg] * np.exp(0.3 * X[:, 6])
+    rate = 0.25 + 0.6 * _sigmoid(X[:, 7] + (seg == 1))
+    v = coupon_values(n_arms, world)
+    v_unit = v / (GMV_COUPON_SCALE if world == "gmv" else 1.0)
+    lift = sens[:, None] * (1.0 - np.exp(-rate[:, None] * v_unit[None, :]))
+    p = _sigmoid(base[:, None] + lift)
+    basket = np.exp(3.0 + 0.3 * X[:, 8] + 0.2 * (seg == 2)) if world == "gmv" else np.ones(len(X))
+    return p * basket[:, None], p * v[None, :], basket
+
+
+def _assign(rng, n: int, n_arms: int, shares) -> tuple[np.ndarray, np.ndarray]:
+    probs = np.full(n_arms, 1.0 / n_arms) if shares is None else np.asarray(shares, dtype=np.float64)
+    if probs.shape[0] != n_arms:
+        raise ValueError(f"arm_shares has {probs.shape[0]} entries for {n_arms} arms")
+    t = rng.choice(n_arms, size=n, p=probs).astype(np.int64)
+    return t, probs[t]
+
+
+def _observed(rng, X: np.ndarray, p: SimulateParams) -> np.ndarray:
+    Xo = X + p.feature_noise * rng.standard_normal(X.shape) if p.feature_noise > 0 else X.copy()
+    if p.missing_rate > 0:
+        Xo[rng.random(X.shape) < p.missing_rate] = np.nan
+    return Xo
+
+
+def _frame(user_id: np.ndarray, Xo: np.ndarray) -> pd.DataFrame:
+    cols = {USER_ID: user_id}
+    cols.update({f"x{j}": Xo[:, j].astype(np.float32) for j in range(Xo.shape[1])})
+    return pd.DataFrame(cols)
+
+
+def _record_outcomes(rng, world, t, r, c, basket, v, p: SimulateParams):
+    n = t.shape[0]
+    conv = r[np.arange(n), t] / basket
+    order = (rng.random(n) < conv).astype(np.float64)
+    cost = order * v[t]
+    if world == "gmv":
+        sigma = 0.6
+        value = basket * np.exp(sigma * rng.standard_normal(n) - 0.5 * sigma**2)
+        response = order * value
+    else:
+        response = order.copy()
+    if p.label_noise > 0:
+        hit = rng.random(n) < p.label_noise
+        if world == "gmv":
+            response[hit] = rng.permutation(response)[hit]
+        else:
+            response[hit] = 1.0 - response[hit]
+    if p.cost_outliers > 0:
+        cost[rng.random(n) < p.cost_outliers] *= 10.0
+    return response, cost
+
+
+def simulate_trial(params: SimulateParams, *, seed: int, n_users: int | None = None, id_offset: int = 0) -> World:
+    """Draw a randomized trial and its truth.
+
+    Args:
+        params: the world and its noise knobs.
+        seed: random seed; the same seed gives the same table bit for bit.
+        n_users: rows (default ``params.n_users``).
+        id_offset: first ``user_id``, so trials and populations do not collide.
+
+    Returns:
+        A :class:`World` whose frame has ``user_id``, ``x0..``, ``treatment``,
+        ``response``, ``cost`` (and ``propensity`` when ``arm_shares`` is set).
+    """
+    n = params.n_users if n_users is None else n_users
+    rng = np.random.default_rng(seed)
+    X = _features(rng, n, params.n_features)
+    r, c, basket = true_outcomes(X, params.world, params.n_arms)
+    v = coupon_values(params.n_arms, params.world)
+    t, prop = _assign(rng, n, params.n_arms, params.arm_shares)
+    response, cost = _record_outcomes(rng, params.world, t, r, c, basket, v, params)
+    frame = _frame(np.arange(id_offset, id_offset + n, dtype=np.int64), _observed(rng, X, params))
+    frame[TREATMENT] = t
+    frame[RESPONSE] = response
+    frame[COST] = cost
+    if params.arm_shares is not None:
+        frame[PROPENSITY] = prop
+    return World(frame, r, c, v, latent_segment(X))
+
+
+def simulate_population(params: SimulateParams, *, seed: int, n_users: int, id_offset: int = 10**9) -> World:
+    """Draw a population to allocate (features only) and its truth; see :func:`simulate_trial`."""
+    rng = np.random.default_rng(seed)
+    X = _features(rng, n_users, params.n_features)
+    r, c, _ = true_outcomes(X, params.world, params.n_arms)
+    frame = _frame(np.arange(id_offset, id_offset + n_users, dtype=np.int64), _observed(rng, X, params))
+    return World(frame, r, c, coupon_values(params.n_arms, params.world), latent_segment(X))
+
+
+def truth_frame(world: World) -> pd.DataFrame:
+    """``user_id`` plus ``true_response_j`` and ``true_cost_j`` for every arm ``j``."""
+    cols = {USER_ID: world.frame[USER_ID].to_numpy()}
+    for j in range(world.true_response.shape[1]):
+        cols[f"true_response_{j}"] = world.true_response[:, j]
+    for j in range(world.true_cost.shape[1]):
+        cols[f"true_cost_{j}"] = world.true_cost[:, j]
+    return pd.DataFrame(cols)
+
+
+def truth_arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`truth_frame`: the (n, M) response and cost arrays."""
+    rc = sorted((c for c in frame.columns if c.startswith("true_response_")), key=lambda s: int(s.rsplit("_", 1)[1]))
+    cc = sorted((c for c in frame.columns if c.startswith("true_cost_")), key=lambda s: int(s.rsplit("_", 1)[1]))
+    return frame[rc].to_numpy(np.float64), frame[cc].to_numpy(np.float64)
+
+
+def max_spend(true_cost: np.ndarray) -> float:
+    """Spend if every user got the most expensive arm (the budget scale)."""
+    return float(true_cost.max(axis=1).sum())
+
+
+def oracle_arms(true_response: np.ndarray, true_cost: np.ndarray, budget: float) -> np.ndarray:
+    """The per-user oracle: Lagrangian allocation on the true expectations."""
+    return lagrangian_allocation(true_response, true_cost, budget).arms
+
+
+@dataclass(frozen=True)
+class Score:
+    """How an allocation does against the truth."""
+
+    capture: float  # uplift over all-control / the oracle's uplift
+    spend_ratio: float  # true spend / budget
+    uplift: float  # true response gained over all-control
+    oracle_uplift: float
+    true_spend: float
+
+
+def score_allocation(arms: np.ndarray, true_response: np.ndarray, true_cost: np.ndarray, budget: float) -> Score:
+    """Score ``arms`` against the truth and the oracle at the same budget.
+
+    Args:
+        arms: (n,) arm per user.
+        true_response, true_cost: (n, M) truth.
+        budget: total budget the allocation was made for (> 0).
+
+    Returns:
+        A :class:`Score`; capture is 1 for the oracle and 0 for all-control.
+    """
+    idx = np.arange(arms.shape[0])
+    base = float(true_response[:, 0].sum())
+    uplift = float(true_response[idx, arms].sum()) - base
+    best = oracle_arms(true_response, true_cost, budget)
+    oracle_uplift = float(true_response[idx, best].sum()) - base
+    spend = float(true_cost[idx, arms].sum())
+    return Score(
+        capture=uplift / oracle_uplift if oracle_uplift > 0 else float("nan"),
+        spend_ratio=spend / budget if budget > 0 else float("inf") if spend > 0 else 0.0,
+        uplift=uplift,
+        oracle_uplift=oracle_uplift,
+        true_spend=spend,
+    )
