@@ -70,6 +70,8 @@ class Source:
 
     @property
     def is_parquet(self) -> bool:
+        for f in self.files:
+            check_file(f)
         return all(is_parquet(f) for f in self.files)
 
     def text_ids(self) -> Source:
@@ -116,5 +118,4 @@ def file_source(path: str | Path) -> Source:
         if not files:
             raise DataError(f"{path}: folder has no .parquet parts")
         return Source(name=str(path), files=files)
-    check_file(path)
-    return Source(name=str(path), files=(path,))
+    return Source(name=str(path), files=(path,))  # checked when read
