@@ -82,9 +82,6 @@ class Allocation:
         return self.solution.counts.sum(axis=0)
 
 
-StreamedAllocation = Allocation  # an allocation written to a file: the same type
-
-
 def check_budget(budget) -> float:
     """A total budget as a finite float >= 0, or a one-line error."""
     try:

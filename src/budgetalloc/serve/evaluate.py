@@ -81,18 +81,9 @@ class Outcomes(NamedTuple):
 
 
 def curve_rows(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, levels=DEFAULT_LEVELS) -> list[dict]:
-    """IPS response/cost per user of the policy at each budget level, for users of known clusters.
-
-    Args:
-        policy: a fitted policy.
-        clusters: (n,) each test user's cluster, in file order.
-        trial: the test users' outcomes, in the same order.
-        levels: budgets as fractions of the test population's all-max-arm spend.
-
-    Returns:
-        One row per budget with ``budget`` (total), per-user ``response``/``cost`` and
-        their CIs, ``expected_response``/``expected_cost`` per user from the policy's
-        own estimates, and the solver status.
+    """Per budget level (a fraction of the all-max-arm spend): the total ``budget``, the IPS response and
+    cost per user with 95% intervals, the policy's own ``expected_response``/``expected_cost`` per
+    user and the solver status, for test users of known clusters (file order).
     """
     n_users = np.bincount(clusters, minlength=policy.k).astype(np.int64)
     program = program_for(policy)
@@ -111,11 +102,7 @@ def curve_rows(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, le
 
 
 def user_arms(clusters: np.ndarray, counts: np.ndarray, *, chunk_rows: int = ARM_CHUNK_ROWS) -> np.ndarray:
-    """Each user's arm in file order (:func:`budgetalloc.serve.allocate.arms_in_file_order`), in chunks.
-
-    The same arms as one call, whose temporaries hold ``M`` values per user; chunks
-    carry the running offsets, as the streamed allocation's batches do.
-    """
+    """Each user's arm in file order, in chunks carrying the running offsets (temporaries: M values a user)."""
     arms = np.empty(clusters.shape[0], dtype=np.int32)
     offsets = None
     for start in range(0, clusters.shape[0], chunk_rows):
@@ -157,27 +144,16 @@ def plot_curve(rows: list[dict], refs: dict, path: Path, *, title: str) -> None:
     plt.close(fig)
 
 
-def evaluation_metrics(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, *,
-                       levels=DEFAULT_LEVELS) -> dict:
-    """The metrics dict (``aucc``, ``curve``, references, sizes) for test users of known clusters."""
+def write_evaluation(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, out_dir: str | Path, *,
+                     levels=DEFAULT_LEVELS) -> dict:
+    """The metrics (``aucc``, ``curve``, references, sizes), written atomically as metrics.json,
+    curve.json and curve.png, for test users of known clusters."""
     rows = curve_rows(policy, clusters, trial, levels)
     best_arm, roi = cluster_roi(policy)
     aucc = multi_arm_aucc(roi[clusters], best_arm[clusters], trial.treatment, trial.response, trial.cost,
                           trial.propensity)
-    return {
-        "aucc": float(aucc),
-        "curve": rows,
-        "references": reference_points(trial),
-        "n_test": trial.n,
-        "k": policy.k,
-    }
-
-
-def write_evaluation(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, out_dir: str | Path, *,
-                     levels=DEFAULT_LEVELS) -> dict:
-    """:func:`evaluation_metrics`, written atomically as metrics.json, curve.json and curve.png."""
-    metrics = evaluation_metrics(policy, clusters, trial, levels=levels)
-    rows = metrics["curve"]
+    metrics = {"aucc": float(aucc), "curve": rows, "references": reference_points(trial), "n_test": trial.n,
+               "k": policy.k}
     with atomic_files(out_dir) as tmp:
         write_json(metrics, tmp / "metrics.json")
         write_json([{k: r[k] for k in ("budget", "response", "cost")} for r in rows], tmp / "curve.json")
