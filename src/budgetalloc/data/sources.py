@@ -111,11 +111,9 @@ def memory_source(record, name: str = "<memory>") -> Source:
 
 
 def file_source(path: str | Path) -> Source:
-    """A Parquet or CSV file, or a folder of Parquet parts (``*.parquet``, in name order)."""
+    """A Parquet or CSV file, or a folder of Parquet parts (``*.parquet``, in name order; none: not a file)."""
     path = Path(path)
-    if path.is_dir():
-        files = tuple(sorted(path.glob("*.parquet")))
-        if not files:
-            raise DataError(f"{path}: folder has no .parquet parts")
+    files = tuple(sorted(path.glob("*.parquet"))) if path.is_dir() else ()
+    if files:
         return Source(name=str(path), files=files)
     return Source(name=str(path), files=(path,))  # checked when read
