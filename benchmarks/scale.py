@@ -232,7 +232,7 @@ write_table(allocation.frame, sys.argv[3])
 
 DASK_THREADS = """
 import sys
-from budgetalloc.serve.distributed import allocate_distributed
+from budgetalloc.serve.allocate import allocate_distributed
 if __name__ == "__main__":
     allocate_distributed("policy", sys.argv[1], float(sys.argv[2]), sys.argv[3], processes=False)
 """

@@ -1,16 +1,13 @@
-"""The partition-parallel allocation as a Prefect flow on Dask (prefect-dask's task runner).
+"""The partitioned allocation as a Prefect flow on Dask (prefect-dask's task runner).
 
-The passes are the library's (:mod:`budgetalloc.serve.distributed`); here each
-partition's step is a Prefect task, retried on its own (``RETRIES`` times) unless it
-failed with a :class:`~budgetalloc.errors.BudgetallocError`, and its result carries
-Prefect's run count. The result is the exact allocation the library's Dask path and
-:func:`budgetalloc.serve.streaming.allocate_file` write for the same file.
+The passes are the library's (:func:`budgetalloc.serve.allocate.allocate`); here the
+classify pass of each partition is a Prefect task, retried on its own (``RETRIES``
+times) unless it failed with a :class:`~budgetalloc.errors.BudgetallocError`, and its
+result carries Prefect's run count. The rows are those of every other executor.
 
-One Prefect API for all workers. Without ``PREFECT_API_URL``, Prefect starts an
-ephemeral API server in each process that reports a run; Dask worker processes
-would each start their own. :func:`shared_prefect_api` starts the ephemeral server
-once in the calling process and hands its address to the workers through Prefect's
-settings context, which travels with every task.
+One Prefect API for all workers: :func:`shared_prefect_api` starts the ephemeral
+server once in the calling process and hands its address to the workers through
+Prefect's settings context, which travels with every task.
 """
 
 from __future__ import annotations
@@ -22,13 +19,15 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from budgetalloc.data.sources import Partition
 from budgetalloc.errors import BudgetallocError
-from budgetalloc.serve import distributed as D
-from budgetalloc.serve.streaming import StreamedAllocation
+from budgetalloc.policy import load_policy
+from budgetalloc.serve import allocate as A
+from budgetalloc.serve import executor as D
+from budgetalloc.serve.allocate import Allocation, Classified
 
 _TASK = {"retries": D.RETRIES, "retry_delay_seconds": D.RETRY_DELAY_SECONDS, "cache_policy": NO_CACHE}
 
@@ -51,43 +50,25 @@ def _run_count() -> int:
 
 
 @task(**_TASK, retry_condition_fn=_worth_retrying, task_run_name="classify-{index}")
-def classify_partition(policy_dir: str, users: str, index: int, row_groups: list[int], rows: int,
-                       workdir: str) -> D.Classified:
-    """Pass 1 over one partition (:func:`budgetalloc.serve.distributed.classify_partition`)."""
-    result = D.classify_partition(policy_dir, users, index, row_groups, rows, workdir)
-    return replace(result, run_count=_run_count())
-
-
-@task(**_TASK, retry_condition_fn=_worth_retrying, task_run_name="check-ids")
-def check_partition_ids(workdir: str, n_partitions: int, source: str) -> None:
-    """Duplicate ids across all partitions (:func:`budgetalloc.serve.distributed.check_partition_ids`)."""
-    D.check_partition_ids(workdir, n_partitions, source)
-
-
-@task(**_TASK, retry_condition_fn=_worth_retrying, task_run_name="assign-{index}")
-def assign_partition(policy_dir: str, index: int, counts: np.ndarray, offsets: np.ndarray,
-                     rows: int, workdir: str) -> D.Assigned:
-    """Pass 2 over one partition (:func:`budgetalloc.serve.distributed.assign_partition`)."""
-    result = D.assign_partition(policy_dir, index, counts, offsets, rows, workdir)
-    return replace(result, run_count=_run_count())
-
-
-_TASKS = {D.classify_partition: classify_partition, D.check_partition_ids: check_partition_ids,
-          D.assign_partition: assign_partition}
+def classify_partition(policy_dir: str, part: Partition, rows: int, index: int) -> Classified:
+    """The classify pass over one partition (:func:`budgetalloc.serve.allocate.classify_partition`)."""
+    return replace(A.classify_partition(policy_dir, part, rows, index), run_count=_run_count())
 
 
 def prefect_runner(fn: Callable, args_per_task: list[tuple]) -> list:
-    """The library's :data:`~budgetalloc.serve.distributed.Runner` as Prefect tasks of the current flow."""
-    futures = [_TASKS[fn].submit(*args) for args in args_per_task]
+    """An executor (:data:`~budgetalloc.serve.executor.Runner`) as Prefect tasks of the current flow."""
+    assert fn is A.classify_partition, fn
+    futures = [classify_partition.submit(*args) for args in args_per_task]
     return [future.result() for future in futures]  # file order: the first failure in it is raised
 
 
 @flow(name="allocate-partitions")
 def allocate_partitions(policy_dir: str, users: str, budget: float, out: str,
-                        partitions: int | None = None, batch_size: int | None = None) -> StreamedAllocation:
+                        partitions: int | None = None, batch_size: int | None = None) -> Allocation:
     """Allocate a Parquet population partition by partition under one global budget, as Prefect tasks."""
-    return D.allocate_partitions(policy_dir, users, budget, out, run=prefect_runner, partitions=partitions,
-                                 batch_size=batch_size)
+    source = A.partitioned_source(users, partitions)
+    return A.allocate(load_policy(policy_dir), source, budget, out, batch_size=batch_size, run=prefect_runner,
+                      ref=policy_dir, partitions=partitions or 0)
 
 
 @contextmanager
@@ -163,13 +144,13 @@ def dask_task_runner(address: str | None, *, n_workers: int = D.DEFAULT_WORKERS,
 def allocate_distributed(policy_dir: str | Path, users: str | Path, budget, out: str | Path, *,
                          address: str | None = None, partitions: int | None = None,
                          batch_size: int | None = None, n_workers: int = D.DEFAULT_WORKERS,
-                         processes: bool = True, quiet: bool = False) -> StreamedAllocation:
+                         processes: bool = True, quiet: bool = False) -> Allocation:
     """Run :func:`allocate_partitions` on Dask through Prefect: an existing cluster, or a new LocalCluster.
 
-    The arguments are those of :func:`budgetalloc.serve.distributed.allocate_distributed`;
+    The arguments are those of :func:`budgetalloc.serve.allocate.allocate_distributed`;
     ``quiet`` also stops an ephemeral Prefect server this call started.
     """
-    budget, users = D.check_partition_input(users, budget, partitions)
+    A.partitioned_source(users, partitions)  # a one-line error before any cluster starts
     runner = dask_task_runner(None if address in (None, "local") else address,
                               n_workers=n_workers, processes=processes)
     with quiet_console() if quiet else nullcontext(), shared_prefect_api(stop=quiet):

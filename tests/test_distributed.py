@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -10,13 +9,8 @@ import pytest
 from budgetalloc.errors import BudgetallocError, DataError
 from budgetalloc.params import SimulateParams
 from budgetalloc.policy import load_policy
-from budgetalloc.serve.distributed import (
-    FAIL_ONCE_ENV,
-    allocate_distributed,
-    partition_offsets,
-    partition_plan,
-)
-from budgetalloc.serve.streaming import allocate_file
+from budgetalloc.serve.allocate import allocate_distributed, allocate_file
+from budgetalloc.serve.executor import FAIL_ONCE_ENV
 from budgetalloc.studies.simulate import simulate_population
 
 BUDGET = 400.0
@@ -68,39 +62,24 @@ def threaded_cluster():
         yield cluster.scheduler_address
 
 
-def test_partition_plan_is_contiguous_and_balanced(tmp_path):
-    path = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"a": np.arange(10_000)}), path, row_group_size=1000)
-    assert partition_plan(path) == [[i] for i in range(10)]
-    plan = partition_plan(path, 3)
-    assert [g for part in plan for g in part] == list(range(10))
-    assert sorted(len(part) for part in plan) == [3, 3, 4]
-    assert partition_plan(path, 50) == [[i] for i in range(10)]
-
-
-def test_partition_offsets_are_exclusive_prefix_sums():
-    sizes = np.array([[1, 0, 2], [3, 1, 0], [0, 4, 5]])
-    np.testing.assert_array_equal(partition_offsets(sizes), [[0, 0, 0], [1, 0, 2], [4, 1, 2]])
-
-
 def test_local_cluster_of_processes_gives_the_single_process_bytes(tiny_fitted, population, single,
                                                                    tmp_path):
     out = tmp_path / "dask.parquet"
     result = allocate_distributed(tiny_fitted[0], population, BUDGET, out, batch_size=1024)
     assert out.read_bytes() == single.read_bytes()
-    assert result.n_users == 9000 and result.run_counts["assign"] == (1,) * 6
-    assert [p.name for p in tmp_path.iterdir()] == ["dask.parquet"]  # parts removed
+    assert result.n_users == 9000 and result.run_counts["classify"] == (1,) * 6
+    assert [p.name for p in tmp_path.iterdir()] == ["dask.parquet"]  # no temporaries left
 
 
 def test_failed_partition_is_retried_alone(tiny_fitted, population, single, threaded_cluster,
                                            tmp_path, monkeypatch):
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv(FAIL_ONCE_ENV, f"assign:2:{marker}")
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"classify:2:{marker}")
     out = tmp_path / "dask.parquet"
     result = allocate_distributed(tiny_fitted[0], population, BUDGET, out, address=threaded_cluster,
                                   partitions=4, batch_size=1024)
     assert marker.exists()
-    assert result.run_counts == {"classify": (1, 1, 1, 1), "assign": (1, 1, 2, 1)}
+    assert result.run_counts == {"classify": (1, 1, 2, 1)}
     assert out.read_bytes() == single.read_bytes()
 
 
@@ -114,7 +93,7 @@ def test_prefect_flow_retries_a_failed_partition_alone(tiny_fitted, population, 
     result = allocate_in_prefect(tiny_fitted[0], population, BUDGET, out, address=threaded_cluster,
                                  partitions=3, batch_size=1024)
     assert marker.exists()
-    assert result.run_counts == {"classify": (1, 2, 1), "assign": (1, 1, 1)}
+    assert result.run_counts == {"classify": (1, 2, 1)}
     assert out.read_bytes() == single.read_bytes()
 
 

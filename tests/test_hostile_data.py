@@ -19,7 +19,7 @@ from budgetalloc.data.contract import Preprocessor
 from budgetalloc.errors import ParamsError
 from budgetalloc.params import load_params
 from budgetalloc.policy import load_policy
-from budgetalloc.serve.streaming import allocate_file
+from budgetalloc.serve.allocate import allocate_file
 
 runner = CliRunner()
 

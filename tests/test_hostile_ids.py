@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from budgetalloc.cli.app import app
 from budgetalloc.data.contract import load_trial, read_table
 from budgetalloc.policy import load_policy
-from budgetalloc.serve.streaming import allocate_file
+from budgetalloc.serve.allocate import allocate_file
 
 runner = CliRunner()
 WIDTHS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
@@ -188,7 +188,7 @@ def test_the_dask_path_writes_the_same_ids(setting, tmp_path):
     """Partitions keep the ids' width too: the partition-parallel file is the single-process file."""
     from distributed import LocalCluster
 
-    from budgetalloc.serve.distributed import allocate_distributed
+    from budgetalloc.serve.allocate import allocate_distributed
 
     policy, policy_dir, frame = setting
     text = np.array([f"{t}-{i}" for i, t in enumerate(TEXT_IDS * 8)][: len(frame)], dtype=object)

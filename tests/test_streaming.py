@@ -1,4 +1,4 @@
-"""Streaming allocation: the in-memory allocation's exact rows, in bounded memory, same errors."""
+"""Allocation from files in batches: ids, bounded memory, and the in-memory path's errors."""
 
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ from conftest import peak_bytes
 from budgetalloc.data.contract import load_population
 from budgetalloc.data.readers import rebatch
 from budgetalloc.errors import BudgetallocError, DataError
-from budgetalloc.files import write_table
 from budgetalloc.params import SimulateParams
 from budgetalloc.policy import load_policy
-from budgetalloc.serve.allocate import allocate_population
-from budgetalloc.serve.streaming import allocate_file, check_unique_ids
+from budgetalloc.serve.allocate import allocate_file, allocate_population, check_unique_ids
 from budgetalloc.studies.simulate import simulate_population
 
 BUDGET = 400.0
@@ -53,28 +51,6 @@ def in_memory(policy, path, budget=BUDGET):
 def only_output(tmp_path, name):
     """The output's directory holds nothing but the named file (no temporaries)."""
     return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("out", ".out"))) == [name]
-
-
-@pytest.mark.parametrize("source", ["parquet", "csv"])
-@pytest.mark.parametrize("out_suffix", ["parquet", "csv"])
-@pytest.mark.parametrize("batch_size", [1000, 4096, 262_144])
-def test_streaming_writes_the_in_memory_allocation_byte_for_byte(policy, frame, tmp_path, source,
-                                                                  out_suffix, batch_size):
-    src = tmp_path / f"users.{source}"
-    write_parquet(frame, src) if source == "parquet" else frame.to_csv(src, index=False)
-    ref = in_memory(policy, src)
-    write_table(ref.frame, tmp_path / f"ref.{out_suffix}")
-    out = tmp_path / f"out.{out_suffix}"
-    result = allocate_file(policy, src, BUDGET, out, batch_size=batch_size)
-    assert out.read_bytes() == (tmp_path / f"ref.{out_suffix}").read_bytes()
-    assert result.n_users == len(frame)
-    np.testing.assert_array_equal(result.solution.counts, ref.solution.counts)
-    np.testing.assert_array_equal(result.users_per_arm, ref.frame["treatment"].value_counts()
-                                  .reindex(range(policy.n_arms), fill_value=0).to_numpy())
-    assert result.expected_cost == ref.expected_cost <= BUDGET
-    assert result.spend == pytest.approx(ref.frame["expected_cost"].sum(), rel=1e-12)
-    assert result.unspent == ref.unspent
-    assert only_output(tmp_path, out.name)
 
 
 def test_text_ids_and_ids_that_turn_to_text_in_a_late_csv_block(policy, frame, tmp_path):
@@ -129,9 +105,9 @@ def test_duplicate_ids_in_different_batches_give_the_in_memory_message(policy, f
 
 
 def test_hash_collisions_are_not_duplicates(monkeypatch):
-    from budgetalloc.serve import streaming
+    from budgetalloc.serve import allocate
 
-    monkeypatch.setattr(streaming, "id_keys", lambda ids: np.zeros(len(ids), dtype=np.uint64))
+    monkeypatch.setattr(allocate, "id_keys", lambda ids: np.zeros(len(ids), dtype=np.uint64))
     text = pa.array(["a", "b", "c"], type=pa.large_string())
     check_unique_ids([text, pa.array(["d"], type=pa.large_string())], "src")  # all keys equal
     with pytest.raises(DataError, match="duplicate user_id 'b'"):

@@ -96,12 +96,12 @@ def run_allocate(*, policy_dir: Path, users: Path, budget, out: Path, dask_addre
                  partitions: int | None = None):
     """Allocate a population file under a total budget, streamed; write the allocation atomically.
 
-    The file is read in batches (:func:`budgetalloc.serve.streaming.allocate_file`), so memory
+    The file is read in batches (:func:`budgetalloc.serve.allocate.allocate_file`), so memory
     does not grow with its width. With ``dask_address`` the partition-parallel passes run on Dask
-    instead (:func:`budgetalloc.serve.distributed.allocate_distributed`): ``"local"`` on a new
+    instead (:func:`budgetalloc.serve.allocate.allocate_distributed`): ``"local"`` on a new
     LocalCluster, otherwise on the Dask scheduler at that address. Both write the rows
     :func:`budgetalloc.serve.allocate.allocate_population` gives, and return a
-    :class:`budgetalloc.serve.streaming.StreamedAllocation`.
+    :class:`budgetalloc.serve.allocate.Allocation`.
     """
     from budgetalloc.errors import BudgetallocError
     from budgetalloc.policy import check_not_policy_output
@@ -112,14 +112,14 @@ def run_allocate(*, policy_dir: Path, users: Path, budget, out: Path, dask_addre
     check_not_policy_output(out)
     if dask_address is not None:
         check_reachable(dask_address)
-        from budgetalloc.serve.distributed import allocate_distributed
+        from budgetalloc.serve.allocate import allocate_distributed
 
         return allocate_distributed(policy_dir, users, budget, out, address=dask_address, partitions=partitions,
                                     quiet=True)
     if partitions is not None:
         raise BudgetallocError("--partitions applies to the Dask path: add --dask-address local (or an address)")
     from budgetalloc.policy import load_policy
-    from budgetalloc.serve.streaming import allocate_file
+    from budgetalloc.serve.allocate import allocate_file
 
     return allocate_file(load_policy(policy_dir), users, budget, out)
 
@@ -127,12 +127,12 @@ def run_allocate(*, policy_dir: Path, users: Path, budget, out: Path, dask_addre
 def run_evaluate(*, policy_dir: Path, data: Path, out: Path, batch_size: int | None = None) -> dict:
     """Evaluate a policy on a held-out trial file, streamed; write metrics.json, curve.json, curve.png.
 
-    The file is read in batches (:func:`budgetalloc.serve.evaluate_stream.evaluate_file`), so
+    The file is read in batches (:func:`budgetalloc.serve.evaluate.evaluate_file`), so
     memory does not grow with its width; the reports are those of the whole file in
     memory (:func:`budgetalloc.serve.evaluate.evaluate_policy`).
     """
     from budgetalloc.policy import check_not_policy_output, load_policy
-    from budgetalloc.serve.evaluate_stream import evaluate_file
+    from budgetalloc.serve.evaluate import evaluate_file
 
     check_not_policy_output(out / "metrics.json")
     return evaluate_file(load_policy(policy_dir), data, out, batch_size=batch_size)

@@ -1,36 +1,72 @@
-"""Allocation: one forward pass of the student, one small program, one lookup.
+"""Allocation, written once as passes over a row source (:mod:`budgetalloc.data.sources`).
 
-For a population and a total budget ``B``: the student assigns each user a
-cluster; the integer program is solved for the population's *own* cluster sizes
-``N[k]`` (milliseconds: its size does not depend on the number of users); then
-each cluster's users take its arms in file order: the first ``counts[k, 0]``
-users of cluster ``k`` get arm 0, the next ``counts[k, 1]`` arm 1, and so on.
-Users within a cluster are exchangeable to the program, so file order is as
-good as any order, and it is deterministic and streamable: a running offset per
-cluster carries across batches or partitions.
+classify each partition (validate, standardise, one student forward pass; an
+executor maps it) -> sum the cluster sizes -> check ids unique -> solve the
+program once -> assign arms in source order with a running offset per cluster
+-> write through one table sink (in memory, Parquet or CSV, atomically).
+Invariants: the rows and their bytes do not depend on the source kind, the
+batch size, the partitioning or the executor; ids come out exactly as they went
+in; the budget is checked once; the written rows' expected spend never exceeds it.
+Design notes: ``docs/scale.md``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from budgetalloc.data.contract import USER_ID, Population
-from budgetalloc.errors import BudgetallocError
+from budgetalloc.data.contract import USER_ID, Population, population_from_frame, user_ids
+from budgetalloc.data.readers import (
+    STREAM_BATCH_ROWS,
+    IdsNotUniform,
+    id_keys,
+    ids_as_numpy,
+    repeated_keys,
+)
+from budgetalloc.data.sources import Partition, Source, file_source, memory_source
+from budgetalloc.errors import BudgetallocError, DataError
+from budgetalloc.files import atomic_path
 from budgetalloc.method.program import AllocationProgram, ProgramSolution
 from budgetalloc.models.distill import predict_clusters
-from budgetalloc.policy import Policy
+from budgetalloc.models.nn import inference_batch_size
+from budgetalloc.policy import Policy, load_policy
+from budgetalloc.serve.executor import Runner, injected_failure, inline
 
 ALLOCATION_COLUMNS = (USER_ID, "cluster", "treatment", "expected_response", "expected_cost")
+OUTPUT_ROW_GROUP = 1 << 20  # pyarrow's default row group: write_table's too, so the bytes match
+_INT16_MAX = np.iinfo(np.int16).max
 
 
-class SolutionTotals:
-    """Totals read off the program's solution (``self.solution``), for every allocation kind."""
+@dataclass(frozen=True)
+class Allocation:
+    """Arms for a population with the program solution behind them; the rows in ``frame`` or at ``path``."""
 
     solution: ProgramSolution
+    budget: float
+    unspent: float  # budget the policy could not usefully spend
+    cluster_sizes: np.ndarray  # (K,) int64 users per cluster
+    spend: float  # sum of the rows' expected_cost
+    path: Path | None = None
+    held: pd.DataFrame | None = None
+    run_counts: dict = field(default_factory=dict)  # runs per partition of each mapped pass
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """The rows (read back from ``path`` when written: small populations only)."""
+        if self.held is not None:
+            return self.held
+        return pd.read_csv(self.path) if is_csv_name(self.path) else pq.read_table(self.path).to_pandas()
+
+    @property
+    def n_users(self) -> int:
+        return int(self.cluster_sizes.sum())
 
     @property
     def expected_cost(self) -> float:
@@ -46,21 +82,6 @@ class SolutionTotals:
         return self.solution.counts.sum(axis=0)
 
 
-@dataclass(frozen=True)
-class Allocation(SolutionTotals):
-    """Arms for a population, with the program solution behind them."""
-
-    frame: pd.DataFrame  # ALLOCATION_COLUMNS
-    solution: ProgramSolution
-    budget: float
-    unspent: float  # budget the policy could not usefully spend
-    cluster_sizes: np.ndarray  # (K,) int64 users per cluster
-
-    @property
-    def n_users(self) -> int:
-        return len(self.frame)
-
-
 def check_budget(budget) -> float:
     """A total budget as a finite float >= 0, or a one-line error."""
     try:
@@ -72,9 +93,19 @@ def check_budget(budget) -> float:
     return value
 
 
+def compiled_rows(batch_size: int) -> int:
+    """Rows per compiled student call (and per read batch) for a requested batch size."""
+    return inference_batch_size(batch_size, batch_size)
+
+
+def classify(policy: Policy, X: np.ndarray, rows: int) -> np.ndarray:
+    """Cluster id per row: impute, standardise, one student forward pass of ``rows``-row calls."""
+    return predict_clusters(policy.student, policy.preprocessor.transform(X), batch_size=rows)
+
+
 def population_clusters(policy: Policy, X: np.ndarray, *, batch_size: int) -> np.ndarray:
-    """Cluster id per user: impute, standardise, one student forward pass."""
-    return predict_clusters(policy.student, policy.preprocessor.transform(X), batch_size=batch_size)
+    """Cluster id per user (:func:`classify`)."""
+    return classify(policy, X, batch_size)
 
 
 def program_for(policy: Policy) -> AllocationProgram:
@@ -85,15 +116,9 @@ def program_for(policy: Policy) -> AllocationProgram:
 
 
 def arms_in_file_order(clusters: np.ndarray, counts: np.ndarray, offsets: np.ndarray | None = None):
-    """Arms for users in file order given per-cluster arm counts.
+    """Arms for users in file order given the (K, M) counts and the (K,) users of each cluster before them.
 
-    Args:
-        clusters: (n,) cluster of each user in this batch.
-        counts: (K, M) users per (cluster, arm) for the whole population.
-        offsets: (K,) users of each cluster already assigned in earlier batches.
-
-    Returns:
-        ``(arms, new_offsets)``.
+    Returns ``(arms, new_offsets)``.
     """
     k = counts.shape[0]
     offsets = np.zeros(k, dtype=np.int64) if offsets is None else offsets
@@ -111,54 +136,221 @@ def arms_in_file_order(clusters: np.ndarray, counts: np.ndarray, offsets: np.nda
 def allocation_frame(policy: Policy, user_id, clusters, arms) -> pd.DataFrame:
     """The output table for one batch of users."""
     s = policy.statistics
-    return pd.DataFrame(
-        {
-            USER_ID: user_id,
-            "cluster": clusters.astype(np.int32),
-            "treatment": arms.astype(np.int32),
-            "expected_response": s.response[clusters, arms],
-            "expected_cost": s.cost[clusters, arms],
-        }
-    )
-
-
-def useful_spend_cap(policy: Policy, n_users: np.ndarray) -> float:
-    """Spend of the best-response arm for every cluster: more budget buys nothing."""
-    s = policy.statistics
-    best = np.argmax(s.response, axis=1)
-    return float((n_users * s.cost[np.arange(len(best)), best]).sum())
+    return pd.DataFrame({USER_ID: user_id, "cluster": clusters.astype(np.int32), "treatment": arms.astype(np.int32),
+                         "expected_response": s.response[clusters, arms], "expected_cost": s.cost[clusters, arms]})
 
 
 def unspent_budget(policy: Policy, n_users: np.ndarray, budget: float) -> float:
     """Budget beyond what the best-response arm of every cluster would spend."""
-    return max(0.0, budget - useful_spend_cap(policy, n_users)) if budget > 0 else 0.0
+    s = policy.statistics
+    best = np.argmax(s.response, axis=1)
+    cap = float((n_users * s.cost[np.arange(len(best)), best]).sum())
+    return max(0.0, budget - cap) if budget > 0 else 0.0
 
 
 def check_spend(spend: float, budget: float) -> None:
-    """The last check of every allocation path: the written rows' expected spend is within budget."""
+    """The last check of every allocation: the written rows' expected spend is within budget."""
     if spend > budget * (1 + 1e-12) + 1e-9:
         raise BudgetallocError(f"internal check failed: expected spend {spend:.6g} exceeds budget {budget:.6g}")
 
-def allocate_population(policy: Policy, population: Population, budget: float, *,
-                        batch_size: int | None = None) -> Allocation:
-    """Allocate every user of ``population`` under the total ``budget``.
+
+# -- the classify pass ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Classified:
+    """A partition's ids (integers of their own width, or an Arrow string array) and clusters, per batch."""
+
+    ids: list
+    clusters: list
+    sizes: np.ndarray  # (K,) int64
+    run_count: int = 1
+
+
+def as_policy(policy: Policy | str | Path) -> Policy:
+    """The policy itself, or the one saved at a path (what a worker process is handed)."""
+    return policy if isinstance(policy, Policy) else load_policy(policy)
+
+
+def classify_partition(policy: Policy | str, part: Partition, rows: int, index: int = 0) -> Classified:
+    """Validate, standardise and classify every batch of a population partition; keep ids and clusters."""
+    policy = as_policy(policy)
+    dtype = np.int16 if policy.k <= _INT16_MAX else np.int32
+    ids, clusters, first = [], [], part.first_row
+    for batch in part.batches([USER_ID, *policy.feature_names], rows):
+        if isinstance(batch, pd.DataFrame):
+            batch = population_from_frame(batch, policy.feature_names, source=part.name, first_row=first)
+            # a copy: ids from to_pandas can be a view keeping the batch's Arrow memory alive
+            kept = (batch.user_id.copy() if batch.user_id.dtype.kind in "iu"
+                    else pa.array(batch.user_id, type=pa.large_string()))
+        else:
+            kept = batch.user_id
+        first += batch.n
+        ids.append(kept)
+        clusters.append(classify(policy, batch.X, rows).astype(dtype))
+    injected_failure("classify", index)
+    sizes = sum((np.bincount(c, minlength=policy.k) for c in clusters), np.zeros(policy.k, dtype=np.int64))
+    return Classified(ids=ids, clusters=clusters, sizes=sizes)
+
+
+def classify_source(policy: Policy, source: Source, rows: int, *, run: Runner = inline, ref=None,
+                    partitions: int | None = None, fn=classify_partition) -> list:
+    """``fn`` over every partition by the executor ``run``, and the source read; a CSV whose ids change
+    type is read again as text. ``ref`` is what the tasks get for the policy (its directory, for workers).
+    """
+    try:
+        return run(fn, [(ref or policy, p, rows, i) for i, p in enumerate(source.partitions(partitions))]), source
+    except IdsNotUniform:
+        return classify_source(policy, source.text_ids(), rows, run=run, ref=ref, partitions=partitions, fn=fn)
+
+
+def check_unique_ids(chunks: list, source: str) -> None:
+    """The contract's duplicate-id error for the first repeated id in file order, if any.
+
+    One 64-bit key per user is sorted; only ids whose keys repeat are compared exactly.
+    """
+    repeated = repeated_keys(np.concatenate([id_keys(c) for c in chunks]))
+    if repeated.size:
+        suspects = [ids_as_numpy(c)[np.isin(id_keys(c), repeated)] for c in chunks]
+        user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), source)
+
+
+# -- the one table sink ---------------------------------------------------------------------
+
+
+def is_csv_name(path: Path) -> bool:
+    """Outputs are CSV by suffix, Parquet otherwise (as :func:`budgetalloc.files.write_table`)."""
+    return path.suffix.lower() == ".csv"
+
+
+class TableSink:
+    """Frames appended in memory (``path`` None), to CSV by pandas, or to Parquet in fixed row groups.
+
+    Parquet row groups of ``OUTPUT_ROW_GROUP`` rows, each one contiguous table, give the
+    bytes ``write_table`` gives for the whole frame; CSV the bytes of ``DataFrame.to_csv``.
+    """
+
+    def __init__(self, path: Path | None, row_group_rows: int = OUTPUT_ROW_GROUP) -> None:
+        self.path, self.rows, self.pending, self.held, self.out = path, row_group_rows, [], 0, None
+        self.csv = path is not None and is_csv_name(path)
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if self.path is None or self.csv:
+            if self.csv:
+                self.out = self.out or open(self.path, "w", newline="")  # noqa: SIM115 - closed in close()
+                frame.to_csv(self.out, header=self.out.tell() == 0, index=False)
+            else:
+                self.pending.append(frame)
+            return
+        self.pending.append(pa.Table.from_pandas(frame, preserve_index=False))
+        self.held += len(frame)
+        if self.held >= self.rows:
+            self.flush(final=False)
+
+    def flush(self, *, final: bool) -> None:
+        table = pa.concat_tables(self.pending).combine_chunks()
+        self.out = self.out or pq.ParquetWriter(self.path, table.schema)
+        whole = table.num_rows if final else table.num_rows - table.num_rows % self.rows
+        if whole:
+            self.out.write_table(table.slice(0, whole), row_group_size=self.rows)
+        rest = table.slice(whole)
+        self.pending, self.held = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self, *, complete: bool) -> pd.DataFrame | None:
+        if self.path is None:
+            return self.pending[0] if len(self.pending) == 1 else pd.concat(self.pending, ignore_index=True)
+        if complete and self.pending and not self.csv:
+            self.flush(final=True)
+        if self.out is not None:
+            self.out.close()
+        return None
+
+
+# -- the operation ---------------------------------------------------------------------------
+
+
+def allocate(policy: Policy, source: Source, budget, out: str | Path | None = None, *,
+             batch_size: int | None = None, run: Runner = inline, ref=None, partitions: int | None = None,
+             row_group_rows: int = OUTPUT_ROW_GROUP) -> Allocation:
+    """Allocate every user of ``source`` under the total ``budget``; rows held (``out`` None) or written.
 
     Args:
-        policy: a fitted policy.
-        population: validated users, features in the policy's order.
+        policy: a fitted policy (``ref``: its directory, handed to the executor's tasks instead).
+        source: the population.
         budget: total budget in cost units (>= 0).
-        batch_size: student inference batch (default ``allocate.batch_size``).
+        out: allocation file (Parquet, or CSV by suffix), written atomically once checked.
+        batch_size: rows per read batch and compiled student call (rounded to the compiled shape).
+        run: the executor of the classify pass; ``partitions`` how it is cut (see :meth:`Source.partitions`).
 
-    Returns:
-        An :class:`Allocation`; its expected spend never exceeds ``budget``.
+    Raises:
+        DataError: the source breaks the contract (nothing is written).
+        BudgetallocError: a bad budget, or the final spend check fails.
     """
     budget = check_budget(budget)
-    batch_size = batch_size or policy.params.allocate.batch_size
-    clusters = population_clusters(policy, population.X, batch_size=batch_size)
-    n_users = np.bincount(clusters, minlength=policy.k).astype(np.int64)
-    solution = program_for(policy).solve(n_users, budget)
-    arms, _ = arms_in_file_order(clusters, solution.counts)
-    frame = allocation_frame(policy, population.user_id, clusters, arms)
-    check_spend(float(frame["expected_cost"].sum()), budget)
-    return Allocation(frame=frame, solution=solution, budget=budget,
-                      unspent=unspent_budget(policy, n_users, budget), cluster_sizes=n_users)
+    rows = compiled_rows(batch_size or (policy.params.allocate.batch_size if source.record is not None
+                                        else STREAM_BATCH_ROWS))
+    parts, _ = classify_source(policy, source, rows, run=run, ref=ref, partitions=partitions)
+    sizes = sum((p.sizes for p in parts), np.zeros(policy.k, dtype=np.int64))
+    if not sizes.sum():
+        raise DataError(f"{source.name}: table has no rows")
+    check_unique_ids([c for p in parts for c in p.ids], source.name)
+    solution = program_for(policy).solve(sizes, budget)
+    sink, spend, offsets, complete = TableSink(None if out is None else Path(out), row_group_rows), 0.0, None, False
+    with atomic_path(out) if out is not None else nullcontext() as tmp:
+        sink.path = tmp
+        try:
+            for part in parts:  # offsets run on across partitions: the prefix sums of their sizes
+                for ids, clusters in zip(part.ids, part.clusters):
+                    clusters = clusters.astype(np.int32)
+                    arms, offsets = arms_in_file_order(clusters, solution.counts, offsets)
+                    frame = allocation_frame(policy, ids_as_numpy(ids), clusters, arms)
+                    spend += float(frame["expected_cost"].sum())
+                    sink.write(frame)
+            check_spend(spend, budget)
+            complete = True
+        finally:
+            held = sink.close(complete=complete)
+    return Allocation(solution=solution, budget=budget, unspent=unspent_budget(policy, sizes, budget),
+                      cluster_sizes=sizes, spend=spend, path=None if out is None else Path(out), held=held,
+                      run_counts={"classify": tuple(p.run_count for p in parts)})
+
+
+def allocate_population(policy: Policy, population: Population, budget: float, *,
+                        batch_size: int | None = None) -> Allocation:
+    """Allocate a validated population in memory; the rows are in ``.frame``."""
+    return allocate(policy, memory_source(population), budget, batch_size=batch_size)
+
+
+def allocate_file(policy: Policy, users_path: str | Path, budget, out_path: str | Path, *,
+                  batch_size: int | None = None, row_group_rows: int = OUTPUT_ROW_GROUP) -> Allocation:
+    """Allocate a population file (or a folder of Parquet parts) in batches; write the rows atomically."""
+    return allocate(policy, file_source(users_path), budget, out_path, batch_size=batch_size,
+                    row_group_rows=row_group_rows)
+
+
+def allocate_distributed(policy_dir: str | Path, users: str | Path, budget, out: str | Path, *,
+                         address: str | None = None, partitions: int | None = None,
+                         batch_size: int | None = None, n_workers: int | None = None,
+                         processes: bool = True, quiet: bool = False) -> Allocation:
+    """:func:`allocate` with the classify pass on Dask: the cluster at ``address``, or a new LocalCluster.
+
+    Partitions are ranges of Parquet row groups (``partitions``, default one per row group).
+    """
+    from budgetalloc.serve.executor import DEFAULT_WORKERS, dask_client, dask_runner, quiet_console
+
+    source = partitioned_source(users, partitions)
+    with quiet_console() if quiet else nullcontext(), \
+            dask_client(address, n_workers=n_workers or DEFAULT_WORKERS, processes=processes) as client:
+        return allocate(load_policy(policy_dir), source, budget, out, batch_size=batch_size,
+                        run=dask_runner(client), ref=str(policy_dir), partitions=partitions or 0)
+
+
+def partitioned_source(users: str | Path, partitions: int | None) -> Source:
+    """The population for the partitioned path: Parquet (a file or a folder of parts), ``partitions >= 1``."""
+    source = file_source(users)
+    if not source.is_parquet:
+        raise DataError(f"{users}: the Dask path partitions Parquet row groups; "
+                        "convert the file to Parquet or allocate it without --dask-address")
+    if partitions is not None and partitions < 1:
+        raise BudgetallocError(f"partitions must be >= 1, got {partitions}")
+    return source

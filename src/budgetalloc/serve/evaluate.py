@@ -1,23 +1,18 @@
-"""Offline evaluation of a policy on a held-out randomized trial.
+"""Offline evaluation on a held-out randomized trial, written once as a pass over a row source.
 
-For a grid of total budgets the policy allocates the test users (student ->
-program for the test population's own cluster sizes -> arms), and the
-allocation's response and spend per user are estimated by inverse propensity
-(:func:`budgetalloc.serve.metrics.ips_curve`), with 95% confidence intervals. Budgets
-are totals for the test population, in the same units as ``allocate``.
-
-References drawn with the curve: all-control (the IPS value of giving nobody a
-coupon, at zero spend) and random allocation (a random share of users given a
-uniformly random coupon arm: the straight line from all-control to the IPS value
-of the uniform-coupon policy).
-
-AUCC ranks test users by the policy's predicted incremental ROI: each user's
-cluster recommends the coupon arm with the best ``(r[k, j] - r[k, 0]) / c[k, j]``,
-and that ratio is the score (:func:`budgetalloc.serve.metrics.multi_arm_aucc`).
+The classify pass of the allocation (validated by the trial contract, one student
+forward pass) keeps each row's cluster and outcomes; then, for a grid of total
+budgets, the program is solved for the test population's own cluster sizes, users
+take arms in file order, and the allocation's response and spend per user are
+estimated by inverse propensity with 95% intervals (:mod:`budgetalloc.serve.metrics`),
+with all-control and random allocation as references and the AUCC of the
+clusters' incremental ROI. Invariant: the reports' bytes do not depend on the
+source kind, the batch size or the executor.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,12 +21,33 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 
-from budgetalloc.data.contract import Trial
+from budgetalloc.data.contract import (
+    MAX_ARMS,
+    RESERVED,
+    USER_ID,
+    Trial,
+    arm_propensity,
+    check_arm_counts,
+    trial_columns,
+    user_ids,
+)
+from budgetalloc.data.readers import STREAM_BATCH_ROWS, id_keys, repeated_keys
+from budgetalloc.data.sources import Partition, Source, file_source, memory_source
+from budgetalloc.errors import DataError
 from budgetalloc.files import atomic_files, write_json
 from budgetalloc.fit.pipeline import budget_scale
 from budgetalloc.policy import Policy
-from budgetalloc.serve.allocate import arms_in_file_order, population_clusters, program_for
+from budgetalloc.serve.allocate import (
+    arms_in_file_order,
+    as_policy,
+    classify,
+    classify_source,
+    compiled_rows,
+    program_for,
+)
+from budgetalloc.serve.executor import Runner, injected_failure, inline
 from budgetalloc.serve.metrics import ips_curve, ips_value, multi_arm_aucc
 
 ARM_CHUNK_ROWS = 65_536  # users per arms_in_file_order call (its temporaries: M values a user)
@@ -50,8 +66,7 @@ def cluster_roi(policy: Policy) -> tuple[np.ndarray, np.ndarray]:
 class Outcomes(NamedTuple):
     """What the evaluation reads of a trial besides its clusters, per row in file order.
 
-    A :class:`budgetalloc.data.contract.Trial` has these fields too; the streamed evaluation
-    (:mod:`budgetalloc.serve.evaluate_stream`) keeps only these.
+    A :class:`budgetalloc.data.contract.Trial` has these fields too; the pass keeps only these.
     """
 
     treatment: np.ndarray  # (n,) int arms
@@ -65,34 +80,10 @@ class Outcomes(NamedTuple):
         return int(self.treatment.shape[0])
 
 
-def policy_curve(policy: Policy, trial: Trial, levels=DEFAULT_LEVELS) -> tuple[list[dict], np.ndarray]:
-    """IPS response/cost per user of the policy at each budget level; also the clusters.
-
-    Args:
-        policy: a fitted policy.
-        trial: held-out trial (not used to fit the policy).
-        levels: budgets as fractions of the test population's all-max-arm spend.
-
-    Returns:
-        ``(rows, clusters)``: the :func:`curve_rows` and each user's cluster.
-    """
-    clusters = population_clusters(policy, trial.X, batch_size=policy.params.allocate.batch_size)
-    return curve_rows(policy, clusters, trial, levels), clusters
-
-
 def curve_rows(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, levels=DEFAULT_LEVELS) -> list[dict]:
-    """IPS response/cost per user of the policy at each budget level, for users of known clusters.
-
-    Args:
-        policy: a fitted policy.
-        clusters: (n,) each test user's cluster, in file order.
-        trial: the test users' outcomes, in the same order.
-        levels: budgets as fractions of the test population's all-max-arm spend.
-
-    Returns:
-        One row per budget with ``budget`` (total), per-user ``response``/``cost`` and
-        their CIs, ``expected_response``/``expected_cost`` per user from the policy's
-        own estimates, and the solver status.
+    """Per budget level (a fraction of the all-max-arm spend): the total ``budget``, the IPS response and
+    cost per user with 95% intervals, the policy's own ``expected_response``/``expected_cost`` per
+    user and the solver status, for test users of known clusters (file order).
     """
     n_users = np.bincount(clusters, minlength=policy.k).astype(np.int64)
     program = program_for(policy)
@@ -111,11 +102,7 @@ def curve_rows(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, le
 
 
 def user_arms(clusters: np.ndarray, counts: np.ndarray, *, chunk_rows: int = ARM_CHUNK_ROWS) -> np.ndarray:
-    """Each user's arm in file order (:func:`budgetalloc.serve.allocate.arms_in_file_order`), in chunks.
-
-    The same arms as one call, whose temporaries hold ``M`` values per user; chunks
-    carry the running offsets, as the streamed allocation's batches do.
-    """
+    """Each user's arm in file order, in chunks carrying the running offsets (temporaries: M values a user)."""
     arms = np.empty(clusters.shape[0], dtype=np.int32)
     offsets = None
     for start in range(0, clusters.shape[0], chunk_rows):
@@ -157,45 +144,121 @@ def plot_curve(rows: list[dict], refs: dict, path: Path, *, title: str) -> None:
     plt.close(fig)
 
 
-def evaluate_policy(policy: Policy, trial: Trial, out_dir: str | Path, *, levels=DEFAULT_LEVELS) -> dict:
-    """Evaluate ``policy`` on a held-out ``trial``; write metrics.json and curve.png atomically.
-
-    Args:
-        policy: a fitted policy.
-        trial: a held-out randomized trial with the policy's features.
-        out_dir: directory for ``metrics.json``, ``curve.json`` and ``curve.png``.
-        levels: budget grid as fractions of the all-max-arm spend (>= 10 points).
-
-    Returns:
-        The metrics dict (``aucc``, ``curve``, references, sizes).
-    """
-    clusters = population_clusters(policy, trial.X, batch_size=policy.params.allocate.batch_size)
-    return write_evaluation(policy, clusters, trial, out_dir, levels=levels)
-
-
-def evaluation_metrics(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, *,
-                       levels=DEFAULT_LEVELS) -> dict:
-    """The metrics dict (``aucc``, ``curve``, references, sizes) for test users of known clusters."""
+def write_evaluation(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, out_dir: str | Path, *,
+                     levels=DEFAULT_LEVELS) -> dict:
+    """The metrics (``aucc``, ``curve``, references, sizes), written atomically as metrics.json,
+    curve.json and curve.png, for test users of known clusters."""
     rows = curve_rows(policy, clusters, trial, levels)
     best_arm, roi = cluster_roi(policy)
     aucc = multi_arm_aucc(roi[clusters], best_arm[clusters], trial.treatment, trial.response, trial.cost,
                           trial.propensity)
-    return {
-        "aucc": float(aucc),
-        "curve": rows,
-        "references": reference_points(trial),
-        "n_test": trial.n,
-        "k": policy.k,
-    }
-
-
-def write_evaluation(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, out_dir: str | Path, *,
-                     levels=DEFAULT_LEVELS) -> dict:
-    """:func:`evaluation_metrics`, written atomically as metrics.json, curve.json and curve.png."""
-    metrics = evaluation_metrics(policy, clusters, trial, levels=levels)
-    rows = metrics["curve"]
+    metrics = {"aucc": float(aucc), "curve": rows, "references": reference_points(trial), "n_test": trial.n,
+               "k": policy.k}
     with atomic_files(out_dir) as tmp:
         write_json(metrics, tmp / "metrics.json")
         write_json([{k: r[k] for k in ("budget", "response", "cost")} for r in rows], tmp / "curve.json")
         plot_curve(rows, metrics["references"], tmp / "curve.png", title=f"policy on {trial.n} held-out users")
     return metrics
+
+
+# -- the pass --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialPart:
+    """What the pass keeps of a partition, per batch: clusters, outcomes, id keys; the arm counts."""
+
+    clusters: list
+    treatment: list
+    response: list
+    cost: list
+    propensity: list  # empty when the source has no propensity column
+    keys: list
+    arm_counts: np.ndarray
+    run_count: int = 1
+
+
+def _owned(values: np.ndarray) -> np.ndarray:
+    """``values`` as an array of its own: a view would keep the whole batch's memory alive."""
+    return values if values.base is None else values.copy()
+
+
+def classify_trial_partition(policy, part: Partition, rows: int, index: int = 0) -> TrialPart:
+    """Validate (the trial contract, row by row) and classify every batch of a trial partition."""
+    policy = as_policy(policy)
+    dtype = np.int16 if policy.k <= np.iinfo(np.int16).max else np.int32
+    kept = TrialPart([], [], [], [], [], [], np.zeros(MAX_ARMS, dtype=np.int64))
+    first = part.first_row
+    for batch in part.batches([*RESERVED, *policy.feature_names], rows):
+        cols = batch if isinstance(batch, Trial) else trial_columns(
+            batch, features=policy.feature_names, source=part.name, first_row=first)
+        first += len(cols.treatment)
+        if int(cols.treatment.max()) + 1 > policy.n_arms:
+            raise DataError(f"{part.name}: trial has {int(cols.treatment.max()) + 1} arms, "
+                            f"the policy knows {policy.n_arms}")
+        kept.clusters.append(classify(policy, cols.X, rows).astype(dtype))
+        kept.treatment.append(cols.treatment.astype(np.int8))
+        kept.response.append(_owned(cols.response))
+        kept.cost.append(_owned(cols.cost))
+        if cols.propensity is not None:
+            kept.propensity.append(_owned(cols.propensity))
+        kept.keys.append(_owned(id_keys(cols.user_id)))
+        kept.arm_counts[:] += np.bincount(cols.treatment, minlength=MAX_ARMS)
+    injected_failure("classify", index)
+    return kept
+
+
+def source_outcomes(policy: Policy, source: Source, *, batch_size: int | None = None, run: Runner = inline,
+                    ref=None, partitions: int | None = None) -> tuple[np.ndarray, Outcomes]:
+    """Each test row's cluster and outcomes, in source order, after the checks over all rows.
+
+    Raises:
+        DataError: the source breaks the trial contract, or has more arms than the policy.
+    """
+    rows = compiled_rows(batch_size or (policy.params.allocate.batch_size if source.record is not None
+                                        else STREAM_BATCH_ROWS))
+    parts, source = classify_source(policy, source, rows, run=run, ref=ref, partitions=partitions,
+                            fn=classify_trial_partition)
+    joined = {f: [c for p in parts for c in getattr(p, f)] for f in TrialPart.__dataclass_fields__
+              if f not in ("arm_counts", "run_count")}
+    if not joined["clusters"]:
+        raise DataError(f"{source.name}: table has no rows")
+    arm_counts = sum(p.arm_counts for p in parts)
+    n_arms = check_arm_counts(arm_counts, source.name)
+    repeated = repeated_keys(np.concatenate(joined.pop("keys")))
+    if repeated.size:  # equal keys: equal ids, or a text hash collision, told apart by the contract
+        suspects = [ids[np.isin(id_keys(ids), repeated)] for part in source.partitions()
+                    for frame in part.batches([USER_ID], rows) for ids in [_ids(frame, source.name)]]
+        user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), source.name)
+    whole = {f: np.concatenate(v) for f, v in joined.items() if v}
+    propensity = whole.get("propensity")
+    if propensity is None:
+        propensity = arm_propensity(whole["treatment"], arm_counts[:n_arms])
+    return whole["clusters"], Outcomes(treatment=whole["treatment"], response=whole["response"],
+                                       cost=whole["cost"], propensity=propensity, n_arms=n_arms)
+
+
+def _ids(batch, source: str) -> np.ndarray:
+    return batch.user_id if isinstance(batch, Trial) else user_ids(batch, source)
+
+
+def evaluate(policy: Policy, source: Source, out_dir: str | Path, *, levels=DEFAULT_LEVELS,
+             batch_size: int | None = None, run: Runner = inline, ref=None, partitions: int | None = None) -> dict:
+    """Evaluate ``policy`` on a held-out trial source; write metrics.json, curve.json, curve.png atomically.
+
+    ``run``, ``ref`` and ``partitions`` map the classify pass as :func:`budgetalloc.serve.allocate.allocate` does.
+    """
+    clusters, outcomes = source_outcomes(policy, source, batch_size=batch_size, run=run, ref=ref,
+                                         partitions=partitions)
+    return write_evaluation(policy, clusters, outcomes, out_dir, levels=levels)
+
+
+def evaluate_policy(policy: Policy, trial: Trial, out_dir: str | Path, *, levels=DEFAULT_LEVELS) -> dict:
+    """:func:`evaluate` on a validated trial in memory."""
+    return evaluate(policy, memory_source(trial), out_dir, levels=levels)
+
+
+def evaluate_file(policy: Policy, path: str | Path, out_dir: str | Path, *, levels=DEFAULT_LEVELS,
+                  batch_size: int | None = None) -> dict:
+    """:func:`evaluate` on a trial file (Parquet or CSV) or a folder of Parquet parts, read in batches."""
+    return evaluate(policy, file_source(path), out_dir, levels=levels, batch_size=batch_size)

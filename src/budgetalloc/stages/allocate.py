@@ -23,10 +23,9 @@ from budgetalloc.fit.pipeline import Reporter, program_stage
 from budgetalloc.policy import Policy, load_policy
 from budgetalloc.serve.allocate import Allocation
 from budgetalloc.serve.dashboards import budget_curve_png, clusters_png, write_png
-from budgetalloc.serve.streaming import StreamedAllocation
 from budgetalloc.stages import PARAMS_FILE, run, stage_params
 
-AnyAllocation = Allocation | StreamedAllocation  # in memory or written by the stream: the same totals
+AnyAllocation = Allocation  # in memory or written to a file: the same type
 
 
 def population_curve_frame(policy: Policy, n_users: np.ndarray) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Streamed evaluation: the in-memory evaluation's exact reports, batch by batch, same errors."""
+"""Evaluation from files in batches: the trial contract's errors, bounded memory."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from budgetalloc.data.contract import load_trial
 from budgetalloc.errors import DataError
 from budgetalloc.params import SimulateParams
 from budgetalloc.policy import load_policy
-from budgetalloc.serve.allocate import population_clusters
-from budgetalloc.serve.evaluate import evaluate_policy
-from budgetalloc.serve.evaluate_stream import evaluate_file, streamed_outcomes
+from budgetalloc.serve.evaluate import evaluate_file, evaluate_policy
 from budgetalloc.studies.simulate import simulate_trial
 
 REPORTS = ("metrics.json", "curve.json", "curve.png")
@@ -52,28 +50,6 @@ def write(df: pd.DataFrame, path):
 
 def in_memory(policy, path, out):
     return evaluate_policy(policy, load_trial(path, features=policy.feature_names), out)
-
-
-@pytest.mark.parametrize("source", ["parquet", "csv"])
-@pytest.mark.parametrize("propensity", [False, True])
-def test_streamed_evaluation_writes_the_in_memory_reports_byte_for_byte(policy, frame, tmp_path, source,
-                                                                        propensity):
-    df = frame.copy()
-    if propensity:  # a logged propensity, not the arm shares the contract would derive
-        df["propensity"] = np.where(df["treatment"] == 0, 0.45, 0.11) + 0.01 * (df["user_id"] % 3)
-    src = write(df, tmp_path / f"test.{source}")
-    expected = in_memory(policy, src, tmp_path / "memory")
-    got = evaluate_file(policy, src, tmp_path / "stream", batch_size=BATCH)
-    assert got == expected  # every float exactly, not to a tolerance
-    for name in REPORTS:
-        assert (tmp_path / "stream" / name).read_bytes() == (tmp_path / "memory" / name).read_bytes(), name
-    trial = load_trial(src, features=policy.feature_names)
-    clusters, outcomes = streamed_outcomes(policy, src, batch_size=BATCH)
-    assert clusters.dtype == np.int16 and outcomes.treatment.dtype == np.int8
-    np.testing.assert_array_equal(clusters, population_clusters(policy, trial.X, batch_size=262_144))
-    for name in ("treatment", "response", "cost", "propensity"):
-        np.testing.assert_array_equal(getattr(outcomes, name), getattr(trial, name), err_msg=name)
-    assert outcomes.n_arms == trial.n_arms and outcomes.n == len(df)
 
 
 def damaged(frame: pd.DataFrame, damage: str) -> pd.DataFrame:

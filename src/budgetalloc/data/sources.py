@@ -1,0 +1,119 @@
+"""Row sources: where a pass over users or trial rows reads them.
+
+A source has a ``name`` (for messages), ``n``, its ``columns`` and ``partitions()``:
+picklable, contiguous pieces in file order, each giving batches of at most
+``batch_rows`` rows. Kinds: records in memory (one batch, already validated), a
+Parquet or CSV file (:mod:`budgetalloc.data.readers` reads it, with their error
+wording and id handling), a partitioned Parquet dataset (a folder of parts, in name
+order). Invariants: the rows, their order and their ids do not depend on the kind,
+the partitioning or the batch size; ``first_row`` counts from the source's start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from budgetalloc.data.contract import check_file, csv_column_names
+from budgetalloc.data.readers import is_parquet, parquet_file, parquet_frames, table_frames
+from budgetalloc.errors import DataError
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Contiguous rows of a source: ``pieces`` (file, row groups or ``None``: all), or a record in memory."""
+
+    name: str
+    first_row: int
+    pieces: tuple = ()
+    record: object = None  # a validated Population or Trial (in memory)
+    ids_as_text: bool = False
+
+    def batches(self, wanted: list[str], batch_rows: int) -> Iterator:
+        """Frames of the wanted columns (those present), or the in-memory record whole."""
+        if self.record is not None:
+            yield self.record
+            return
+        for path, groups in self.pieces:
+            if groups is None:
+                yield from table_frames(path, wanted, batch_rows=batch_rows, ids_as_text=self.ids_as_text)
+            else:
+                yield from parquet_frames(path, wanted, batch_rows=batch_rows, row_groups=list(groups))
+
+
+@dataclass(frozen=True)
+class Source:
+    """Rows in memory (``record``), in one file (``files`` of one) or in a folder of Parquet parts."""
+
+    name: str
+    files: tuple[Path, ...] = ()
+    record: object = None
+    ids_as_text: bool = False  # CSV: read the ids as text (a later block changed their type)
+
+    @property
+    def n(self) -> int:
+        if self.record is not None:
+            return self.record.n
+        if self.is_parquet:
+            return sum(parquet_file(f).metadata.num_rows for f in self.files)
+        return sum(len(b) for p in self.partitions() for b in p.batches([], 1 << 16))
+
+    @property
+    def columns(self) -> list[str]:
+        if self.record is not None:
+            return ["user_id", *self.record.feature_names]
+        return list(parquet_file(self.files[0]).schema_arrow.names) if self.is_parquet else csv_column_names(
+            self.files[0])
+
+    @property
+    def is_parquet(self) -> bool:
+        for f in self.files:
+            check_file(f)
+        return all(is_parquet(f) for f in self.files)
+
+    def text_ids(self) -> Source:
+        return replace(self, ids_as_text=True)
+
+    def partitions(self, count: int | None = None) -> list[Partition]:
+        """One partition (``count`` None), or up to ``count`` ranges of row groups about equal in rows.
+
+        ``count`` 0 means one partition per row group. CSV is always one partition.
+        """
+        if self.record is not None:
+            return [Partition(self.name, 0, record=self.record)]
+        if count is None or not self.is_parquet:
+            return [Partition(self.name, 0, tuple((f, None) for f in self.files), ids_as_text=self.ids_as_text)]
+        groups = [(f, g, m.row_group(g).num_rows) for f in self.files
+                  for m in [parquet_file(f).metadata] for g in range(m.num_row_groups) if m.row_group(g).num_rows]
+        if not groups:
+            raise DataError(f"{self.name}: table has no rows")
+        n = min(count or len(groups), len(groups))
+        rows = np.array([g[2] for g in groups], dtype=np.float64)
+        middle = np.cumsum(rows) - rows / 2  # a group belongs to the range its middle row falls in
+        owner = np.minimum((middle * n / rows.sum()).astype(np.int64), n - 1)
+        parts, first = [], 0
+        for p in range(n):
+            mine = [g for g, o in zip(groups, owner) if o == p]
+            if mine:
+                files = list(dict.fromkeys(g[0] for g in mine))
+                pieces = tuple((f, tuple(g[1] for g in mine if g[0] == f)) for f in files)
+                parts.append(Partition(self.name, first, pieces))
+                first += sum(g[2] for g in mine)
+        return parts
+
+
+def memory_source(record, name: str = "<memory>") -> Source:
+    """A validated Population or Trial in memory: one partition, one batch."""
+    return Source(name=getattr(record, "source", name), record=record)
+
+
+def file_source(path: str | Path) -> Source:
+    """A Parquet or CSV file, or a folder of Parquet parts (``*.parquet``, in name order; none: not a file)."""
+    path = Path(path)
+    files = tuple(sorted(path.glob("*.parquet"))) if path.is_dir() else ()
+    if files:
+        return Source(name=str(path), files=files)
+    return Source(name=str(path), files=(path,))  # checked when read
