@@ -1,45 +1,15 @@
-"""Fitting a policy from a Parquet trial of any size, in bounded memory.
+"""The fit as passes over a Parquet trial read in batches, in bounded memory.
 
-:func:`fit_policy_file` runs the stages of :func:`budgetalloc.fit.pipeline.fit_policy`
-on a Parquet file read in batches (:mod:`budgetalloc.data.readers`), and never holds
-the table, its feature matrix, or its embeddings:
-
-1. **Pass 1: check and sample** (:mod:`budgetalloc.fit.trial_scan`). Every row's roles
-   come from the row count in the metadata (the in-memory fit's splits and samples);
-   every batch is checked by the trial contract; the samples' rows are kept.
-2. **In memory, on the samples**: the preprocessor (``data.preprocess_sample``
-   rows) and the network (``train.max_rows`` train rows), by the in-memory fit's
-   own functions.
-3. **Pass 2: clusters.** The train rows' embeddings, batch by batch, feed
-   :func:`budgetalloc.method.clustering.fit_clusters_batches`: moments and samples in one
-   pass, then ``KMeans`` on the sample or, above ``cluster.streaming_threshold``
-   train rows, three more passes of ``MiniBatchKMeans.partial_fit``.
-4. **Pass 3: teacher.** Every row's embedding and cluster; kept are the clusters
-   (and soft targets) of the student's sample (``distill.max_rows``) and the
-   clusters of the holdout rows. The student is trained in memory.
-5. **Pass 4: statistics.** Every row's student cluster (cluster sizes, agreement on
-   the holdout), and for the honest rows the student's cluster and the network's
-   predictions, fed to :class:`budgetalloc.method.statistics.StatisticsAccumulator`. Then
-   the budget table.
-
-**The in-memory fit's policy.** Each forward pass runs on blocks of the rows it is
-for, of the shape the in-memory call compiles, counted from the first such row,
-the last block padded as the in-memory call pads it (:mod:`budgetalloc.data.blocks`);
-sums and random draws follow fixed blocks too, and the samples are the in-memory
-fit's (``train.max_rows``, ``distill.max_rows`` and ``statistics.clip_sample``
-cap both fits). So on a trial of at most ``data.preprocess_sample`` rows the
-streamed fit returns the in-memory fit's policy bit for bit (preprocessor, weights,
-clusters, student, statistics, budget table; only ``summary.fit_path`` differs),
-however the file is batched and cut into row groups (``tests/test_fit_stream.py``).
-On more rows the streamed preprocessor is fitted on its sample, the in-memory one
-on every row, and the policies differ by that.
-
-**Memory** (docs/scale.md, "Fitting from Parquet"): per row, one role byte and,
-during pass 1, an 8-byte id key; per holdout row its teacher cluster; per batch,
-the frame and its arrays; the samples, each at most its cap. Every pass re-reads
-the file, which costs reading time, not memory.
-
-Only Parquet: the row count must be known before the first row is read.
+Passes: 1 check every batch and keep the seeded samples (:mod:`budgetalloc.fit.trial_scan`);
+then the preprocessor and the network on the samples; 2 k-means on the train rows'
+embeddings (:func:`cluster_pass`); 3 every row's teacher cluster (:func:`teacher_pass`),
+the student on its sample; 4 the statistics of the honest rows grouped by the student
+(:func:`statistics_pass`) and the student's cluster sizes (:func:`student_pass`); then the
+budget table. :func:`fit_policy_file` runs them in one process, the DVC stages one
+boundary each. Invariants: nothing per row is held but a role byte (and an id key in
+pass 1); forward passes, sums and draws follow fixed blocks from row 0, so the policy
+does not depend on the batching and equals the in-memory fit's on at most
+``data.preprocess_sample`` rows (``summary.fit_path`` aside). Rationale: docs/scale.md.
 """
 
 from __future__ import annotations
