@@ -33,6 +33,7 @@ from budgetalloc.studies.simulate import simulate_population, simulate_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 500_000
+NOTE = ("`prepare` reads the raw trial whole (it validates and splits it); `train`, `cluster`, `distill` and `policy` read `prepared/fit.parquet` in batches and hold its seeded samples (each at most its cap, 1M rows by default).")
 
 
 def write_trial(path: Path, rows: int, world: SimulateParams) -> None:
@@ -93,6 +94,7 @@ def main() -> None:
               f"{args.population:,} users; {os.cpu_count()} cores (shared). Peak RSS of each stage process "
               "(`wait4` ru_maxrss)."), "", "| stage | peak RSS (MiB) | wall (s) |", "|---|---|---|"]
     lines += [f"| `{name}` | {r['peak_rss_mib']:,.0f} | {r['wall_s']:,.0f} |" for name, r in results.items()]
+    lines += ["", NOTE]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
