@@ -76,7 +76,8 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(repro):
     for path in ("models/policy/manifest.json", "models/representation", "models/student", "models/clusters",
                  "allocations/allocation.parquet", "reports/evaluate/curve.png"):
         assert (repo / path).exists(), path
-    assert sorted(p.name for p in (repo / "prepared").iterdir()) == ["fit.parquet", "test.parquet"]  # no per-row arrays
+    # no per-row arrays: the fit and test parts only (and DVC's .gitignore)
+    assert sorted(p.name for p in (repo / "prepared").iterdir()) == [".gitignore", "fit.parquet", "test.parquet"]
     metrics = json.loads(dvc(repo, "metrics", "show", "--json"))
     found = next(iter(metrics.values()))["data"]
     assert 0 < found["reports/evaluate/metrics.json"]["data"]["aucc"] <= 1
