@@ -31,7 +31,7 @@ from budgetalloc.progress_line import parse_progress
 from budgetalloc.serve import dashboards
 
 #: The fit pipeline in ``dvc.yaml``, in order (``allocate`` is the scenario stage).
-TRAINING_STAGES = ("prepare", "train", "embed", "cluster", "distill", "policy", "evaluate")
+TRAINING_STAGES = ("prepare", "train", "cluster", "distill", "policy", "evaluate")
 SCENARIO_STAGE = "allocate"
 
 POLICY_DIR = "models/policy"

@@ -24,7 +24,7 @@ _spec = importlib.util.spec_from_file_location("local_prefect", SCRIPTS / "local
 local_prefect = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(local_prefect)
 TINY, TINY_POPULATION = local_prefect.TINY, local_prefect.TINY_POPULATION
-STAGES = ("prepare", "train", "embed", "cluster", "distill", "policy", "evaluate", "allocate")
+STAGES = ("prepare", "train", "cluster", "distill", "policy", "evaluate", "allocate")
 
 
 def repo_env(repo: Path) -> dict[str, str]:
@@ -74,8 +74,10 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(repro):
     for name in STAGES:
         assert f"Running stage '{name}'" in output
     for path in ("models/policy/manifest.json", "models/representation", "models/student", "models/clusters",
-                 "prepared/embeddings.npy", "allocations/allocation.parquet", "reports/evaluate/curve.png"):
+                 "allocations/allocation.parquet", "reports/evaluate/curve.png"):
         assert (repo / path).exists(), path
+    # no per-row arrays: the fit and test parts only (and DVC's .gitignore)
+    assert sorted(p.name for p in (repo / "prepared").iterdir()) == [".gitignore", "fit.parquet", "test.parquet"]
     metrics = json.loads(dvc(repo, "metrics", "show", "--json"))
     found = next(iter(metrics.values()))["data"]
     assert 0 < found["reports/evaluate/metrics.json"]["data"]["aucc"] <= 1

@@ -26,7 +26,6 @@ from budgetalloc.stages import (
     allocate,
     cluster,
     distill,
-    embed,
     evaluate,
     policy,
     prepare,
@@ -37,7 +36,7 @@ from budgetalloc.stages import (
 from budgetalloc.studies.simulate import SimulateParams, simulate_population, simulate_trial
 
 ROOT = Path(__file__).resolve().parents[1]
-# soft targets (reads the embeddings), missing values and a K the honest rows cannot
+# soft targets, missing values and a K the honest rows cannot
 # support (two notes that must reach the summary)
 PARAMS = {
     "seed": 4,
@@ -66,12 +65,10 @@ def stages_run(tmp_path_factory):
     simulate_population(SimulateParams(), seed=2, n_users=1200).frame.to_csv(d / "population.csv", index=False)
     prepare.main(trial=d / "trial.csv", fit=d / "fit.parquet", test=d / "test.parquet", params=p)
     train.main(data=d / "fit.parquet", preprocess=d / "pre.json", model=d / "rep", report=d / "train.json", params=p)
-    embed.main(data=d / "fit.parquet", preprocess=d / "pre.json", model=d / "rep", out=d / "emb.npy", params=p)
-    cluster.main(data=d / "fit.parquet", preprocess=d / "pre.json", model=d / "rep", embeddings=d / "emb.npy",
-                 out=d / "clusters", labels=d / "teacher.npy", report=d / "cluster.json", params=p)
-    distill.main(data=d / "fit.parquet", preprocess=d / "pre.json", embeddings=d / "emb.npy",
-                 clusters=d / "clusters", labels=d / "teacher.npy", out=d / "student", report=d / "distill.json",
-                 params=p)
+    cluster.main(data=d / "fit.parquet", preprocess=d / "pre.json", model=d / "rep", out=d / "clusters",
+                 report=d / "cluster.json", params=p)
+    distill.main(data=d / "fit.parquet", preprocess=d / "pre.json", model=d / "rep", clusters=d / "clusters",
+                 out=d / "student", report=d / "distill.json", params=p)
     policy.main(data=d / "fit.parquet", preprocess=d / "pre.json", model=d / "rep", student=d / "student",
                 train_report=d / "train.json", cluster_report=d / "cluster.json", distill_report=d / "distill.json",
                 out=d / "policy", curve=d / "curve.csv", clusters=d / "clusters.csv", curve_plot=d / "curve.png",

@@ -1,45 +1,15 @@
-"""Fitting a policy from a Parquet trial of any size, in bounded memory.
+"""The fit as passes over a Parquet trial read in batches, in bounded memory.
 
-:func:`fit_policy_file` runs the stages of :func:`budgetalloc.fit.pipeline.fit_policy`
-on a Parquet file read in batches (:mod:`budgetalloc.data.readers`), and never holds
-the table, its feature matrix, or its embeddings:
-
-1. **Pass 1: check and sample** (:mod:`budgetalloc.fit.trial_scan`). Every row's roles
-   come from the row count in the metadata (the in-memory fit's splits and samples);
-   every batch is checked by the trial contract; the samples' rows are kept.
-2. **In memory, on the samples**: the preprocessor (``data.preprocess_sample``
-   rows) and the network (``train.max_rows`` train rows), by the in-memory fit's
-   own functions.
-3. **Pass 2: clusters.** The train rows' embeddings, batch by batch, feed
-   :func:`budgetalloc.method.clustering.fit_clusters_batches`: moments and samples in one
-   pass, then ``KMeans`` on the sample or, above ``cluster.streaming_threshold``
-   train rows, three more passes of ``MiniBatchKMeans.partial_fit``.
-4. **Pass 3: teacher.** Every row's embedding and cluster; kept are the clusters
-   (and soft targets) of the student's sample (``distill.max_rows``) and the
-   clusters of the holdout rows. The student is trained in memory.
-5. **Pass 4: statistics.** Every row's student cluster (cluster sizes, agreement on
-   the holdout), and for the honest rows the student's cluster and the network's
-   predictions, fed to :class:`budgetalloc.method.statistics.StatisticsAccumulator`. Then
-   the budget table.
-
-**The in-memory fit's policy.** Each forward pass runs on blocks of the rows it is
-for, of the shape the in-memory call compiles, counted from the first such row,
-the last block padded as the in-memory call pads it (:mod:`budgetalloc.data.blocks`);
-sums and random draws follow fixed blocks too, and the samples are the in-memory
-fit's (``train.max_rows``, ``distill.max_rows`` and ``statistics.clip_sample``
-cap both fits). So on a trial of at most ``data.preprocess_sample`` rows the
-streamed fit returns the in-memory fit's policy bit for bit (preprocessor, weights,
-clusters, student, statistics, budget table; only ``summary.fit_path`` differs),
-however the file is batched and cut into row groups (``tests/test_fit_stream.py``).
-On more rows the streamed preprocessor is fitted on its sample, the in-memory one
-on every row, and the policies differ by that.
-
-**Memory** (docs/scale.md, "Fitting from Parquet"): per row, one role byte and,
-during pass 1, an 8-byte id key; per holdout row its teacher cluster; per batch,
-the frame and its arrays; the samples, each at most its cap. Every pass re-reads
-the file, which costs reading time, not memory.
-
-Only Parquet: the row count must be known before the first row is read.
+Passes: 1 check every batch and keep the seeded samples (:mod:`budgetalloc.fit.trial_scan`);
+then the preprocessor and the network on the samples; 2 k-means on the train rows'
+embeddings (:func:`cluster_pass`); 3 every row's teacher cluster (:func:`teacher_pass`),
+the student on its sample; 4 the statistics of the honest rows grouped by the student
+(:func:`statistics_pass`) and the student's cluster sizes (:func:`student_pass`); then the
+budget table. :func:`fit_policy_file` runs them in one process, the DVC stages one
+boundary each. Invariants: nothing per row is held but a role byte (and an id key in
+pass 1); forward passes, sums and draws follow fixed blocks from row 0, so the policy
+does not depend on the batching and equals the in-memory fit's on at most
+``data.preprocess_sample`` rows (``summary.fit_path`` aside). Rationale: docs/scale.md.
 """
 
 from __future__ import annotations
@@ -129,11 +99,16 @@ def cluster_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, model: 
 
 
 def teacher_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
-                 clusters: ClusterModel, params: Params):
-    """Pass 3: every row's teacher cluster; returns the student sample's (and soft targets) and the holdout's."""
+                 clusters: ClusterModel, params: Params, *, soft_targets: bool = True):
+    """Pass 3: every row's teacher cluster.
+
+    Returns the student sample's clusters (and soft targets, or ``None``), the
+    holdout's clusters, and the rows per teacher cluster.
+    """
     size = inference_batch_size(trial.n, EMBED_BATCH)
-    temperature = params.distill.soft_temperature
+    temperature = params.distill.soft_temperature if soft_targets else 0.0
     student, holdout, soft = [], [], []
+    sizes = np.zeros(clusters.k, dtype=np.int64)
     soft_blocks = Rebatcher(ASSIGN_BATCH)  # soft targets in the blocks pipeline.student_soft_targets uses
 
     def add_soft(emb: np.ndarray) -> None:
@@ -142,6 +117,7 @@ def teacher_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, model: 
     for Z, r in fixed_blocks(_features(trial, roles, pre), size):
         emb = _embedded(model, Z, size)
         labels = assign_clusters(clusters, emb)
+        sizes += np.bincount(labels, minlength=clusters.k)
         chosen = (r & STUDENT) != 0
         student.append(labels[chosen])
         holdout.append(labels[(r & HOLDOUT) != 0].astype(np.int16 if clusters.k <= 2**15 else np.int32))
@@ -151,53 +127,101 @@ def teacher_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, model: 
     last = soft_blocks.flush()
     if temperature > 0 and last is not None:
         add_soft(last[0])
-    return np.concatenate(student), (np.concatenate(soft) if soft else None), np.concatenate(holdout)
+    return np.concatenate(student), (np.concatenate(soft) if soft else None), np.concatenate(holdout), sizes
+
+
+def student_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, student,
+                 teacher_holdout: np.ndarray | None) -> tuple[np.ndarray, float | None]:
+    """Every row's student cluster: the rows per cluster, and the agreement with ``teacher_holdout``."""
+    size = inference_batch_size(trial.n, STUDENT_BATCH)
+    sizes = np.zeros(student.n_clusters, dtype=np.int64)
+    agree, seen = 0, 0
+    for Z, r in fixed_blocks(_features(trial, roles, pre), size):
+        labels = fixed_shape_clusters(student, Z, size)
+        sizes += np.bincount(labels, minlength=student.n_clusters)
+        if teacher_holdout is not None:
+            held_out = labels[(r & HOLDOUT) != 0]
+            agree += int(np.count_nonzero(held_out == teacher_holdout[seen : seen + held_out.shape[0]]))
+            seen += held_out.shape[0]
+    return sizes, (None if teacher_holdout is None else agree / max(seen, 1))
 
 
 def statistics_pass(trial: TrialFile, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
-                    teacher_holdout: np.ndarray, params: Params) -> tuple[ClusterStatistics, np.ndarray, float]:
-    """Pass 4: statistics on the honest rows grouped by the student; cluster sizes; holdout agreement."""
+                    params: Params) -> ClusterStatistics:
+    """Pass 4: statistics on the honest rows grouped by the student."""
     facts = scan.facts
     bands = winsorize_bands(scan.clip.treatment, scan.clip.response, scan.clip.cost, facts.n_arms,
                             params=params.statistics)
     acc = StatisticsAccumulator(k=student.n_clusters, n_arms=facts.n_arms, params=params.statistics,
                                 seed=params.seed, bands=bands)
-    n_honest = int(np.count_nonzero(roles & HONEST))
-    all_rows = inference_batch_size(trial.n, STUDENT_BATCH)
-    honest_rows = inference_batch_size(n_honest, STUDENT_BATCH)
-    everyone, honest = Rebatcher(all_rows), Rebatcher(honest_rows)
-    sizes = np.zeros(student.n_clusters, dtype=np.int64)
-    agree, seen = 0, 0
+    size = inference_batch_size(int(np.count_nonzero(roles & HONEST)), STUDENT_BATCH)
 
-    def classify(Z, r) -> None:
-        nonlocal agree, seen
-        labels = fixed_shape_clusters(student, Z, all_rows)
-        sizes[:] += np.bincount(labels, minlength=student.n_clusters)
-        held_out = labels[(r & HOLDOUT) != 0]
-        agree += int(np.count_nonzero(held_out == teacher_holdout[seen : seen + held_out.shape[0]]))
-        seen += held_out.shape[0]
+    def honest_rows():
+        for start, cols in trial.checked():
+            h = (roles[start : start + cols.treatment.shape[0]] & HONEST) != 0
+            p = None if cols.propensity is None else cols.propensity[h]
+            yield (pre.transform(cols.X[h]), cols.treatment[h], cols.response[h], cols.cost[h],
+                   facts.ipw(cols.treatment[h], p))
 
-    def estimate(Z, treatment, response, cost, ipw) -> None:
-        labels = fixed_shape_clusters(student, Z, honest_rows)
-        pred_r, pred_c = predict_outcomes(model, padded(Z, honest_rows), batch_size=EMBED_BATCH)
+    for Z, treatment, response, cost, ipw in fixed_blocks(honest_rows(), size):
+        labels = fixed_shape_clusters(student, Z, size)
+        pred_r, pred_c = predict_outcomes(model, padded(Z, size), batch_size=EMBED_BATCH)
         b = Z.shape[0]
         acc.update(labels, treatment, response, cost, ipw, pred_r[:b], pred_c[:b])
+    return acc.finalize()
 
-    for start, cols in trial.checked():
-        r = roles[start : start + cols.treatment.shape[0]]
-        Z = pre.transform(cols.X)
-        for block in everyone.push(Z, r):
-            classify(*block)
-        h = (r & HONEST) != 0
-        p = None if cols.propensity is None else cols.propensity[h]
-        for block in honest.push(Z[h], cols.treatment[h], cols.response[h], cols.cost[h],
-                                 facts.ipw(cols.treatment[h], p)):
-            estimate(*block)
-    for rebatcher, consume in ((everyone, classify), (honest, estimate)):
-        last = rebatcher.flush()
-        if last is not None:
-            consume(*last)
-    return acc.finalize(), sizes, agree / max(seen, 1)
+
+def scan_file(path: str | Path, params: Params, reporter: Reporter, *,
+              batch_rows: int = STREAM_BATCH_ROWS) -> tuple[TrialFile, np.ndarray, Scan]:
+    """Open a Parquet trial, draw every row's roles and run pass 1 (:func:`scan_trial`)."""
+    reporter.stage("reading")
+    trial = open_trial(path, params, batch_rows=batch_rows)
+    roles = row_roles(trial.n, params)
+    return trial, roles, scan_trial(trial, roles)
+
+
+def train_rows(roles: np.ndarray) -> int:
+    """How many rows are train rows (not honest)."""
+    return int(np.count_nonzero((roles & HONEST) == 0))
+
+
+def representation_step(roles: np.ndarray, scan: Scan, params: Params,
+                        reporter: Reporter) -> tuple[Preprocessor, RepresentationModel]:
+    """The preprocessor on its sample and the network on its train rows, in memory."""
+    facts, held = scan.facts, scan.held
+    reporter.stage("representation")
+    pre = Preprocessor.fit(held.X[held.having(PREPROCESS)])
+    if facts.missing:
+        reporter.note(missing_note(facts.missing))
+    n_train = train_rows(roles)
+    net = held.having(NETWORK)
+    if np.count_nonzero(net) < n_train:
+        reporter.note(network_rows_note(int(np.count_nonzero(net)), n_train))
+    model = train_network(pre.transform(held.X[net]), held.treatment[net], held.response[net], held.cost[net],
+                          facts.ipw(held.treatment[net], None if held.propensity is None else held.propensity[net]),
+                          n_arms=facts.n_arms, binary_response=facts.binary_response, params=params,
+                          reporter=reporter)
+    return pre, model
+
+
+def student_step(trial: TrialFile, roles: np.ndarray, scan: Scan, pre: Preprocessor, model: RepresentationModel,
+                 clusters: ClusterModel, params: Params, reporter: Reporter):
+    """Pass 3 and the student trained on its sample; returns the student and the holdout's teacher clusters."""
+    reporter.stage("distillation")
+    labels, soft, teacher_holdout, _ = teacher_pass(trial, roles, pre, model, clusters, params)
+    chosen = scan.held.having(STUDENT)
+    student = train_student_stage(pre.transform(scan.held.X[chosen]), labels, soft, n_clusters=clusters.k,
+                                  params=params, reporter=reporter)
+    return student, teacher_holdout
+
+
+def budget_step(trial: TrialFile, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
+                teacher_holdout: np.ndarray | None, params: Params, reporter: Reporter):
+    """Pass 4, the student's cluster sizes (and agreement), the budget table: ``(stats, sizes, agreement, table)``."""
+    reporter.stage("statistics")
+    stats = statistics_pass(trial, roles, scan, pre, model, student, params)
+    sizes, agreement = student_pass(trial, roles, pre, student, teacher_holdout)
+    return stats, sizes, agreement, program_stage(stats, sizes, params, reporter)
 
 
 def fit_policy_file(path: str | Path, params: Params, reporter: Reporter | None = None, *,
@@ -220,38 +244,16 @@ def fit_policy_file(path: str | Path, params: Params, reporter: Reporter | None 
         DataError: the file is not a readable Parquet trial, or breaks the contract.
     """
     reporter = reporter or Reporter()
-    reporter.stage("reading")
-    trial = open_trial(path, params, batch_rows=batch_rows)
-    roles = row_roles(trial.n, params)
-    scan = scan_trial(trial, roles)
-    facts, held = scan.facts, scan.held
-
-    reporter.stage("representation")
-    pre = Preprocessor.fit(held.X[held.having(PREPROCESS)])
-    if facts.missing:
-        reporter.note(missing_note(facts.missing))
-    n_train = int(np.count_nonzero((roles & HONEST) == 0))
-    net = held.having(NETWORK)
-    if np.count_nonzero(net) < n_train:
-        reporter.note(network_rows_note(int(np.count_nonzero(net)), n_train))
-    model = train_network(pre.transform(held.X[net]), held.treatment[net], held.response[net], held.cost[net],
-                          facts.ipw(held.treatment[net], None if held.propensity is None else held.propensity[net]),
-                          n_arms=facts.n_arms, binary_response=facts.binary_response, params=params,
-                          reporter=reporter)
-
-    clusters = cluster_pass(trial, roles, pre, model, facts, params, reporter)
-    reporter.stage("distillation")
-    labels, soft, teacher_holdout = teacher_pass(trial, roles, pre, model, clusters, params)
-    chosen = held.having(STUDENT)
-    student = train_student_stage(pre.transform(held.X[chosen]), labels, soft, n_clusters=clusters.k,
-                                  params=params, reporter=reporter)
-    scan.held = held = labels = soft = None  # the samples are no longer needed
-
-    reporter.stage("statistics")
-    stats, n_users, agreement = statistics_pass(trial, roles, scan, pre, model, student, teacher_holdout, params)
-    table = program_stage(stats, n_users, params, reporter)
-    summary = fit_summary(facts, train_rows=n_train, honest_rows=trial.n - n_train, k=clusters.k,
+    trial, roles, scan = scan_file(path, params, reporter, batch_rows=batch_rows)
+    pre, model = representation_step(roles, scan, params, reporter)
+    clusters = cluster_pass(trial, roles, pre, model, scan.facts, params, reporter)
+    student, teacher_holdout = student_step(trial, roles, scan, pre, model, clusters, params, reporter)
+    scan.held = None  # the samples are no longer needed
+    stats, n_users, agreement, table = budget_step(trial, roles, scan, pre, model, student, teacher_holdout,
+                                                   params, reporter)
+    n_train = train_rows(roles)
+    summary = fit_summary(scan.facts, train_rows=n_train, honest_rows=trial.n - n_train, k=clusters.k,
                           agreement=agreement, epochs=int(model.history.epochs_run), n_users=n_users,
                           table=table, notes=reporter.notes, fit_path="streamed")
-    return assemble_policy(facts, params, preprocessor=pre, student=student, statistics=stats,
+    return assemble_policy(scan.facts, params, preprocessor=pre, student=student, statistics=stats,
                            budget_table=table, summary=summary)

@@ -1,28 +1,13 @@
-"""The fit pipeline, stage by stage: the same functions serve the CLI, DVC and Prefect.
+"""The fit in memory, stage by stage, and the helpers every driver of the fit shares.
 
-Order and why:
-
-1. ``split_rows``: a seeded split of the trial into *train* rows (the network,
-   k-means and the student learn from them) and *honest* rows (the cluster
-   statistics are estimated on them only, so the group means are not optimistic).
-2. ``train_stage``: imputation/standardisation (features only, so fitting it on
-   all rows leaks no outcome) and the multi-task network on train rows (a seeded
-   sample of ``train.max_rows`` of them when there are more).
-3. ``cluster_stage``: ``h(x)`` of the train rows, k-means with K adapted to the
-   honest rows available.
-4. ``distill_stage``: the student learns the teacher's clusters on every row but
-   a holdout (at most ``distill.max_rows`` of them); its agreement is measured on
-   the holdout it never saw.
-5. ``statistics_stage``: honest rows are grouped *by the student*, because the
-   student is what assigns users at serving time: the statistics describe the
-   groups that will actually be allocated. The teacher's predictions on those
-   rows feed the doubly-robust estimator.
-6. ``program_stage``: the budget table over the trial population's own cluster
-   sizes.
-
-:func:`budgetalloc.fit.fit_stream.fit_policy_file` runs the same stages on a Parquet
-file read in batches, choosing the same rows (the splits and samples here depend
-on the row count only) and computing in the same fixed blocks.
+Order: a seeded split into train rows (network, k-means, student) and honest rows
+(statistics only, so group means are not optimistic); the preprocessor and the
+network (``train_stage``); k-means on the train rows' ``h(x)`` (``cluster_stage``);
+the student on every row but a holdout (``distill_stage``); the honest rows'
+statistics grouped by the student, which is what serves (``statistics_stage``); the
+budget table over the trial's own cluster sizes (``program_stage``). Invariants:
+splits and samples depend on the row count and seed only, and forward passes run
+in fixed blocks, so :mod:`budgetalloc.fit.fit_stream` reproduces this fit from a file.
 """
 
 from __future__ import annotations

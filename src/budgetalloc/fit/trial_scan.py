@@ -1,20 +1,13 @@
-"""The first pass of the streamed fit: a Parquet trial checked batch by batch, its samples kept.
+"""Pass 1 of the streamed fit: every row's roles, a Parquet trial checked batch by batch, its samples kept.
 
-Before a row is read, the row count from the Parquet metadata fixes every row's
-role (:func:`row_roles`), with the very functions the in-memory fit splits and
-samples with (:mod:`budgetalloc.fit.pipeline`, :mod:`budgetalloc.data.sampling`): honest or
-train, holdout or student, and whether the row is in the preprocessor's, the
-network's, the student's or the winsorize bands' sample. One byte a row.
-
-:func:`scan_trial` then reads the file once: every batch gets the trial contract's
-row-wise checks (:func:`budgetalloc.data.contract.trial_columns`, row numbers counted from
-the file's start), and what is kept is an 8-byte key per id, the arm counts, and
-the sampled rows' features and outcomes. Then the checks over all rows: ids unique
-across batches (the ``user_id`` column is read again only if some key repeats, to
-name the first duplicate in file order, as the whole-file check does), arm 0
-present, no arm empty. A file with several faults may report another one first
-than the whole-file loader (a later batch's bad value before an earlier batch's
-duplicate id), never none.
+:func:`row_roles` draws every row's roles from the row count alone, with the very
+functions the in-memory fit splits and samples with (one byte a row): honest,
+holdout, and membership of the preprocessor's, network's, student's and winsorize
+bands' samples. :func:`scan_trial` reads the file once: each batch gets the trial
+contract's row-wise checks (row numbers from the file's start); kept are an 8-byte
+key per id, the arm counts and the sampled rows. Then the checks over all rows (ids
+unique, arm 0 present, no arm empty). A file with several faults may report another
+one first than the whole-file loader, never none.
 """
 
 from __future__ import annotations

@@ -1,27 +1,14 @@
 """DVC stage entry points: ``python -m budgetalloc.stages.<name>``, one module per stage.
 
-Each module is the command of one stage of ``dvc.yaml`` and is thin: it reads
-``params.yaml``, loads its inputs (the outputs of earlier stages), calls the
-library (mostly :mod:`budgetalloc.fit.pipeline`: the same functions that
-:func:`~budgetalloc.fit.pipeline.fit_policy` runs in one process) and writes its
-outputs atomically. Input and output paths come from the command line, so
-``dvc.yaml`` is the one place that names them.
-
-The stage graph (``dvc dag``)::
-
-    data.dvc --> prepare --> train --> embed --> cluster --> distill --> policy --> evaluate
-                                                                            \\
-                                   data/population.csv (allocate.users) --> allocate
-
-The cluster statistics are estimated after distillation because the honest rows
-are grouped by the student, which is what assigns users when serving (see
-:mod:`budgetalloc.fit.pipeline`). :mod:`budgetalloc.stages.simulate` is not a
-``dvc.yaml`` stage: it materialises the input ``data/`` that ``data.dvc`` records.
-
-What this module holds: params loading, the one-line error convention of the
-CLI (exit code 2), and :class:`StageReporter`, which prints progress as plain
-lines with a text bar that a Prefect task can follow (:func:`budgetalloc.progress_line.parse_progress`), and
-says when training stops early.
+Each module is the command of one ``dvc.yaml`` stage: it reads ``params.yaml``,
+runs one pass boundary of the fit (:mod:`budgetalloc.fit.fit_stream`) or a serving
+command, and writes its outputs atomically; paths come from the command line.
+Invariants: a fit stage reads the Parquet trial in batches and persists weights,
+centroids, statistics and tables, never per-row arrays; the chain's policy is the
+streamed fit's (``summary.fit_path`` aside), which is ``fit_policy``'s up to
+``data.preprocess_sample`` rows. Here: params loading, the
+one-line error convention (exit code 2), and :class:`StageReporter`, whose lines a
+Prefect task follows (:func:`budgetalloc.progress_line.parse_progress`).
 """
 
 from __future__ import annotations
@@ -31,11 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from budgetalloc.data.contract import Preprocessor, Trial, load_trial
+from budgetalloc.data.contract import Preprocessor
 from budgetalloc.errors import handle_errors
-from budgetalloc.files import atomic_path
 from budgetalloc.fit.pipeline import Reporter
 from budgetalloc.models.nn import STOPPED_EARLY, early_stop_message
 from budgetalloc.params import Params, load_params
@@ -68,11 +52,6 @@ def stage_params(path: Path = PARAMS_FILE) -> Params:
     return load_params(path)
 
 
-def fit_trial(path: Path, params: Params) -> Trial:
-    """The fit part of the trial, with the features ``data.features`` names."""
-    return load_trial(path, features=params.data.features)
-
-
 def read_json(path: Path) -> Any:
     """A JSON file written by an earlier stage."""
     return json.loads(Path(path).read_text())
@@ -81,17 +60,6 @@ def read_json(path: Path) -> Any:
 def read_preprocessor(path: Path) -> Preprocessor:
     """The preprocessor the ``train`` stage wrote."""
     return Preprocessor.from_json(read_json(path))
-
-
-def save_array(array: np.ndarray, path: Path) -> None:
-    """Write one array as ``.npy`` atomically (no pickle)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, array, allow_pickle=False)
-
-
-def load_array(path: Path, *, mmap: bool = False) -> np.ndarray:
-    """Read an array written by :func:`save_array` (memory-mapped when ``mmap``)."""
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
 def stage_app(main: Callable[..., None]):

@@ -1,7 +1,9 @@
 """Stage ``distill``: the student that maps raw features to the teacher's cluster (METHOD stage 5).
 
-It runs before the cluster statistics because the statistics group the honest rows
-by the student, the model that assigns users when serving.
+Pass 3 labels every row with its teacher cluster (embeddings in blocks, never
+written); the student learns its sample's, and its agreement is measured on the
+holdout by one more pass. It runs before the statistics because they group the
+honest rows by the student, the model that assigns users when serving.
 """
 
 from __future__ import annotations
@@ -12,55 +14,45 @@ from typing import Annotated
 import typer
 
 from budgetalloc.files import atomic_directory, write_json
-from budgetalloc.fit.pipeline import STUDENT_BATCH, distill_stage, student_agreement, student_rows
+from budgetalloc.fit.fit_stream import scan_file, student_pass, student_step
 from budgetalloc.method.clustering import load_clusters
-from budgetalloc.models.distill import predict_clusters, save_student
-from budgetalloc.stages import (
-    PARAMS_FILE,
-    StageReporter,
-    fit_trial,
-    load_array,
-    read_preprocessor,
-    run,
-    stage_params,
-)
+from budgetalloc.models.distill import save_student
+from budgetalloc.models.representation import load_representation
+from budgetalloc.stages import PARAMS_FILE, StageReporter, read_preprocessor, run, stage_params
 
 
 def main(
-    data: Annotated[Path, typer.Option(help="fit part of the trial")],
+    data: Annotated[Path, typer.Option(help="fit part of the trial (.parquet)")],
     preprocess: Annotated[Path, typer.Option(help="preprocessor from `train`")],
-    embeddings: Annotated[Path, typer.Option(help="embeddings from `embed` (read for soft targets)")],
+    model: Annotated[Path, typer.Option(help="representation model from `train`")],
     clusters: Annotated[Path, typer.Option(help="cluster model from `cluster`")],
-    labels: Annotated[Path, typer.Option(help="teacher labels from `cluster`")],
     out: Annotated[Path, typer.Option(help="student model directory to write")],
     report: Annotated[Path, typer.Option(help="distillation metrics to write (.json)")],
     params: Annotated[Path, typer.Option(help="params file")] = PARAMS_FILE,
 ) -> None:
-    """Train the student on all rows but the holdout; measure its agreement on the holdout."""
+    """Train the student on its sample of the non-holdout rows; measure its agreement on the holdout."""
     p = stage_params(params)
-    trial = fit_trial(data, p)
-    Z = read_preprocessor(preprocess).transform(trial.X)
-    teacher = load_array(labels)
-    cluster_model = load_clusters(clusters)
-    student_idx, holdout_idx = student_rows(trial.n, p)
-    # the embeddings only matter for soft targets: do not read them otherwise
-    emb = load_array(embeddings, mmap=True)[student_idx] if p.distill.soft_temperature > 0 else None
-    student = distill_stage(Z[student_idx], emb, teacher[student_idx], cluster_model, p, StageReporter())
-    agreement = student_agreement(predict_clusters(student, Z, batch_size=STUDENT_BATCH), teacher, holdout_idx)
+    reporter = StageReporter()
+    trial, roles, scan = scan_file(data, p, reporter)
+    pre = read_preprocessor(preprocess)
+    student, teacher_holdout = student_step(trial, roles, scan, pre, load_representation(model),
+                                            load_clusters(clusters), p, reporter)
+    scan.held = None
+    _, agreement = student_pass(trial, roles, pre, student, teacher_holdout)
     with atomic_directory(out) as tmp:
         save_student(student, tmp)
     h = student.history
     write_json(
         {
             "agreement": agreement,
-            "holdout_rows": len(holdout_idx),
+            "holdout_rows": len(teacher_holdout),
             "epochs_run": h.epochs_run,
             "best_val_loss": h.best_val_loss,
             "stopped_early": h.stopped_early,
         },
         report,
     )
-    print(f"distill: student agrees with the teacher on {agreement:.4f} of {len(holdout_idx)} held-out rows")
+    print(f"distill: student agrees with the teacher on {agreement:.4f} of {len(teacher_holdout)} held-out rows")
 
 
 if __name__ == "__main__":

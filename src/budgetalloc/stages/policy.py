@@ -22,7 +22,8 @@ import pandas as pd
 import typer
 
 from budgetalloc.files import write_table
-from budgetalloc.fit.pipeline import assemble_policy, budget_stage, fit_summary, train_honest_rows
+from budgetalloc.fit.fit_stream import budget_step, scan_file, train_rows
+from budgetalloc.fit.pipeline import assemble_policy, fit_summary
 from budgetalloc.method.statistics import ClusterStatistics
 from budgetalloc.models.distill import load_student
 from budgetalloc.models.representation import load_representation
@@ -32,7 +33,6 @@ from budgetalloc.serve.dashboards import budget_curve_png, chosen_arms, clusters
 from budgetalloc.stages import (
     PARAMS_FILE,
     StageReporter,
-    fit_trial,
     read_json,
     read_preprocessor,
     run,
@@ -98,16 +98,16 @@ def main(
 ) -> None:
     """Estimate the cluster statistics, solve the budget table, write the policy."""
     p = stage_params(params)
-    trial = fit_trial(data, p)
-    pre = read_preprocessor(preprocess)
-    net, student_model = load_representation(model), load_student(student)
-    Z = pre.transform(trial.X)
-    train_idx, honest_idx = train_honest_rows(trial.n, p)
-    stats, _, n_users, table = budget_stage(trial, Z, honest_idx, net, student_model, p, StageReporter())
+    reporter = StageReporter()
+    trial, roles, scan = scan_file(data, p, reporter)
+    scan.held = None
+    pre, net, student_model = read_preprocessor(preprocess), load_representation(model), load_student(student)
+    stats, n_users, _, table = budget_step(trial, roles, scan, pre, net, student_model, None, p, reporter)
+    n_train = train_rows(roles)
     summary = fit_summary(
-        trial,
-        train_rows=len(train_idx),
-        honest_rows=len(honest_idx),
+        scan.facts,
+        train_rows=n_train,
+        honest_rows=trial.n - n_train,
         k=student_model.n_clusters,
         agreement=read_json(distill_report)["agreement"],
         epochs=int(net.history.epochs_run),
@@ -115,8 +115,8 @@ def main(
         table=table,
         notes=read_json(train_report)["notes"] + read_json(cluster_report)["notes"],
     )
-    policy = assemble_policy(trial, policy_params(p), preprocessor=pre, student=student_model, statistics=stats,
-                             budget_table=table, summary=summary)
+    policy = assemble_policy(scan.facts, policy_params(p), preprocessor=pre, student=student_model,
+                             statistics=stats, budget_table=table, summary=summary)
     save_policy(policy, out)
     curve_frame, cluster_table = budget_curve_frame(table), cluster_frame(stats, n_users)
     write_table(curve_frame, curve)

@@ -1,19 +1,12 @@
 """Materialise the input ``data/`` that ``data.dvc`` records: from the DVC cache, else the simulator.
 
-``data/`` is not the output of a ``dvc.yaml`` stage: it is the pipeline's input,
-tracked by ``data.dvc`` (``dvc add data``). On a fresh clone the DVC cache is empty,
-so ``make run`` calls this module first. It checks ``data/`` out of the cache when
-it can, and otherwise simulates it, deterministically from ``params.yaml`` (the
-``simulate`` section and ``seed``): the trial ``data/trial.csv`` and a population
-to allocate, ``data/population.csv``. The result must match ``data.dvc``; it is
-then committed to the cache so that experiments can check it out again.
-
-CSV rather than Parquet: a Parquet file records its writer's version
-(``created_by``), so its bytes, and ``data.dvc``, would depend on pyarrow's version.
-
-A non-empty ``data/`` is left alone: it is the user's input (``dvc add data``
-records a new one). Without ``data.dvc`` the simulated data is added, which is how
-``data.dvc`` was made.
+``data/`` is the pipeline's input (``dvc add data``), not a stage's output. On a fresh
+clone (empty cache) ``make run`` calls this module: it checks ``data/`` out of the
+cache when it can, else simulates it deterministically from ``params.yaml``
+(``simulate``, ``seed``): ``data/trial.csv`` and ``data/population.csv``, which must
+then match ``data.dvc`` and are committed to the cache. CSV, not Parquet: Parquet
+records its writer's version, so the bytes would depend on pyarrow's. A non-empty
+``data/`` is the user's and is left alone; without ``data.dvc`` the simulated data is added.
 """
 
 from __future__ import annotations
