@@ -152,10 +152,12 @@ def _place(tree: Any, mesh: Mesh | None, spec: P) -> Any:
 
 
 def _gather(
-    data: dict[str, jax.Array], idx: jax.Array, valid: jax.Array, mesh: Mesh | None = None
+    data: dict[str, jax.Array], idx: jax.Array, valid: jax.Array | None, mesh: Mesh | None = None
 ) -> dict[str, jax.Array]:
+    """The rows ``idx`` of ``data``; padded rows (``valid`` 0) get weight 0."""
     batch = {key: value[idx] for key, value in data.items()}
-    batch["weight"] = batch["weight"] * valid
+    if valid is not None:
+        batch["weight"] = batch["weight"] * valid
     if mesh is not None:  # rows split across devices: the partitioner all-reduces the grads
         batch = jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, P("data")))
     return batch
@@ -184,8 +186,9 @@ def make_train_epoch(
 ):
     """A jitted ``train_epoch(state, data, idx, valid) -> (state, mean loss)``: one scan.
 
-    With a ``mesh``, each gathered batch is sharded along its rows and the outputs
-    are replicated (data parallelism); without one, it runs on one device.
+    ``valid`` may be ``None`` when every batch is full (no padded rows). With a
+    ``mesh``, each gathered batch is sharded along its rows and the outputs are
+    replicated (data parallelism); without one, it runs on one device.
     """
     train_step = make_train_step(graphdef, loss_fn, tx)
 
