@@ -73,29 +73,15 @@ class StudentConfig:
     n_clusters: int
 
 
-@dataclass(frozen=True)
-class StudentModel:
-    """A trained student: split module, configuration, training history."""
+class StudentModel(nn.TrainedNet):
+    """A trained student (:class:`~budgetalloc.models.nn.TrainedNet`)."""
 
-    graphdef: nnx.GraphDef
-    params: nnx.State
     config: StudentConfig
-    history: nn.FitHistory
-
-    @property
-    def module(self) -> StudentNet:
-        """The network as an nnx module (a fresh merge)."""
-        return nnx.merge(self.graphdef, self.params)
 
     @property
     def n_clusters(self) -> int:
         """``K``, the number of classes."""
         return self.config.n_clusters
-
-    @property
-    def n_features(self) -> int:
-        """``d``, the input width."""
-        return self.config.n_features
 
 
 def hard_label_loss(module: StudentNet, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -209,9 +195,7 @@ def save_student(student: StudentModel, directory: str | Path) -> Path:
     Returns:
         The directory.
     """
-    return weights.save_model(
-        directory, kind=KIND, config=student.config, params=student.params, history=student.history
-    )
+    return weights.save_model(directory, kind=KIND, net=student)
 
 
 def load_student(directory: str | Path) -> StudentModel:
@@ -220,10 +204,8 @@ def load_student(directory: str | Path) -> StudentModel:
     Raises:
         PolicyError: files missing, edited, or not matching their configuration.
     """
-    config, graphdef, params, history = weights.load_model(
-        directory, kind=KIND, config_cls=StudentConfig, build=lambda c: _build(c, 0)
-    )
-    return StudentModel(graphdef, params, config, history)
+    return weights.load_model(directory, kind=KIND, cls=StudentModel, config_cls=StudentConfig,
+                              build=lambda c: _build(c, 0))
 
 
 def fixed_shape_clusters(student: StudentModel, X: np.ndarray, rows: int) -> np.ndarray:

@@ -96,10 +96,34 @@ class FitHistory:
 
     @classmethod
     def from_dict(cls, raw: dict) -> FitHistory:
-        """Rebuild from the JSON form written by :func:`save_model`."""
+        """Rebuild from its JSON form (``dataclasses.asdict``)."""
         return cls(
             **{**raw, "train_loss": tuple(raw["train_loss"]), "val_loss": tuple(raw["val_loss"])}
         )
+
+
+@dataclass(frozen=True)
+class TrainedNet:
+    """A trained network: the split module, the configuration that rebuilds it, its history.
+
+    ``config`` is a frozen dataclass with at least ``n_features``; saving and loading
+    are :func:`budgetalloc.models.weights.save_model` and ``load_model``.
+    """
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    config: Any
+    history: FitHistory
+
+    @property
+    def module(self) -> nnx.Module:
+        """The network as an nnx module (a fresh merge: editing it leaves this one alone)."""
+        return nnx.merge(self.graphdef, self.params)
+
+    @property
+    def n_features(self) -> int:
+        """``d``, the input width."""
+        return self.config.n_features
 
 
 def split_rows(

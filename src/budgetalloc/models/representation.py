@@ -112,29 +112,15 @@ class RepresentationConfig:
     cost_scale: float
 
 
-@dataclass(frozen=True)
-class RepresentationModel:
-    """A trained representation network: split module, configuration, training history."""
+class RepresentationModel(nn.TrainedNet):
+    """A trained representation network (:class:`~budgetalloc.models.nn.TrainedNet`)."""
 
-    graphdef: nnx.GraphDef
-    params: nnx.State
     config: RepresentationConfig
-    history: nn.FitHistory
-
-    @property
-    def module(self) -> MultiTaskNet:
-        """The network as an nnx module (a fresh merge: editing it leaves the model alone)."""
-        return nnx.merge(self.graphdef, self.params)
 
     @property
     def n_arms(self) -> int:
         """``M``, the number of arms."""
         return self.config.n_arms
-
-    @property
-    def n_features(self) -> int:
-        """``d``, the input width."""
-        return self.config.n_features
 
 
 def robust_center_scale(values: np.ndarray) -> tuple[float, float]:
@@ -352,9 +338,7 @@ def save_representation(model: RepresentationModel, directory: str | Path) -> Pa
     Returns:
         The directory.
     """
-    return weights.save_model(
-        directory, kind=KIND, config=model.config, params=model.params, history=model.history
-    )
+    return weights.save_model(directory, kind=KIND, net=model)
 
 
 def load_representation(directory: str | Path) -> RepresentationModel:
@@ -363,10 +347,8 @@ def load_representation(directory: str | Path) -> RepresentationModel:
     Raises:
         PolicyError: files missing, edited, or not matching their configuration.
     """
-    config, graphdef, params, history = weights.load_model(
-        directory, kind=KIND, config_cls=RepresentationConfig, build=lambda c: _build(c, 0)
-    )
-    return RepresentationModel(graphdef, params, config, history)
+    return weights.load_model(directory, kind=KIND, cls=RepresentationModel,
+                              config_cls=RepresentationConfig, build=lambda c: _build(c, 0))
 
 
 def _decision_outputs(model: RepresentationModel):
