@@ -582,16 +582,6 @@ def count_missing(X: np.ndarray) -> int:
     return int(np.isnan(X).sum())
 
 
-def trial_frame(trial: Trial) -> pd.DataFrame:
-    """A trial as a DataFrame in the contract's column layout."""
-    df = pd.DataFrame(trial.X, columns=list(trial.feature_names))
-    df.insert(0, USER_ID, trial.user_id)
-    df[TREATMENT] = trial.treatment.astype(np.int64)
-    df[RESPONSE] = trial.response
-    df[COST] = trial.cost
-    return df
-
-
 def arm_summary(trial: Trial) -> pd.DataFrame:
     """Rows, share, mean response and mean cost per arm."""
     counts = np.bincount(trial.treatment, minlength=trial.n_arms)

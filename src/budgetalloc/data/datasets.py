@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from budgetalloc.data.contract import COST, RESPONSE, TREATMENT, USER_ID
+from budgetalloc.data.contract import COST, RESPONSE, TREATMENT, USER_ID, check_column_names
 from budgetalloc.errors import DataError
 from budgetalloc.files import atomic_path
 
@@ -158,9 +158,7 @@ def check_header(names: list[str], layout: Layout, source: str) -> None:
     if extra:
         raise DataError(f"{source}: unexpected column '{extra[0]}' for the {layout.name} layout "
                         f"(expected {layout.describe})")
-    dup = [c for c in set(names) if names.count(c) > 1]
-    if dup:
-        raise DataError(f"{source}: duplicate column '{dup[0]}'")
+    check_column_names(names, source)
 
 
 def _arrow_detail(err: Exception, names: list[str] | None = None) -> str:

@@ -89,21 +89,6 @@ def clip_to_band(values: np.ndarray, treatment: np.ndarray, band: np.ndarray) ->
     return out
 
 
-def robust_clip(values: np.ndarray, treatment: np.ndarray, n_arms: int, *, clip_z: float) -> np.ndarray:
-    """Clip each arm's non-zero values to median +- clip_z robust sd of those values.
-
-    Args:
-        values: (n,) outcomes (response or cost) as recorded.
-        treatment: (n,) arm of each row.
-        n_arms: number of arms.
-        clip_z: width of the band in robust standard deviations.
-
-    Returns:
-        A clipped copy; zeros and values inside the band are unchanged.
-    """
-    return clip_to_band(values, treatment, clip_band(values, treatment, n_arms, clip_z=clip_z))
-
-
 def clip_sample_rows(n: int, params: StatisticsParams, seed: int) -> np.ndarray | None:
     """Positions (among the honest rows) the winsorize bands are taken from; ``None``: all."""
     return seeded_sample(n, params.clip_sample, (seed, CLIP_SAMPLE))
