@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from budgetalloc.data.blocks import padded
 from budgetalloc.errors import DataError
 from budgetalloc.models import nn, weights
 from budgetalloc.params import DistillParams
@@ -189,7 +190,4 @@ def load_student(directory: str | Path) -> StudentModel:
 
 def fixed_shape_clusters(student: StudentModel, X: np.ndarray, rows: int) -> np.ndarray:
     """The student's clusters for ``X`` (at most ``rows`` rows), always run as ``rows`` rows."""
-    n = X.shape[0]
-    if n < rows:
-        X = np.concatenate([X, np.zeros((rows - n, X.shape[1]), X.dtype)])
-    return predict_clusters(student, X, batch_size=rows)[:n]
+    return predict_clusters(student, padded(X, rows), batch_size=rows)[: X.shape[0]]

@@ -30,6 +30,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from budgetalloc.data.blocks import padded
+
 #: ``loss_fn(module, batch) -> (sum of weighted row losses, sum of row weights)``.
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
 #: ``progress(epoch, {"train_loss": ..., "val_loss": ...})`` after every epoch; the last epoch of
@@ -342,11 +344,7 @@ def batched_apply(
     size = inference_batch_size(n, batch_size)
     result, pending = None, None
     for start in range(0, max(n, 1), size):
-        chunk = X[start : start + size]
-        if chunk.shape[0] < size:
-            chunk = np.concatenate(
-                [chunk, np.zeros((size - chunk.shape[0], X.shape[1]), np.float32)]
-            )
+        chunk = padded(X[start : start + size], size)
         current = (_apply(graphdef, params, chunk, method, INFERENCE_CHUNK), start)
         if pending is not None:
             result = _write(result, *pending, n)
