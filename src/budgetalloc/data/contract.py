@@ -146,9 +146,19 @@ def _read_arrow(path: Path) -> pa.Table:
             return with_parsed_ids(table)
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as err:
         kind = "Parquet" if magic == b"PAR1" or suffix in (".parquet", ".pq") else "CSV"
-        detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise DataError(f"{path}: not a readable {kind} file ({detail})") from None
-    raise DataError(f"{path}: unsupported format '{suffix}' (expected .parquet or .csv)")
+        raise unreadable(path, kind, err) from None
+    raise unsupported_format(path)
+
+
+def unreadable(path: Path, kind: str, err: Exception) -> DataError:
+    """The readers' one error for a file that is not a readable ``kind`` (Parquet, CSV) file."""
+    detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    return DataError(f"{path}: not a readable {kind} file ({detail})")
+
+
+def unsupported_format(path: Path) -> DataError:
+    """The readers' one error for a file neither Parquet nor CSV."""
+    return DataError(f"{path}: unsupported format '{path.suffix.lower()}' (expected .parquet or .csv)")
 
 
 def csv_column_names(path: Path) -> list[str]:
