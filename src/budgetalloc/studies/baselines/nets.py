@@ -1,17 +1,12 @@
-"""Neural machinery shared by DRM, DRP and DFCL: an MLP, a trainer, batched prediction.
+"""The networks of DRM, DRP and DFCL: an MLP, the outcome net, and a fixed-epoch trainer.
 
-Flax NNX modules are split once into ``(graphdef, params)``; the parameters and the
-optax state travel as a pytree through a pure ``train_step``, and one epoch is a
-jitted ``lax.scan`` over a ``(n_batches, batch_size)`` matrix of row indices drawn in
-numpy from the seed. Every batch has the same shape: the rows left over after the
-last full batch are skipped in that epoch (a new permutation each epoch gives them
-their turn), which matters for the group-softmax losses of DRM where padded rows
-would need masking. All randomness comes from ``seed``; the same seed gives the
-same weights bit for bit on the same machine.
-
-The baselines keep this small loop instead of sharing the representation network's
-(``budgetalloc.models.nn``) because their losses are not sums of per-row terms (DRM's is a
-ratio of batch sums) and they need no early stopping: the epochs are a size knob.
+Training runs on the one loop of :mod:`budgetalloc.models.nn` (a pure
+``train_step``, one jitted ``lax.scan`` per epoch over row indices drawn in numpy
+from the seed), with AdamW for a fixed number of epochs and no validation split:
+the epochs are a size knob. Every batch is full (the rows left after the last full
+batch sit out that epoch; a new permutation gives them their turn), because DRM's
+group-softmax loss is a ratio of batch sums that padded rows would distort. The
+same seed gives the same weights bit for bit on the same machine.
 """
 
 from __future__ import annotations
