@@ -12,10 +12,11 @@ from budgetalloc.method.statistics import (
     ClusterStatistics,
     StatisticsAccumulator,
     calibrated_prior,
+    clip_band,
     clip_sample_rows,
+    clip_to_band,
     cluster_statistics,
     pooling_weights,
-    robust_clip,
     winsorize_bands,
 )
 from budgetalloc.params import StatisticsParams
@@ -78,10 +79,10 @@ def test_robust_estimate_beats_mean_under_cost_outliers():
     assert errs["winsorize"] < 0.03 < errs["mean"]
 
 
-def test_robust_clip_keeps_zeros_and_typical_values():
+def test_clip_band_keeps_zeros_and_typical_values():
     t = np.array([1, 1, 1, 1, 1, 0])
     v = np.array([0.0, 2.0, 2.0, 2.0, 20.0, 0.0])
-    out = robust_clip(v, t, 2, clip_z=5.0)
+    out = clip_to_band(v, t, clip_band(v, t, 2, clip_z=5.0))
     np.testing.assert_array_equal(out, [0.0, 2.0, 2.0, 2.0, 2.0, 0.0])
 
 

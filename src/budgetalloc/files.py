@@ -277,22 +277,22 @@ def probe_writable(path: str | Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary file path beside ``path``; rename it into place on success."""
-    path = Path(path)
-    check_output_file(path)
+def _temp_beside(path: Path, *, directory: bool, commit: Callable[[Path], None]) -> Iterator[Path]:
+    """Claim a temporary file or directory beside ``path``, yield it, ``commit(tmp)`` on success.
+
+    On any failure the temporary and the parent folders this call created are removed.
+    """
     with naming(path):
         created = make_parents(path)
     tmp, fd = None, None
     try:
         with naming(path):
             remove_stale(path)
-            tmp, fd = claim_temp(path, ".tmp", directory=False)
-            os.fchmod(fd, output_mode(path, directory=False))
+            tmp, fd = claim_temp(path, ".tmp", directory=directory)
+            os.fchmod(fd, output_mode(path, directory=directory))
         with naming(path, tmp):
             yield tmp
-            check_output_file(path)
-            os.replace(tmp, path)
+            commit(tmp)
     except BaseException:
         if tmp is not None:
             _discard(tmp, fd)
@@ -302,6 +302,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if fd is not None:
             os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; rename it into place on success."""
+    path = Path(path)
+    check_output_file(path)
+
+    def commit(tmp: Path) -> None:
+        check_output_file(path)
+        os.replace(tmp, path)
+
+    with _temp_beside(path, directory=False, commit=commit) as tmp:
+        yield tmp
 
 
 @contextmanager
@@ -333,26 +347,8 @@ def atomic_directory(path: str | Path, *, replaceable: Callable[[Path], None] | 
     check = replaceable or _directory_only
     if os.path.lexists(path):
         check(path)
-    with naming(path):
-        created = make_parents(path)
-    tmp, fd = None, None
-    try:
-        with naming(path):
-            remove_stale(path)
-            tmp, fd = claim_temp(path, ".tmp", directory=True)
-            os.fchmod(fd, output_mode(path, directory=True))
-        with naming(path, tmp):
-            yield tmp
-            _swap_directory(tmp, path, check)
-    except BaseException:
-        if tmp is not None:
-            _discard(tmp, fd)
-            fd = None
-        remove_created(created)
-        raise
-    finally:
-        if fd is not None:
-            os.close(fd)
+    with _temp_beside(path, directory=True, commit=lambda tmp: _swap_directory(tmp, path, check)) as tmp:
+        yield tmp
 
 
 def _directory_only(path: Path) -> None:

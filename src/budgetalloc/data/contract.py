@@ -146,9 +146,19 @@ def _read_arrow(path: Path) -> pa.Table:
             return with_parsed_ids(table)
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as err:
         kind = "Parquet" if magic == b"PAR1" or suffix in (".parquet", ".pq") else "CSV"
-        detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise DataError(f"{path}: not a readable {kind} file ({detail})") from None
-    raise DataError(f"{path}: unsupported format '{suffix}' (expected .parquet or .csv)")
+        raise unreadable(path, kind, err) from None
+    raise unsupported_format(path)
+
+
+def unreadable(path: Path, kind: str, err: Exception) -> DataError:
+    """The readers' one error for a file that is not a readable ``kind`` (Parquet, CSV) file."""
+    detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    return DataError(f"{path}: not a readable {kind} file ({detail})")
+
+
+def unsupported_format(path: Path) -> DataError:
+    """The readers' one error for a file neither Parquet nor CSV."""
+    return DataError(f"{path}: unsupported format '{path.suffix.lower()}' (expected .parquet or .csv)")
 
 
 def csv_column_names(path: Path) -> list[str]:
@@ -580,16 +590,6 @@ class Preprocessor:
 def count_missing(X: np.ndarray) -> int:
     """Number of missing feature values (these get imputed)."""
     return int(np.isnan(X).sum())
-
-
-def trial_frame(trial: Trial) -> pd.DataFrame:
-    """A trial as a DataFrame in the contract's column layout."""
-    df = pd.DataFrame(trial.X, columns=list(trial.feature_names))
-    df.insert(0, USER_ID, trial.user_id)
-    df[TREATMENT] = trial.treatment.astype(np.int64)
-    df[RESPONSE] = trial.response
-    df[COST] = trial.cost
-    return df
 
 
 def arm_summary(trial: Trial) -> pd.DataFrame:

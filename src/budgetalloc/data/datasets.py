@@ -1,43 +1,16 @@
 """Importers that map public uplift datasets into the trial contract.
 
-Each importer reads a LOCAL copy of a released file (nothing is downloaded, ever),
-checks that its header is exactly the release's layout, maps its columns to
-``user_id``, numeric features, ``treatment``, ``response`` and ``cost`` and writes
-a Parquet (or CSV) trial that :func:`budgetalloc.data.contract.load_trial` accepts.
+Each importer reads a LOCAL copy of a released file (nothing is downloaded,
+ever), checks that its header holds exactly the release's columns, maps them to
+``user_id``, numeric features, ``treatment``, ``response`` and ``cost``, and
+writes a Parquet (or CSV) trial that :func:`budgetalloc.data.contract.load_trial`
+accepts: ``criteo``, ``hillstrom``, ``mt-lift``.
 
-Choices, and why:
-
-* **Streaming.** Criteo is 13.9M rows (3.2 GB of CSV). pyarrow's streaming CSV
-  reader (``.gz`` decompressed on the fly) yields 4 MB blocks; Arrow queues at most
-  32 blocks ahead, so memory stays bounded whatever the file size (0.4 GB peak
-  measured on a 6M-row Criteo-layout file). Mapped blocks are buffered into Parquet row groups of 2^18 rows and
-  appended to a ``ParquetWriter`` on a temporary sibling, renamed into place only
-  once the whole file is read and checked (:func:`budgetalloc.files.atomic_path`):
-  an error midway leaves no output.
-* **Explicit column types and a strict layout.** Every known column is typed up
-  front (a bad value deep in the file is a one-line :class:`DataError` naming the
-  column); the header must hold exactly the release's columns, in any order.
-* **Post-treatment columns are never features** (Criteo ``exposure``/``visit``,
-  Hillstrom ``visit``/``conversion``/``spend``, MT-LIFT ``click``/``conversion``).
-* **No propensity column**: all three are randomized trials, so the contract's
-  default (each arm's share, computed at load) is right, and writing it here
-  would take a second pass over the file.
-
-Layouts and mappings (details and sources in ``docs/datasets.md``):
-
-* ``criteo`` (CRITEO-UPLIFT v2.1, Criteo AI Lab): ``f0..f11, treatment, conversion,
-  visit, exposure``. As in DFCL: response = ``conversion``, cost = ``visit``, arms
-  0/1 (about 15/85), ``user_id`` = 0-based row number.
-* ``hillstrom`` (MineThatData E-Mail challenge, Kevin Hillstrom 2008): arms from
-  ``segment`` (0 = "No E-Mail", 1 = "Mens E-Mail", 2 = "Womens E-Mail"); response
-  ``conversion``/``visit``/``spend``; no logged cost, so cost = ``cost_per_email``
-  for arms 1-2 and 0 for control (an assumption); ``history_segment`` ("1) $0 -
-  $100" .. "7) $1,000 +") becomes its ordinal 1..7; ``zip_code`` (the release
-  spells "Surburban"; "Suburban" is accepted) and ``channel`` are one-hot.
-* ``mt-lift`` (MT-LIFT, Meituan 2024; ``train.csv``/``test.csv``): ``f0..f98,
-  treatment (0..4), click, conversion``; arm 0 taken as control; response
-  ``conversion``/``click``; no released cost, so cost = ``arm_costs[treatment] *
-  conversion`` (a coupon is paid when redeemed), default ``0,1,2,3,4``: assumed.
+Invariants: the CSV is streamed (bounded memory) into a temporary sibling renamed
+into place only once read and checked, so an error leaves no output; every column
+is typed up front (a bad value is one :class:`DataError` naming it);
+post-treatment columns are never features; no propensity column is written (all
+are randomized trials). Layouts, mappings and sources: ``docs/datasets.md``.
 """
 
 from __future__ import annotations
@@ -54,7 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from budgetalloc.data.contract import COST, RESPONSE, TREATMENT, USER_ID
+from budgetalloc.data.contract import COST, RESPONSE, TREATMENT, USER_ID, check_column_names
 from budgetalloc.errors import DataError
 from budgetalloc.files import atomic_path
 
@@ -185,9 +158,7 @@ def check_header(names: list[str], layout: Layout, source: str) -> None:
     if extra:
         raise DataError(f"{source}: unexpected column '{extra[0]}' for the {layout.name} layout "
                         f"(expected {layout.describe})")
-    dup = [c for c in set(names) if names.count(c) > 1]
-    if dup:
-        raise DataError(f"{source}: duplicate column '{dup[0]}'")
+    check_column_names(names, source)
 
 
 def _arrow_detail(err: Exception, names: list[str] | None = None) -> str:

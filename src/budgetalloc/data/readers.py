@@ -37,6 +37,8 @@ from budgetalloc.data.contract import (
     check_file,
     csv_column_names,
     parse_text_ids,
+    unreadable,
+    unsupported_format,
     user_ids,
 )
 from budgetalloc.errors import DataError
@@ -62,11 +64,6 @@ def is_parquet(path: Path) -> bool:
     return magic == b"PAR1" or path.suffix.lower() in (".parquet", ".pq")
 
 
-def _unreadable(path: Path, kind: str, err: Exception) -> DataError:
-    detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-    return DataError(f"{path}: not a readable {kind} file ({detail})")
-
-
 def parquet_file(path: Path, *, buffered: bool = False) -> pq.ParquetFile:
     """Open a Parquet file, with one-line errors; ``buffered`` reads column chunks piecewise.
 
@@ -80,7 +77,7 @@ def parquet_file(path: Path, *, buffered: bool = False) -> pq.ParquetFile:
         else:
             source = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
-        raise _unreadable(path, "Parquet", err) from None
+        raise unreadable(path, "Parquet", err) from None
     check_column_names(source.schema_arrow.names, str(path))
     return source
 
@@ -98,7 +95,7 @@ def parquet_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
                                          row_groups=row_groups):
             yield batch.to_pandas()
     except (pa.ArrowException, OSError) as err:
-        raise _unreadable(path, "Parquet", err) from None
+        raise unreadable(path, "Parquet", err) from None
 
 
 def _csv_header(path: Path) -> pa.Schema:
@@ -108,7 +105,7 @@ def _csv_header(path: Path) -> pa.Schema:
         reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                                 convert_options=pacsv.ConvertOptions(column_types={USER_ID: pa.string()}))
     except (pa.ArrowException, OSError) as err:
-        raise _unreadable(path, "CSV", err) from None
+        raise unreadable(path, "CSV", err) from None
     schema = reader.schema
     reader.close()
     return schema
@@ -132,12 +129,12 @@ def _csv_failure(path: Path, schema: pa.Schema, err: pa.ArrowInvalid) -> Excepti
     """The contract's error for a value a later block could not convert."""
     match = _CSV_ERROR.search(str(err))
     if match is None or int(match.group(1)) >= len(schema.names):
-        return _unreadable(path, "CSV", err)
+        return unreadable(path, "CSV", err)
     name, value = schema.names[int(match.group(1))], match.group(2)
     if name == USER_ID:  # read as text: only bytes that are not UTF-8 fail
         return DataError(f"{path}: column '{USER_ID}' has a value that is not valid UTF-8 ({value!r})")
     # the contract words the message (the in-memory reader would have read the column as text)
-    return cell_error(name, value, str(path)) or _unreadable(path, "CSV", err)
+    return cell_error(name, value, str(path)) or unreadable(path, "CSV", err)
 
 
 def csv_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
@@ -158,7 +155,7 @@ def csv_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
     except pa.ArrowInvalid as err:
         raise _csv_failure(path, schema, err) from None
     except (pa.ArrowException, OSError) as err:
-        raise _unreadable(path, "CSV", err) from None
+        raise unreadable(path, "CSV", err) from None
 
 
 def _with_batch_ids(table: pa.Table, expected: pa.DataType | None) -> pa.Table:
@@ -211,7 +208,7 @@ def table_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
         return parquet_frames(path, wanted, batch_rows=batch_rows)
     if path.suffix.lower() in (".csv", ".txt", ""):
         return csv_frames(path, wanted, batch_rows=batch_rows, ids_as_text=ids_as_text)
-    raise DataError(f"{path}: unsupported format '{path.suffix.lower()}' (expected .parquet or .csv)")
+    raise unsupported_format(path)
 
 
 def ids_as_numpy(ids) -> np.ndarray:

@@ -1,38 +1,16 @@
-"""k-means on the standardised hidden representation (stage 2).
+"""k-means on the projected hidden representation (stage 2).
 
-The representation ``h(x)`` is centred and projected before k-means:
-``z = (h - mean) @ P``. Two choices of ``P`` (``cluster.metric``):
+``z = (h - mean) @ P`` with ``P`` the task metric (``cluster.metric: task``,
+:func:`budgetalloc.models.representation.task_metric`) or per-unit
+standardisation (``standardised``); ``z`` is partitioned into ``K`` groups by
+``KMeans`` on a seeded sample (in memory) or ``MiniBatchKMeans.partial_fit``
+over batches (streaming, memory bounded by one batch), and every row is
+assigned by a vectorised nearest-centroid search in float32.
 
-* ``task`` (default): the metric the task heads induce on ``h``
-  (:func:`budgetalloc.models.representation.task_metric`): distances follow how much the
-  predicted uplift and cost of every arm differ, to first order. Per-unit
-  standardisation gives every one of the 256 units equal say, including units the
-  heads barely read; measured on the default simulated world (200k rows, K=64,
-  capture of the cluster partition with true cluster means): per-unit
-  standardised 0.866, raw ``h`` 0.890, task metric (rank 16) 0.902; at 1M rows
-  standardised 0.862, raw 0.914.
-* ``standardised``: ``P = diag(1 / sd)``, the textbook per-unit standardisation.
-
-Then ``z`` is partitioned into ``K`` groups:
-
-* in memory (up to ``streaming_threshold`` rows): ``KMeans`` fitted on a seeded
-  sample of at most ``fit_sample`` rows. k-means cost grows with rows x K x
-  iterations; a 200k-row sample already pins 64-256 centroids down to well
-  below the spread of the clusters, and every row is then *assigned* in batches.
-* streaming (more rows, or an iterator of batches, e.g. Parquet partitions):
-  one pass for the standardiser's moments, then ``MiniBatchKMeans.partial_fit``
-  over the batches. Memory is bounded by one batch.
-
-Both run on a re-iterable source of embedding batches
-(:func:`fit_clusters_batches`); an in-memory array is one batch. The moments are
-summed over blocks of ``MOMENT_BLOCK`` rows and ``partial_fit`` gets blocks of
-exactly ``batch_size`` rows, counted from the first row, and the k-means and
-task-metric samples are positions drawn from the row count: so the streamed fit,
-whose batches follow the Parquet file, fits the very clusters the in-memory fit
-fits on the same embeddings (:mod:`budgetalloc.data.blocks`).
-
-Assignment is a vectorised nearest-centroid search in float32 batches
-(``|x|^2 - 2 x.c + |c|^2``) with no sklearn on the hot path.
+Invariant: moments are summed over blocks of ``MOMENT_BLOCK`` rows, ``partial_fit``
+gets blocks of exactly ``batch_size`` rows from the first row, and samples are
+positions drawn from the row count, so a streamed fit gives the in-memory fit's
+clusters (:mod:`budgetalloc.data.blocks`). Why: ``docs/design.md``.
 """
 
 from __future__ import annotations

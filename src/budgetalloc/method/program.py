@@ -1,52 +1,17 @@
-"""The stochastic integer program over clusters (METHOD.md, stage 4), in CVXPY with HiGHS.
+"""The stochastic integer program over clusters (stage 4), in CVXPY with HiGHS.
 
-Given ``N[k]`` users per cluster, bootstrap scenarios ``r_s, c_s`` of per-user
-response and cost for every (cluster, arm) and a total budget ``B``::
+Given ``N[k]`` users per cluster, bootstrap scenarios ``r_s, c_s`` per (cluster,
+arm) and a budget ``B``: maximise the mean scenario response of the counts
+``count[k, j]`` (integer, or ``N[k] x[k, j]`` with binary ``x`` for whole clusters)
+subject to one arm per user, the mean spend ``<= B`` always, and the scenario
+spends ``<= B`` in at least ``1 - alpha`` of the scenarios (every scenario, CVaR,
+or big-M: ``chance``).
 
-    maximise    (1/S) sum_s sum_{k,j} count[k,j] r_s[k,j]
-    subject to  sum_j count[k,j] = N[k]                       every cluster
-                sum_{k,j} count[k,j] c_mean[k,j] <= B         the reported spend, always
-                scenario spends <= B in at least (1 - alpha) of the scenarios
-
-``count = N[k] x[k,j]`` with binary ``x`` (whole-cluster variant) or integer
-``count >= 0`` (split variant, the default). The scenario rule is one matrix row
-per scenario when ``alpha = 0`` (or when ``alpha S < 1``: no scenario may then
-exceed); the CVaR bound ``t + sum_s max(0, spend_s - t) / (alpha S) <= B``
-(Rockafellar-Uryasev), linear, convex and implying the chance constraint, when
-``chance="cvar"``; one binary per scenario with a big-M (exact, slow) when
-``chance="bigm"``.
-
-Formulation choices and why:
-
-* One vector variable over (cluster, allowed arm) cells and constant sparse or
-  dense matrices (row sums, scenario costs): vectorised constraints, no Python
-  loop over cells or scenarios. The population, budget, a spend floor and the
-  big-M values are ``cp.Parameter`` s, the problem is DPP, so it is built and
-  canonicalised once per (K, M, S, variant) and every later solve only refills
-  numbers. In the whole-cluster variant counts are ``multiply(N, x)``
-  (parameter times variable), which keeps the cost matrix constant.
-* Relax first, then round. The LP relaxation of the split variant has at most
-  about ``S + 1`` clusters with fractional cells (a basic solution has
-  ``K + S + 2`` rows), so flooring them, sending the leftover users to the
-  cheapest arm, and spending the slack greedily loses only a handful of users'
-  worth of response. When that integer point is within ``mip_rel_gap`` of the LP
-  bound it carries the same guarantee as a MIP proof, at LP speed (0.1 s instead
-  of 1 s at K=256, S=50). Only otherwise (whole-cluster at times, big-M always,
-  tiny populations) is the MIP solved, and the better of the two points is kept.
-  For big-M the LP step solves the CVaR LP: its point satisfies the chance
-  constraint, while the big-M relaxation's bound is too weak to certify anything.
-* Nothing from the solver is trusted: counts are rounded to integers with exact
-  row sums, the spend rule is re-checked in numpy (``greedy.SpendRule``) and the
-  point repaired down to cheaper arms until it holds exactly, whatever HiGHS
-  reported (a time limit can return an infeasible point). If no point survives,
-  the greedy allocation is returned with status ``"greedy"``.
-* ``solve`` starts HiGHS cold, so one call's answer never depends on earlier
-  calls: same inputs, same counts (HiGHS is deterministic short of a time limit,
-  numpy moves are tie-broken by index). The budget table warm-starts each budget
-  from the previous one (dual simplex from the previous basis: about 3x faster
-  re-solves), which is deterministic too because the sequence is fixed. Cold LPs
-  of ``_IPM_CELLS`` cells or more use the interior point method with crossover
-  (a vertex, so still few fractional cells): 2x faster at K=1024, 4x at K=4096.
+Invariants: nothing from the solver is trusted (counts are rounded with exact
+row sums, the spend rule is re-checked in numpy and repaired; if nothing
+survives, the greedy allocation is returned with status ``"greedy"``); ``solve``
+starts HiGHS cold, so the same inputs give the same counts. Formulation choices:
+``docs/design.md``.
 """
 
 from __future__ import annotations

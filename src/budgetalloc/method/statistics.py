@@ -1,102 +1,17 @@
 """Per-cluster response and cost per arm, with uncertainty (stage 3).
 
-Estimator (doubly robust, honest, pooled). The rows used here never trained the
-network (honest split). For cluster ``k`` and arm ``j`` the unpooled estimate is::
+Honest rows only. ``raw[k, j]`` is the network's cluster mean plus a doubly
+robust correction from the rows that received arm ``j``; it is pooled towards a
+prior (``pooling``: ``empirical_bayes`` by default, or ``rows``), robustified
+(``estimator``: ``winsorize``, ``median_of_means``, ``mean``), costs are raised by
+``cost_margin`` standard errors, and ``S`` Poisson(1) bootstrap reweightings give
+the scenarios the program holds the budget against.
 
-    raw[k, j] = mean_{i in k} mu[i, j]  +  d[k, j]
-    d[k, j]   = sum_{i in k, t_i = j} w_i (y_i - mu[i, j]) / sum_{i in k, t_i = j} w_i
-
-where ``mu`` is the network's prediction and ``w`` the inverse-propensity weight.
-The first term (``base``) uses every row of the cluster (low variance); the
-correction ``d`` uses the rows that actually received arm ``j`` (the RCT makes
-it unbiased). It is then pooled (``pooling``):
-
-* ``empirical_bayes`` (default), the Fay-Herriot small-area model: per arm, the
-  prior mean of a cell is ``a[j] + b[j] * base[k, j]``, the line through the
-  clusters that best predicts ``raw`` from the network's cluster means
-  (:func:`calibrated_prior`); each cell keeps ``lam = tau2 / (tau2 + se2)`` of its
-  own deviation from that prior, where ``se2[k, j]`` is the sampling variance of
-  ``d[k, j]`` and ``tau2[j]`` the variance of the true deviations across clusters,
-  estimated by moments (``mean_k (raw - prior)^2 - mean_k se2``, at least 0).
-  Why: the program *selects* cells, so noise in a cell's estimate is not averaged
-  out but selected for (the optimizer's curse); pooling takes most of that noise
-  away. The prior's slope ``b`` decides how far the network is trusted: near 1
-  when its differences between clusters are borne out by the honest rows, near
-  0 when they are its own noise (a network fitted on a few thousand rows, whose
-  cluster means alone made the program overspend by up to 29% in the test-sized
-  benchmark). ``a`` removes what the network gets wrong for everyone on an arm
-  (label noise, cost outliers, a miscalibrated head). The slope is fitted for
-  the response only; the cost's prior keeps ``b = 1`` (the network's cost
-  differences, offset by the arm's mean correction). Cost is what the budget is
-  held against, and a fitted slope flattens the cost differences between
-  clusters: with 5-10% of costs logged 10x the program then overspent by 4-6%
-  in truth (200k-row trials), against at most 2% with ``b = 1``.
-  Measured on the simulator (capture of the per-user oracle's uplift over
-  budgets 5-35%, K=64): see README "Quality"; at 500k rows binary 0.891 -> 0.909,
-  noisy 0.820 -> 0.845 (prior ``base + m[j]``), against 0.931 and 0.882 for the
-  same partition with the *true* cluster means.
-* ``rows``: the fixed pseudo-count ``lam = n / (n + shrinkage)`` towards the
-  network's prediction ``base`` (the earlier default; a cell with ``shrinkage``
-  rows takes half its correction). It trusts large cells whatever their noise: at
-  1,500 rows per cell ``lam`` is 0.99.
-
-Either way no cluster is dropped or merged and none is over-trusted: a cell
-with fewer than two honest rows takes its prior (``rows``: the prediction alone). Cost is estimated the same way, with its own predictions.
-
-The budget side (``budget_cost``, ``cost_margin``). The program *selects* the
-cells whose cost looks low, and holds the budget against the same estimates, so
-a cell's error in its favour is selected for and the true spend runs over at
-small budgets, where a few cells carry every coupon (200k-row trials: up to 1.04
-x budget at 1-5% of the all-max spend, 1.07 with feature noise 1; measured in
-``reports/variants.md``). ``budget_cost: upward`` pools a cell's cost towards its
-prior only when that raises it (``max(pooled, raw)``: the pooled network bias
-never lowers a cost), and ``cost_margin`` (default 1) adds that many of the
-cell's standard errors (``cost_se``, pooled) to every cost, point and scenarios
-alike. With the margin the true spend stayed within 1.0 x budget at every budget
-in the measured worlds, at 2-3 points of nominal capture at 10-35% budgets (the
-program spends 0.93-0.98 of the budget in truth); ``cost_margin: 0`` is the
-earlier estimate. Costs are then upper estimates: the allocation's reported
-expected cost is conservative.
-
-Robustness (``estimator``):
-
-* ``winsorize`` (default): per arm, non-zero outcomes are clipped to
-  ``median +- clip_z * 1.4826 * MAD`` of that arm's non-zero values. Zeros (no
-  order, coupon unused) are left alone. Costs logged an order of magnitude too
-  high are pulled back to the typical coupon cost, heavy GMV tails are capped;
-  the median/MAD are themselves unaffected by up to half the values being wrong.
-  A quantile cap would not do: with 2% outliers a 99% quantile is an outlier.
-* ``median_of_means``: the correction is the median over ``mom_blocks`` random
-  blocks of the cell's weighted residual means.
-* ``mean``: plain weighted means, for comparison.
-
-Scenarios: ``S`` Poisson(1) bootstrap reweightings of the rows give ``S`` draws
-of ``(r, c)``; the integer program holds the budget against them.
-
-Streaming. Every estimate above is a ratio of sums over rows, so the rows are
-reduced to additive sufficient statistics, block by block
-(:class:`StatisticsAccumulator`), and :meth:`~StatisticsAccumulator.finalize`
-forms the ratios. Per cluster and arm the sums are: rows, inverse-propensity
-weights, weighted residuals, residuals and their squares (standard errors), costs
-above zero (free arms); per cluster, the rows and the network's predictions. A
-bootstrap scenario is the same sums with every row's Poisson(1) weight; the
-median-of-means blocks add the weighted sums per (cell, block). What
-:func:`cluster_statistics` computes on arrays in memory and what the streamed fit
-computes batch by batch is one code path: rows are regrouped into blocks of
-``STAT_BLOCK`` rows counted from the first honest row, block ``b`` draws its
-Poisson weights and median-of-means blocks from its own generator seeded with
-``(seed, tag, b)``, and block sums are added in block order, so the result is
-bit-identical however the rows were batched. Within a block the rows are sorted
-by cluster and each cluster's sums are one matrix product of its rows' terms with
-their weights (a column of ones for the point estimate, ``S`` of Poisson draws). One
-block is held at a time: ``(S + 1)`` weights and ``1 + 11 M`` terms a row, about
-10 MB at 8,192 rows for ``S = 50``, ``M = 5`` (measured; 16,384 rows took twice the
-memory and no less time); the sums are ``(S + 1) x K x (1 + 11 M)`` floats.
-Response and cost share each scenario's draws, so a scenario is one resample of the
-rows, with their joint response and cost.
-The winsorize bands need the median/MAD of each arm's non-zero values before the
-first block: they come from a seeded sample of at most ``clip_sample`` honest
-rows (every row up to that many), which the streamed fit gathers in its first pass.
+Invariants: every estimate is a ratio of additive sums (:class:`StatisticsAccumulator`)
+over blocks of ``STAT_BLOCK`` rows counted from the first honest row, each block
+seeded by ``(seed, tag, b)``, so in-memory and streamed fits are bit-identical
+however the rows were batched. No cluster is dropped or merged. Why each choice:
+``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -172,21 +87,6 @@ def clip_to_band(values: np.ndarray, treatment: np.ndarray, band: np.ndarray) ->
     arm = treatment[nz]
     out[nz] = np.clip(out[nz], band[0, arm], band[1, arm])
     return out
-
-
-def robust_clip(values: np.ndarray, treatment: np.ndarray, n_arms: int, *, clip_z: float) -> np.ndarray:
-    """Clip each arm's non-zero values to median +- clip_z robust sd of those values.
-
-    Args:
-        values: (n,) outcomes (response or cost) as recorded.
-        treatment: (n,) arm of each row.
-        n_arms: number of arms.
-        clip_z: width of the band in robust standard deviations.
-
-    Returns:
-        A clipped copy; zeros and values inside the band are unchanged.
-    """
-    return clip_to_band(values, treatment, clip_band(values, treatment, n_arms, clip_z=clip_z))
 
 
 def clip_sample_rows(n: int, params: StatisticsParams, seed: int) -> np.ndarray | None:

@@ -1,33 +1,12 @@
 """Stage 5: the serving student, a small classifier from raw features to cluster id.
 
-Serving is one forward pass of :class:`StudentNet` and an ``argmax``: no
-representation network, no k-means, no solver on the hot path.
+Serving is one forward pass of :class:`StudentNet` (``d -> hidden -> K``, one
+wide relu layer) and an ``argmax``: no representation network, no k-means, no
+solver on the hot path. Targets are the teacher's hard cluster labels, or soft
+targets from centroid distances; training is :func:`budgetalloc.models.nn.fit`.
 
-Design choices, and why:
-
-* **Architecture: one wide relu layer, ``d -> hidden -> K``.** Serving cost is
-  ``hidden * (d + K)`` multiply-adds per row, so width and depth trade agreement
-  against rows per second. Measured on a 1M-row simulated trial (d = 40, K = 64
-  k-means clusters of a 256-unit teacher, student trained on 400k rows, agreement
-  on 200k unseen rows, two shared CPU cores): one layer of 256 agreed on 0.80 and
-  served 1.0-1.4M rows/s; two layers of 128 (slightly more arithmetic) agreed on
-  only 0.73 at 0.9-1.0M rows/s; one layer of 128 agreed on 0.72 at 1.2-1.9M
-  rows/s. An exact copy of the teacher (two layers of 256, since a k-means
-  assignment is linear in ``h``) would serve about 0.4M rows/s. One layer is the
-  better trade at every speed we need; width is the knob.
-* **Targets.** Hard cluster labels with softmax cross-entropy by default. Soft
-  targets (an ``(n, K)`` distribution, e.g. ``clustering.centroid_soft_targets``)
-  tell the student how close a user is to the neighbouring clusters: in the run
-  above, sharp ones (mean top probability 0.8, temperature 0.02 there) raised
-  agreement from 0.80 to 0.82, while temperature 1 (nearly uniform targets in a
-  256-unit space) dropped it to 0.54.
-* **Data.** The labels come from the teacher's embedding, not from outcomes, so the
-  student may be trained on every available row (trial and population alike);
-  doubling its rows from 400k to 800k added two points of agreement.
-* **Training** reuses :func:`budgetalloc.models.nn.fit` (the teacher's loop): optax adam,
-  a validation split, early stopping on the validation cross-entropy, best epoch kept.
-* **Prediction** uses a fixed batch shape (the last batch padded) so that serving
-  never recompiles, and returns int32 labels computed on the device.
+Invariant: prediction uses a fixed batch shape (the last batch padded), so
+serving never recompiles; labels are int32. Why: ``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -41,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from budgetalloc.data.blocks import padded
 from budgetalloc.errors import DataError
 from budgetalloc.models import nn, weights
 from budgetalloc.params import DistillParams
@@ -73,29 +53,15 @@ class StudentConfig:
     n_clusters: int
 
 
-@dataclass(frozen=True)
-class StudentModel:
-    """A trained student: split module, configuration, training history."""
+class StudentModel(nn.TrainedNet):
+    """A trained student (:class:`~budgetalloc.models.nn.TrainedNet`)."""
 
-    graphdef: nnx.GraphDef
-    params: nnx.State
     config: StudentConfig
-    history: nn.FitHistory
-
-    @property
-    def module(self) -> StudentNet:
-        """The network as an nnx module (a fresh merge)."""
-        return nnx.merge(self.graphdef, self.params)
 
     @property
     def n_clusters(self) -> int:
         """``K``, the number of classes."""
         return self.config.n_clusters
-
-    @property
-    def n_features(self) -> int:
-        """``d``, the input width."""
-        return self.config.n_features
 
 
 def hard_label_loss(module: StudentNet, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -209,9 +175,7 @@ def save_student(student: StudentModel, directory: str | Path) -> Path:
     Returns:
         The directory.
     """
-    return weights.save_model(
-        directory, kind=KIND, config=student.config, params=student.params, history=student.history
-    )
+    return weights.save_model(directory, kind=KIND, net=student)
 
 
 def load_student(directory: str | Path) -> StudentModel:
@@ -220,15 +184,10 @@ def load_student(directory: str | Path) -> StudentModel:
     Raises:
         PolicyError: files missing, edited, or not matching their configuration.
     """
-    config, graphdef, params, history = weights.load_model(
-        directory, kind=KIND, config_cls=StudentConfig, build=lambda c: _build(c, 0)
-    )
-    return StudentModel(graphdef, params, config, history)
+    return weights.load_model(directory, kind=KIND, cls=StudentModel, config_cls=StudentConfig,
+                              build=lambda c: _build(c, 0))
 
 
 def fixed_shape_clusters(student: StudentModel, X: np.ndarray, rows: int) -> np.ndarray:
     """The student's clusters for ``X`` (at most ``rows`` rows), always run as ``rows`` rows."""
-    n = X.shape[0]
-    if n < rows:
-        X = np.concatenate([X, np.zeros((rows - n, X.shape[1]), X.dtype)])
-    return predict_clusters(student, X, batch_size=rows)[:n]
+    return predict_clusters(student, padded(X, rows), batch_size=rows)[: X.shape[0]]

@@ -1,43 +1,16 @@
-"""Machinery shared by the two networks: the epoch loop, batched inference, artifacts.
+"""The one training loop, batched inference and the trained-network type.
 
-Both the multi-task representation network (``representation.py``) and the serving
-student (``distill.py``) are Flax NNX modules trained the same way, so the training
-loop, the inference loop and the weight files live here once.
+Every network (the representation, the student, the neural baselines) is a Flax
+NNX module split once into ``(graphdef, params)``; ``params`` and the optax state
+travel as a pytree (:class:`TrainState`) through a pure ``train_step``, and an
+epoch is one jitted ``lax.scan`` over a ``(n_batches, batch_size)`` plan of row
+indices drawn in numpy from the seed. :func:`fit` adds a validation split and
+early stopping; with several devices it trains data parallel on a ``"data"`` mesh
+(``BUDGETALLOC_DATA_PARALLEL=0``: one device, bit-identical to a one-device machine).
 
-Design choices, and why:
-
-* **Pure state, split once.** A module is split into ``(graphdef, params)`` with
-  ``nnx.split``; ``params`` and the optax state travel as a plain pytree
-  (:class:`TrainState`), and the module is rebuilt with ``nnx.merge`` inside the
-  traced functions. This keeps ``train_step(state, batch) -> (state, metrics)`` pure
-  and costs nothing at run time (the merge happens while tracing), whereas
-  ``nnx.jit`` re-walks the object graph on every call.
-* **One jitted call per epoch.** The data stay on the device for the whole fit; an
-  epoch is a ``lax.scan`` of ``train_step`` over a ``(n_batches, batch_size)`` matrix
-  of row indices drawn in numpy from the seed, and each step gathers its rows on the
-  device. On two CPU cores the per-batch Python dispatch of a plain loop costs as
-  much as a small network's step, and a scan removes it.
-* **Fixed shapes.** The last partial batch is padded with row 0 at weight 0, so
-  every epoch has the same shape and nothing recompiles. A loss function returns
-  ``(sum of weighted losses, sum of weights)``; padded rows therefore count for
-  nothing, and the epoch loss is the exact weighted mean over real rows.
-* **Data parallel on several devices.** With more than one device (GPUs, or CPU
-  devices faked with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``), :func:`fit`
-  trains on a 1-D ``"data"`` mesh (:func:`data_parallel_mesh`): parameters, optimiser
-  state and data are replicated, the plan of row indices is sharded along its rows, so
-  each device gathers its share of a batch from its own copy and XLA's SPMD partitioner
-  all-reduces the gradients. A step's batch is rounded up to a multiple of the device
-  count (padded at weight 0). Losses match one device's to float rounding (sums are
-  reduced in another order). With one device, or ``BUDGETALLOC_DATA_PARALLEL=0``, the
-  single-device path runs unchanged and bit-identical. Replicated data cost each device
-  a copy (160 MB for 1M x 40 float32), simple and small next to a GPU's memory.
-  Inference stays on one device: :func:`fit` returns its parameters on the first.
-* **Inference** pads the last batch too, and uses batches of ``min(batch_size,
-  next power of two >= n)`` rows so that small inputs neither recompile per size
-  nor pay for a huge padded batch. Batches are dispatched one ahead of collection so
-  that host-side slicing overlaps the (asynchronous) device computation.
-* **Artifacts** (saving and loading a trained network) live in
-  :mod:`budgetalloc.models.weights`.
+Invariants: fixed shapes (a last partial batch is padded with row 0 at weight 0,
+which counts for nothing), so nothing recompiles; the same seed gives the same
+weights bit for bit. Why: ``docs/design.md``. Artifacts: :mod:`budgetalloc.models.weights`.
 """
 
 from __future__ import annotations
@@ -56,6 +29,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from budgetalloc.data.blocks import padded
 
 #: ``loss_fn(module, batch) -> (sum of weighted row losses, sum of row weights)``.
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
@@ -96,10 +71,34 @@ class FitHistory:
 
     @classmethod
     def from_dict(cls, raw: dict) -> FitHistory:
-        """Rebuild from the JSON form written by :func:`save_model`."""
+        """Rebuild from its JSON form (``dataclasses.asdict``)."""
         return cls(
             **{**raw, "train_loss": tuple(raw["train_loss"]), "val_loss": tuple(raw["val_loss"])}
         )
+
+
+@dataclass(frozen=True)
+class TrainedNet:
+    """A trained network: the split module, the configuration that rebuilds it, its history.
+
+    ``config`` is a frozen dataclass with at least ``n_features``; saving and loading
+    are :func:`budgetalloc.models.weights.save_model` and ``load_model``.
+    """
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    config: Any
+    history: FitHistory
+
+    @property
+    def module(self) -> nnx.Module:
+        """The network as an nnx module (a fresh merge: editing it leaves this one alone)."""
+        return nnx.merge(self.graphdef, self.params)
+
+    @property
+    def n_features(self) -> int:
+        """``d``, the input width."""
+        return self.config.n_features
 
 
 def split_rows(
@@ -152,10 +151,12 @@ def _place(tree: Any, mesh: Mesh | None, spec: P) -> Any:
 
 
 def _gather(
-    data: dict[str, jax.Array], idx: jax.Array, valid: jax.Array, mesh: Mesh | None = None
+    data: dict[str, jax.Array], idx: jax.Array, valid: jax.Array | None, mesh: Mesh | None = None
 ) -> dict[str, jax.Array]:
+    """The rows ``idx`` of ``data``; padded rows (``valid`` 0) get weight 0."""
     batch = {key: value[idx] for key, value in data.items()}
-    batch["weight"] = batch["weight"] * valid
+    if valid is not None:
+        batch["weight"] = batch["weight"] * valid
     if mesh is not None:  # rows split across devices: the partitioner all-reduces the grads
         batch = jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, P("data")))
     return batch
@@ -184,8 +185,9 @@ def make_train_epoch(
 ):
     """A jitted ``train_epoch(state, data, idx, valid) -> (state, mean loss)``: one scan.
 
-    With a ``mesh``, each gathered batch is sharded along its rows and the outputs
-    are replicated (data parallelism); without one, it runs on one device.
+    ``valid`` may be ``None`` when every batch is full (no padded rows). With a
+    ``mesh``, each gathered batch is sharded along its rows and the outputs are
+    replicated (data parallelism); without one, it runs on one device.
     """
     train_step = make_train_step(graphdef, loss_fn, tx)
 
@@ -342,11 +344,7 @@ def batched_apply(
     size = inference_batch_size(n, batch_size)
     result, pending = None, None
     for start in range(0, max(n, 1), size):
-        chunk = X[start : start + size]
-        if chunk.shape[0] < size:
-            chunk = np.concatenate(
-                [chunk, np.zeros((size - chunk.shape[0], X.shape[1]), np.float32)]
-            )
+        chunk = padded(X[start : start + size], size)
         current = (_apply(graphdef, params, chunk, method, INFERENCE_CHUNK), start)
         if pending is not None:
             result = _write(result, *pending, n)

@@ -1,37 +1,14 @@
 """Stage 1: the multi-task representation network, its training and its embeddings.
 
-The network (:class:`MultiTaskNet`) is a shared bottom of two dense relu layers
-``x -> h(x)`` (the "first two layers" whose output is clustered in stage 2) and
-``2M`` small towers on ``h``: response and cost under each of the ``M`` arms.
+:class:`MultiTaskNet` is a shared bottom of two dense relu layers ``x -> h(x)``
+(the representation clustered in stage 2) and ``2M`` towers on ``h``: response
+and cost under each of the ``M`` arms, applied as one ``einsum`` over a task axis.
 
-Design choices, and why:
-
-* **Vectorised towers.** The towers' weights carry a leading task axis
-  (``(2M, hidden, head_hidden)``) and are applied with one ``einsum``: XLA turns it
-  into a single ``(b, hidden) x (hidden, 2M * head_hidden)`` matrix product, as fast
-  as one wide layer, instead of ``2M`` small products from a Python loop.
-* **Masked loss.** Every row is scored only on the two towers of the arm it received
-  (a gather of that arm's outputs), so the gradient that a row sends to every other
-  arm's towers is exactly zero: the RCT only observed that arm.
-* **Robust targets.** A binary response uses sigmoid cross-entropy on a logit. A
-  continuous response (GMV) and the cost are centred on their median and divided by
-  a robust scale, the 90% quantile of the non-zero absolute deviations from the
-  median, and fitted with Huber (``delta`` in those scaled units). The quantile of
-  the *non-zero* deviations keeps the scale meaningful for zero-inflated data (most
-  users buy nothing and cost nothing) and is not moved by a few per cent of cost
-  records 10x too large; with ``delta = 1`` nearly all genuine values fall in the
-  quadratic zone (so the fit is close to a mean), while gross outliers only pull
-  linearly. Centre and scale are stored, and predictions come back in original units.
-* **Rows are weighted** by their propensity weights, so an under-sampled arm is not
-  under-fitted. Output biases start at each arm's weighted mean target, which saves
-  the first epochs from only learning the base rates.
-* **Training** is :func:`budgetalloc.models.nn.fit`: optax ``adamw``, a validation split,
-  early stopping that keeps the best epoch, one jitted scan per epoch.
-* **Speed** (two CPU cores, measured while shared with other jobs): one epoch over
-  1M x 40 rows (900k trained, 100k validated) takes 8-9 s with hidden 256,
-  head_hidden 32 and batches of 2048 (about 5 us per trained row when quiet). The
-  towers cost as much as the shared bottom, so head_hidden 16 saves about a
-  quarter. Batches of 1024-2048 are the fastest on CPU; larger ones fall out of cache.
+Invariants: a row is scored only on the towers of the arm it received (no
+gradient to the arms it did not); rows are weighted by their propensity weights;
+a continuous response and the cost are fitted robustly in scaled units and
+predictions come back in original units. Training is
+:func:`budgetalloc.models.nn.fit`. Why: ``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -112,29 +89,15 @@ class RepresentationConfig:
     cost_scale: float
 
 
-@dataclass(frozen=True)
-class RepresentationModel:
-    """A trained representation network: split module, configuration, training history."""
+class RepresentationModel(nn.TrainedNet):
+    """A trained representation network (:class:`~budgetalloc.models.nn.TrainedNet`)."""
 
-    graphdef: nnx.GraphDef
-    params: nnx.State
     config: RepresentationConfig
-    history: nn.FitHistory
-
-    @property
-    def module(self) -> MultiTaskNet:
-        """The network as an nnx module (a fresh merge: editing it leaves the model alone)."""
-        return nnx.merge(self.graphdef, self.params)
 
     @property
     def n_arms(self) -> int:
         """``M``, the number of arms."""
         return self.config.n_arms
-
-    @property
-    def n_features(self) -> int:
-        """``d``, the input width."""
-        return self.config.n_features
 
 
 def robust_center_scale(values: np.ndarray) -> tuple[float, float]:
@@ -352,9 +315,7 @@ def save_representation(model: RepresentationModel, directory: str | Path) -> Pa
     Returns:
         The directory.
     """
-    return weights.save_model(
-        directory, kind=KIND, config=model.config, params=model.params, history=model.history
-    )
+    return weights.save_model(directory, kind=KIND, net=model)
 
 
 def load_representation(directory: str | Path) -> RepresentationModel:
@@ -363,10 +324,8 @@ def load_representation(directory: str | Path) -> RepresentationModel:
     Raises:
         PolicyError: files missing, edited, or not matching their configuration.
     """
-    config, graphdef, params, history = weights.load_model(
-        directory, kind=KIND, config_cls=RepresentationConfig, build=lambda c: _build(c, 0)
-    )
-    return RepresentationModel(graphdef, params, config, history)
+    return weights.load_model(directory, kind=KIND, cls=RepresentationModel,
+                              config_cls=RepresentationConfig, build=lambda c: _build(c, 0))
 
 
 def _decision_outputs(model: RepresentationModel):

@@ -24,56 +24,55 @@ import numpy as np
 from flax import nnx
 
 from budgetalloc.errors import PolicyError
-from budgetalloc.models.nn import FitHistory
+from budgetalloc.models.nn import FitHistory, TrainedNet
 
 WEIGHTS_FILE = "weights.msgpack"
 CONFIG_FILE = "config.json"
 _FORMAT_VERSION = 1
 
 
-def save_model(
-    directory: str | Path, *, kind: str, config: Any, params: nnx.State, history: FitHistory
-) -> Path:
+def save_model(directory: str | Path, *, kind: str, net: TrainedNet) -> Path:
     """Write ``weights.msgpack`` and ``config.json`` (config, history, weights' SHA-256).
 
     Args:
         directory: created if missing.
         kind: the artifact's kind, checked on load.
-        config: a dataclass of JSON-serialisable fields that rebuilds the network.
-        params: the network's parameters.
-        history: the training history.
+        net: the trained network; its config is a dataclass of JSON-serialisable fields.
 
     Returns:
         The directory.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = flax.serialization.to_bytes(jax.tree.map(np.asarray, nnx.to_pure_dict(params)))
+    weights = flax.serialization.to_bytes(jax.tree.map(np.asarray, nnx.to_pure_dict(net.params)))
     (directory / WEIGHTS_FILE).write_bytes(weights)
     meta = {
         "kind": kind,
         "format": _FORMAT_VERSION,
         "sha256": hashlib.sha256(weights).hexdigest(),
-        "config": asdict(config),
-        "history": asdict(history),
+        "config": asdict(net.config),
+        "history": asdict(net.history),
     }
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return directory
 
 
 def load_model(
-    directory: str | Path, *, kind: str, config_cls: type, build: Callable[[Any], nnx.Module]
-):
+    directory: str | Path,
+    *,
+    kind: str,
+    cls: type[TrainedNet],
+    config_cls: type,
+    build: Callable[[Any], nnx.Module],
+) -> TrainedNet:
     """Read an artifact written by :func:`save_model`, checking kind, checksum and shapes.
 
     Args:
         directory: the artifact's folder.
         kind: the expected kind.
+        cls: the :class:`~budgetalloc.models.nn.TrainedNet` type to return.
         config_cls: the configuration dataclass.
         build: ``config -> module`` (only its structure is used, via ``nnx.eval_shape``).
-
-    Returns:
-        ``(config, graphdef, params, history)``.
 
     Raises:
         PolicyError: a file is missing, unreadable, of another kind, edited, or its
@@ -104,7 +103,7 @@ def load_model(
     graphdef, params = _restore_params(
         template, flax.serialization.msgpack_restore(weights), source=str(directory)
     )
-    return config, graphdef, params, history
+    return cls(graphdef, params, config, history)
 
 
 def _restore_params(

@@ -1,30 +1,26 @@
-"""Neural machinery shared by DRM, DRP and DFCL: an MLP, a trainer, batched prediction.
+"""The networks of DRM, DRP and DFCL: an MLP, the outcome net, and a fixed-epoch trainer.
 
-Flax NNX modules are split once into ``(graphdef, params)``; the parameters and the
-optax state travel as a pytree through a pure ``train_step``, and one epoch is a
-jitted ``lax.scan`` over a ``(n_batches, batch_size)`` matrix of row indices drawn in
-numpy from the seed. Every batch has the same shape: the rows left over after the
-last full batch are skipped in that epoch (a new permutation each epoch gives them
-their turn), which matters for the group-softmax losses of DRM where padded rows
-would need masking. All randomness comes from ``seed``; the same seed gives the
-same weights bit for bit on the same machine.
-
-The baselines keep this small loop instead of sharing the representation network's
-(``budgetalloc.models.nn``) because their losses are not sums of per-row terms (DRM's is a
-ratio of batch sums) and they need no early stopping: the epochs are a size knob.
+Training runs on the one loop of :mod:`budgetalloc.models.nn` (a pure
+``train_step``, one jitted ``lax.scan`` per epoch over row indices drawn in numpy
+from the seed), with AdamW for a fixed number of epochs and no validation split:
+the epochs are a size knob. Every batch is full (the rows left after the last full
+batch sit out that epoch; a new permutation gives them their turn), because DRM's
+group-softmax loss is a ratio of batch sums that padded rows would distort. The
+same seed gives the same weights bit for bit on the same machine.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+from budgetalloc.models import nn
 
 #: ``loss_fn(module, batch) -> scalar`` (a dict of ``(batch_size, ...)`` arrays).
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], jax.Array]
@@ -46,34 +42,6 @@ class MLP(nnx.Module):
         return self.out(x)
 
 
-class TrainState(NamedTuple):
-    """What an optimisation step changes."""
-
-    params: nnx.State
-    opt_state: optax.OptState
-
-
-def make_train_epoch(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation):
-    """A jitted ``train_epoch(state, data, idx) -> (state, mean batch loss)``."""
-
-    def objective(params, batch):
-        return loss_fn(nnx.merge(graphdef, params), batch)
-
-    def train_step(state: TrainState, batch) -> tuple[TrainState, jax.Array]:
-        loss, grads = jax.value_and_grad(objective)(state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
-
-    def train_epoch(state, data, idx):
-        def body(carry, rows):
-            return train_step(carry, {key: value[rows] for key, value in data.items()})
-
-        state, losses = jax.lax.scan(body, state, idx)
-        return state, jnp.mean(losses)
-
-    return jax.jit(train_epoch)
-
-
 def train(
     module: nnx.Module,
     loss_fn: LossFn,
@@ -85,10 +53,12 @@ def train(
     weight_decay: float,
     seed: int,
 ) -> tuple[nnx.GraphDef, nnx.State, list[float]]:
-    """Minibatch AdamW for a fixed number of epochs.
+    """Minibatch AdamW for a fixed number of epochs, on :mod:`budgetalloc.models.nn`'s loop.
+
+    Every batch is full: the rows left after the last full batch sit out that epoch.
 
     Args:
-        module: the initialised network.
+        module: the initialised network (left unchanged).
         loss_fn: ``(module, batch) -> scalar loss``.
         data: equal-length arrays (rows on the first axis).
         epochs: passes over the rows.
@@ -97,7 +67,7 @@ def train(
         seed: seeds the per-epoch permutations.
 
     Returns:
-        ``(graphdef, params, mean loss per epoch)``.
+        ``(graphdef, params, mean batch loss per epoch)``.
     """
     n = len(next(iter(data.values())))
     size = min(batch_size, n)
@@ -105,42 +75,21 @@ def train(
     rng = np.random.default_rng(seed)
     tx = optax.adamw(learning_rate, weight_decay=weight_decay)
     graphdef, params = nnx.split(module)
-    state = TrainState(params, tx.init(params))
+    params = jax.tree.map(jnp.copy, params)  # the epoch donates its state: never the caller's
+    state = nn.TrainState(params, tx.init(params))
     device_data = {key: jnp.asarray(value) for key, value in data.items()}
-    train_epoch = make_train_epoch(graphdef, loss_fn, tx)
+    train_epoch = nn.make_train_epoch(graphdef, lambda m, b: (loss_fn(m, b), jnp.float32(1.0)), tx)
     history = []
     for _ in range(epochs):
         idx = rng.permutation(n)[: n_batches * size].reshape(n_batches, size).astype(np.int32)
-        state, loss = train_epoch(state, device_data, jnp.asarray(idx))
+        state, loss = train_epoch(state, device_data, jnp.asarray(idx), None)
         history.append(float(loss))
     return graphdef, state.params, history
 
 
 def predict(graphdef: nnx.GraphDef, params: nnx.State, Z: np.ndarray, method: str = "__call__"):
-    """Apply ``module.<method>`` to ``Z`` in fixed-shape chunks; numpy pytree out.
-
-    Chunks are ``min(65536, next power of two >= n)`` rows (the last one padded), so
-    few shapes are ever compiled.
-    """
-    Z = np.ascontiguousarray(Z, dtype=np.float32)
-    n = Z.shape[0]
-    size = max(1, min(_PREDICT_CHUNK, 1 << max(0, n - 1).bit_length()))
-    outs = []
-    for start in range(0, max(n, 1), size):
-        chunk = Z[start : start + size]
-        pad = size - chunk.shape[0]
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad, Z.shape[1]), np.float32)])
-        out = _apply(graphdef, params, jnp.asarray(chunk), method)
-        outs.append(jax.tree.map(lambda a, keep=size - pad: np.asarray(a)[:keep], out))
-    return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
-
-
-def _apply_impl(graphdef, params, x, method):
-    return getattr(nnx.merge(graphdef, params), method)(x)
-
-
-_apply = jax.jit(_apply_impl, static_argnames=("graphdef", "method"))
+    """Apply ``module.<method>`` to ``Z`` in fixed-shape batches (:func:`budgetalloc.models.nn.batched_apply`)."""
+    return nn.batched_apply(graphdef, params, Z, method=method, batch_size=_PREDICT_CHUNK)
 
 
 class OutcomeNet(nnx.Module):
