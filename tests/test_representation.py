@@ -161,16 +161,17 @@ def test_embed_shape_and_batch_size_invariance(trained):
     model, X, *_ = trained
     h = embed(model, X[:1000])
     assert h.shape == (1000, 32) and h.dtype == np.float32
-    np.testing.assert_allclose(embed(model, X[:1000], batch_size=7), h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(embed(model, X[:1000], batch_size=7), h)
     np.testing.assert_array_equal(embed(model, X[:1000], batch_size=1000), h)
+    np.testing.assert_array_equal(embed(model, X[:200]), h[:200])  # a row's bits do not depend on its company
     assert embed(model, X[:0]).shape == (0, 32)
 
 
 @pytest.mark.parametrize("n", [1, 5, 4096, 4097, 10_000])
 def test_inference_batch_size_is_bounded(n):
     size = nn.inference_batch_size(n, 65536)
-    assert size >= min(n, 65536) and size < 2 * max(n, 1)
-    assert size <= nn.INFERENCE_CHUNK or size % nn.INFERENCE_CHUNK == 0
+    assert size >= min(n, 65536) and size < max(n, 1) + nn.INFERENCE_CHUNK
+    assert size % nn.INFERENCE_CHUNK == 0
 
 
 def test_same_seed_same_weights():

@@ -314,12 +314,14 @@ def _apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, method: str,
 
 
 def inference_batch_size(n: int, batch_size: int) -> int:
-    """``min(batch_size, next power of two >= n)``, a multiple of ``INFERENCE_CHUNK`` above it.
+    """``min(batch_size, n)`` rounded up to a multiple of ``INFERENCE_CHUNK`` (at least one chunk).
 
-    Few distinct shapes (so few compilations) and little padding for small inputs.
+    Every row is computed inside a matrix product of exactly ``INFERENCE_CHUNK`` rows, so
+    its bits do not depend on how many rows come with it (oneDNN's kernels, which
+    the package's XLA pin routes products through, change with the product's shape).
     """
-    size = max(1, min(batch_size, 1 << max(0, n - 1).bit_length()))
-    return size if size <= INFERENCE_CHUNK else -(-size // INFERENCE_CHUNK) * INFERENCE_CHUNK
+    size = max(1, min(batch_size, n))
+    return -(-size // INFERENCE_CHUNK) * INFERENCE_CHUNK
 
 
 def batched_apply(
