@@ -346,7 +346,9 @@ def atomic_directory(path: str | Path, *, replaceable: Callable[[Path], None] | 
     path = Path(os.path.abspath(path))
     check = replaceable or _directory_only
     if os.path.lexists(path):
-        check(path)
+        with _parent_lock(path):  # not while another writer swaps it: the check reads inside it
+            if os.path.lexists(path):
+                check(path)
     with _temp_beside(path, directory=True, commit=lambda tmp: _swap_directory(tmp, path, check)) as tmp:
         yield tmp
 
