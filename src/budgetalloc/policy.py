@@ -110,7 +110,6 @@ def save_policy(policy: Policy, directory: str | Path) -> Path:
         The directory path.
     """
     directory = Path(directory)
-    check_policy_target(directory)
     with atomic_directory(directory, replaceable=check_policy_target) as tmp:
         _write_contents(policy, tmp)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
