@@ -1,16 +1,15 @@
-"""Tests of budgetalloc.serve.metrics: hand-computed examples, simulated trials, sklift parity."""
+"""Tests of budgetalloc.serve.metrics: hand-computed examples, simulated trials."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from budgetalloc.errors import DataError
 from budgetalloc.serve import metrics as m
 
-sklift_metrics = pytest.importorskip("sklift.metrics")
 # scikit-uplift 0.5.1 calls sklearn's deprecated stable_cumsum.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -190,80 +189,6 @@ def test_multi_arm_aucc_ranks_true_roi_above_random():
     assert abs(random_auc - 0.5) < 0.1 and true_auc > random_auc + 0.05
     with pytest.raises(DataError):
         m.multi_arm_aucc(roi, np.zeros(len(t), int), t, y, c, p)
-
-
-# ------------------------------------------------------------------ sklift parity
-def _binary_data(seed: int, n: int, ties: bool):
-    rng = np.random.default_rng(seed)
-    t = np.r_[0, 1, rng.integers(0, 2, size=n - 2)]
-    y = np.r_[1, 0, rng.binomial(1, 0.3 + 0.3 * t[2:] * rng.uniform(size=n - 2))]
-    score = rng.normal(size=n)
-    return (np.round(score, 1) if ties else score), t, y
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
-@pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("n", [50, 2_000])
-def test_binary_curves_and_areas_match_sklift(seed, ties, n):
-    s, t, y = _binary_data(seed, n, ties)
-    for ours, theirs in [(m.qini_curve, sklift_metrics.qini_curve),
-                         (m.uplift_curve, sklift_metrics.uplift_curve)]:
-        for a, b in zip(ours(s, t, y), theirs(y, s, t)):
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
-    assert m.qini_auc(s, t, y) == pytest.approx(sklift_metrics.qini_auc_score(y, s, t), abs=1e-9)
-    assert m.qini_auc(s, t, y, negative_effect=False) == pytest.approx(
-        sklift_metrics.qini_auc_score(y, s, t, negative_effect=False), abs=1e-9)
-    assert m.uplift_auc(s, t, y) == pytest.approx(
-        sklift_metrics.uplift_auc_score(y, s, t), abs=1e-9)
-
-
-@settings(max_examples=40, deadline=None)
-@given(data=st.lists(st.tuples(st.integers(0, 1), st.integers(0, 1), st.integers(-3, 3)),
-                     min_size=4, max_size=40))
-def test_qini_and_uplift_auc_match_sklift_property(data):
-    t, y, s = (np.array(col) for col in zip(*data))
-    assume(len(set(t)) == 2 and len(set(y)) == 2)
-    for ours, theirs in [(m.qini_auc, sklift_metrics.qini_auc_score),
-                         (m.uplift_auc, sklift_metrics.uplift_auc_score)]:
-        try:
-            expected = theirs(y, s, t)
-        except ZeroDivisionError:  # perfect curve no better than random: ours says nan
-            expected = float("nan")
-        got = ours(s, t, y)
-        assert (np.isnan(got) and np.isnan(expected)) or got == pytest.approx(expected, abs=1e-9)
-
-
-def test_uplift_auc_needs_binary_response():
-    with pytest.raises(DataError):
-        m.uplift_auc([0.1, 0.2, 0.3], [0, 1, 1], [0.5, 1.0, 2.0])
-
-
-# ----------------------------------------------------------------- multi-arm Qini
-def test_multi_arm_qini_starts_at_zero_and_tracks_truth():
-    x, t, p, y, c, mu, kappa = _rct(4, 40_000)
-    n = len(t)
-    path = [np.zeros(n, int), np.where(x > 0.5, 1, 0), np.where(x > 0.5, 2, 1), np.full(n, 2)]
-    q = m.multi_arm_qini(path, t, y, c, p)
-    assert q.gain[0] == 0.0 and q.spend[0] == 0.0 and q.gain_se[0] == 0.0
-    rows = np.arange(n)
-    for b, arm in enumerate(path[1:], start=1):
-        true_gain = (mu[rows, arm] - mu[:, 0]).mean()
-        true_spend = (kappa[rows, arm] - kappa[:, 0]).mean()
-        assert abs(q.gain[b] - true_gain) < 4 * q.gain_se[b]
-        assert abs(q.spend[b] - true_spend) < 4 * q.spend_se[b]
-    # the gain equals the difference of the two IPS values
-    full = m.ips_value(path[-1], t, y, c, p).response - m.ips_value(path[0], t, y, c, p).response
-    assert q.gain[-1] == pytest.approx(full, abs=1e-12)
-
-
-@pytest.mark.parametrize("max_spend, expected", [
-    (3.0, 1.0 + 2.5 + 3.0),   # (0,0)-(1,2): 1; (1,2)-(2,3): 2.5; flat at 3 until 3: 3
-    (1.5, 1.0 + 1.125),       # half of the second segment: 0.5 * (2 + 2.5) / 2
-    (0.5, 0.25),              # 0.5 * (0 + 1) / 2
-])
-def test_qini_path_area_hand_computed(max_spend, expected):
-    # points given out of order: the curve is sorted by spend
-    assert m.qini_path_area([2.0, 1.0], [3.0, 2.0], max_spend=max_spend) == pytest.approx(expected)
 
 
 # ------------------------------------------------------------ simulator-truth scores

@@ -1,4 +1,4 @@
-"""Offline evaluation of allocation policies: IPS value, AUCC, Qini curves, capture.
+"""Offline evaluation of allocation policies: IPS value, AUCC, capture at matched spend.
 
 Every estimator reads a held-out randomized trial: ``treatment`` (int arms ``0..M-1``,
 0 = control), ``response``, ``cost`` and ``propensity`` (probability of the arm each
@@ -32,15 +32,6 @@ class IPSEstimate(NamedTuple):
     cost_hi: float
     n: int
     self_normalized: bool
-
-
-class QiniPath(NamedTuple):
-    """Multi-arm Qini curve: per-user incremental spend and gain along a budget path."""
-
-    spend: np.ndarray
-    gain: np.ndarray
-    spend_se: np.ndarray
-    gain_se: np.ndarray
 
 
 # ---------------------------------------------------------------- validation helpers
@@ -273,164 +264,6 @@ def multi_arm_aucc(score, recommended_arm, treatment, response, cost, propensity
     x, y = _cost_curve(_vec("score", score, n), (t == rec) * inv_p, (t == 0) * inv_p,
                        _vec("response", response, n), _vec("cost", cost, n), n_bins)
     return float(np.trapezoid(y, x))
-
-
-# ---------------------------------------------------------------- binary Qini / uplift
-def _binary_cumulants(score, treatment, response):
-    """Cumulative counts and response sums per group at each distinct-score cut."""
-    t = _binary_treatment(treatment)
-    n = t.shape[0]
-    s, y = _vec("score", score, n), _vec("response", response, n)
-    order = np.argsort(s, kind="mergesort")[::-1]  # scikit-uplift's order
-    s, t, y = s[order], t[order].astype(float), y[order]
-    cuts = np.r_[np.flatnonzero(np.diff(s)), n - 1]
-    n_all = (cuts + 1).astype(float)
-    n_t = np.cumsum(t)[cuts]
-    return n_all, n_t, n_all - n_t, np.cumsum(y * t)[cuts], np.cumsum(y * (1 - t))[cuts]
-
-
-def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a / b`` with 0 where ``b == 0`` (scikit-uplift's convention)."""
-    return np.divide(a, b, out=np.zeros_like(a), where=b != 0)
-
-
-def uplift_curve(score, treatment, response) -> tuple[np.ndarray, np.ndarray]:
-    """Uplift curve: ``(mean_T y - mean_C y) * k`` over the top ``k`` by score.
-
-    Same points as ``sklift.metrics.uplift_curve`` (Devriendt et al. 2020): cuts only
-    between distinct scores (ties are one step), starting at (0, 0); an empty group's
-    mean counts as 0. Works for continuous responses too.
-
-    Returns:
-        ``(k, gain)`` arrays.
-    """
-    n_all, n_t, n_c, y_t, y_c = _binary_cumulants(score, treatment, response)
-    return np.r_[0.0, n_all], np.r_[0.0, (_safe_div(y_t, n_t) - _safe_div(y_c, n_c)) * n_all]
-
-
-def qini_curve(score, treatment, response) -> tuple[np.ndarray, np.ndarray]:
-    """Qini curve: ``sum_T y - sum_C y * n_T / n_C`` over the top ``k`` by score.
-
-    Same points as ``sklift.metrics.qini_curve`` (Radcliffe 2007), starting at (0, 0).
-
-    Returns:
-        ``(k, gain)`` arrays.
-    """
-    n_all, n_t, n_c, y_t, y_c = _binary_cumulants(score, treatment, response)
-    return np.r_[0.0, n_all], np.r_[0.0, y_t - y_c * _safe_div(n_t, n_c)]
-
-
-def _normalised_area(actual, perfect) -> float:
-    """(area - random line) / (perfect area - random line), as scikit-uplift does.
-
-    nan when the perfect curve is no better than random (scikit-uplift divides by 0).
-    """
-    baseline = perfect[0][-1] * perfect[1][-1] / 2.0
-    denom = np.trapezoid(perfect[1], perfect[0]) - baseline
-    if denom == 0:
-        return float("nan")
-    return float((np.trapezoid(actual[1], actual[0]) - baseline) / denom)
-
-
-def qini_auc(score, treatment, response, *, negative_effect: bool = True) -> float:
-    """Qini coefficient, equal to ``sklift.metrics.qini_auc_score``.
-
-    Area between the Qini curve and the random line (0,0)-(n, gain(n)), divided by
-    the same area of the perfect curve: with ``negative_effect`` the curve of the
-    score ``y t - y (1 - t)`` (treated responders first, control responders last),
-    otherwise the three-point curve (0,0), (g, g), (n, g) with ``g`` the full gain.
-
-    Args:
-        score: (n,) predicted uplift.
-        treatment: (n,) 0/1 arm.
-        response: (n,) response (binary for scikit-uplift; continuous accepted).
-        negative_effect: whether the perfect curve may show negative effects.
-
-    Returns:
-        The normalised area (1 = perfect, 0 = random).
-    """
-    t = _binary_treatment(treatment)
-    y = _vec("response", response, t.shape[0])
-    if negative_effect:
-        perfect = qini_curve(y * t - y * (1 - t), t, y)
-    else:
-        g = y[t == 1].sum() - (t == 1).sum() * y[t == 0].sum() / (t == 0).sum()
-        perfect = (np.array([0.0, g, t.shape[0]]), np.array([0.0, g, g]))
-    return _normalised_area(qini_curve(score, t, y), perfect)
-
-
-def uplift_auc(score, treatment, response) -> float:
-    """Normalised area under the uplift curve, equal to ``sklift.metrics.uplift_auc_score``.
-
-    The perfect curve ranks by ``2 * 1[y = t] + s`` with ``s = y`` when control
-    responders outnumber treated non-responders, else ``s = t``; it is defined for
-    binary responses only, so a non-binary ``response`` raises :class:`DataError`.
-
-    Returns:
-        (area - random line) / (perfect area - random line).
-    """
-    t = _binary_treatment(treatment)
-    y = _vec("response", response, t.shape[0])
-    if not np.all((y == 0) | (y == 1)):
-        raise DataError("uplift_auc: the perfect uplift curve needs a binary response")
-    s = y if ((y == 1) & (t == 0)).sum() > ((y == 0) & (t == 1)).sum() else t
-    return _normalised_area(uplift_curve(score, t, y), uplift_curve(2.0 * (y == t) + s, t, y))
-
-
-# ---------------------------------------------------------------- multi-arm Qini
-def multi_arm_qini(policies, treatment, response, cost, propensity=None) -> QiniPath:
-    """Multi-arm Qini curve along a budget path, by IPS.
-
-    Sverdrup, Wu, Athey & Wager (2023), "Qini curves for multi-armed treatment
-    rules", arXiv 2306.11979: the gain ``V(pi_b) - V(all control)`` of each policy on
-    an increasing budget path against its spend. Here both are per-user IPS
-    estimates (not the paper's AIPW scores) of the difference to all-control, from
-    the per-row terms ``v_i (1[t_i = pi_b(x_i)] - 1[t_i = 0]) / p_i``, so spend is the
-    incremental spend (equal to the spend when control costs nothing), an all-control
-    policy has gain and spend exactly 0, and the SEs are those of the differences.
-
-    Args:
-        policies: list of (n,) arm arrays, or an (n_budgets, n) array, by budget.
-        treatment, response, cost, propensity: the trial, as in :func:`ips_value`.
-
-    Returns:
-        A :class:`QiniPath` of per-user spend, gain and their standard errors.
-    """
-    t = _arms(treatment)
-    n = t.shape[0]
-    inv_p = 1.0 / _propensity(t, propensity)
-    y, c = _vec("response", response, n), _vec("cost", cost, n)
-    out = np.empty((len(policies), 4))
-    for b, arm in enumerate(policies):
-        d = ((_vec("policy", arm, n) == t).astype(float) - (t == 0)) * inv_p
-        (g, g_se), (s, s_se) = _mean_se(d * y), _mean_se(d * c)
-        out[b] = s, g, s_se, g_se
-    return QiniPath(*out.T.copy())
-
-
-def qini_path_area(spend, gain, *, max_spend: float) -> float:
-    """Area under a Qini curve from spend 0 to ``max_spend``.
-
-    The curve is the piecewise-linear interpolation of (0, 0) and the points sorted
-    by spend (noise can make IPS spend non-monotone in the budget), held flat beyond
-    the last point: the path is complete there, as Sverdrup et al.'s curve plateaus
-    once the budget stops binding. Divide by ``max_spend`` for the average gain.
-
-    Args:
-        spend: (n_budgets,) per-user incremental spend.
-        gain: (n_budgets,) per-user gain.
-        max_spend: upper integration limit (> 0).
-
-    Returns:
-        The area, in gain x spend units.
-    """
-    if not max_spend > 0:
-        raise DataError(f"qini_path_area: max_spend must be > 0, got {max_spend}")
-    x = np.r_[0.0, np.asarray(spend, dtype=float)]
-    y = np.r_[0.0, np.asarray(gain, dtype=float)]
-    order = np.argsort(x, kind="stable")
-    xs = np.unique(np.r_[0.0, x[(x > 0) & (x < max_spend)], max_spend])
-    return float(np.trapezoid(np.interp(xs, x[order], y[order]), xs))
 
 
 # ---------------------------------------------------------------- simulator truth
