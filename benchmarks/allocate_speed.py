@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from budgetalloc.data.contract import Population, trial_from_frame
-from budgetalloc.fit.pipeline import fit_policy
+from budgetalloc.fit.fit_stream import fit_policy
 from budgetalloc.params import Params, SimulateParams
 from budgetalloc.serve.allocate import allocate_population, population_clusters, program_for
 from budgetalloc.studies.simulate import simulate_population, simulate_trial

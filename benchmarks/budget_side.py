@@ -11,13 +11,15 @@ import time
 
 import numpy as np
 
+from budgetalloc.data.readers import STREAM_BATCH_ROWS
 from budgetalloc.data.sampling import split_mask
+from budgetalloc.fit import fit_stream as S
 from budgetalloc.fit import pipeline as P
-from budgetalloc.method.clustering import assign_clusters
+from budgetalloc.fit.trial_scan import HONEST, MemoryTrial, row_roles, scan_trial
 from budgetalloc.method.program import AllocationProgram
 from budgetalloc.method.statistics import cluster_statistics
 from budgetalloc.models.distill import predict_clusters
-from budgetalloc.models.representation import embed, predict_outcomes
+from budgetalloc.models.representation import predict_outcomes
 from budgetalloc.params import Params, with_overrides
 from budgetalloc.serve.allocate import arms_in_file_order
 from budgetalloc.studies.benchmark import _draw, _features, default_cases
@@ -29,21 +31,20 @@ ROWS = 200_000
 
 
 def fit_parts(name: str):
-    """The pipeline's stages up to the honest rows' clusters and predictions, for one world."""
+    """The fit's passes up to the honest rows' clusters and predictions, for one world."""
     case = next(c for c in default_cases(n_users=ROWS, quick=False) if c.name == name)
     trial, _, pop = _draw(case, 0, 1000, 100_000)
     rep = P.Reporter()
-    tr_idx, h_idx = P.train_honest_rows(trial.n, PARAMS)
-    pre, model = P.train_stage(trial, tr_idx, PARAMS, rep)
-    Z = pre.transform(trial.X)
-    clusters, _, _ = P.cluster_stage(Z[tr_idx], model, n_honest=len(h_idx), n_arms=trial.n_arms,
-                                     params=PARAMS, reporter=rep)
-    emb = embed(model, Z, batch_size=16384)
-    teacher = assign_clusters(clusters, emb)
-    s_idx, _ = P.student_rows(trial.n, PARAMS)
-    student = P.distill_stage(Z[s_idx], emb[s_idx], teacher[s_idx], clusters, PARAMS, rep)
-    labels = predict_clusters(student, Z[h_idx], batch_size=16384)
-    pr, pc = predict_outcomes(model, Z[h_idx], batch_size=16384)
+    source = MemoryTrial(trial, STREAM_BATCH_ROWS)
+    roles = row_roles(trial.n, PARAMS)
+    scan = scan_trial(source, roles)
+    pre, model = S.representation_step(roles, scan, PARAMS, rep)
+    clusters = S.cluster_pass(source, roles, pre, model, scan.facts, PARAMS, rep)
+    student, _ = S.student_step(source, roles, scan, pre, model, clusters, PARAMS, rep)
+    h_idx = np.flatnonzero(roles & HONEST)
+    Z = pre.transform(trial.X[h_idx])
+    labels = predict_clusters(student, Z, batch_size=16384)
+    pr, pc = predict_outcomes(model, Z, batch_size=16384)
     rows = (labels, trial.treatment[h_idx], trial.response[h_idx], trial.cost[h_idx], trial.ipw[h_idx], pr, pc)
     cl = predict_clusters(student, pre.transform(_features(pop.frame, trial.feature_names)), batch_size=262144)
     return rows, student.n_clusters, cl, pop

@@ -33,7 +33,7 @@ TINY_PARAMS = {
 def tiny_fitted(tmp_path_factory):
     """A policy fitted on a 12,000-row trial with tiny params, saved; plus a population with truth."""
     from budgetalloc.data.contract import trial_from_frame
-    from budgetalloc.fit.pipeline import fit_policy
+    from budgetalloc.fit.fit_stream import fit_policy
     from budgetalloc.params import params_from_dict
     from budgetalloc.policy import save_policy
     from budgetalloc.studies.simulate import simulate_population

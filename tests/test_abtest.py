@@ -12,7 +12,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from budgetalloc.data.contract import trial_from_frame
-from budgetalloc.fit.pipeline import fit_policy
+from budgetalloc.fit.fit_stream import fit_policy
 from budgetalloc.params import params_from_dict
 from budgetalloc.policy import save_policy
 from budgetalloc.studies.abtest import analyse_ab, simulate_ab

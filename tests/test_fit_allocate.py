@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from budgetalloc.cli.app import app
 from budgetalloc.data.contract import population_from_frame, trial_from_frame
 from budgetalloc.errors import PolicyError
-from budgetalloc.fit.pipeline import fit_policy
+from budgetalloc.fit.fit_stream import fit_policy
 from budgetalloc.policy import load_policy, save_policy
 from budgetalloc.serve.allocate import allocate_population, arms_in_file_order
 from budgetalloc.studies.simulate import (

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from budgetalloc.data.contract import load_trial, read_table
 from budgetalloc.errors import DataError, ParamsError
-from budgetalloc.fit.pipeline import fit_policy
+from budgetalloc.fit.fit_stream import fit_policy
 from budgetalloc.params import load_params, params_to_dict
 from budgetalloc.policy import load_policy, save_policy
 from budgetalloc.progress_line import parse_progress

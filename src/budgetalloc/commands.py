@@ -75,7 +75,7 @@ def run_fit(*, data: Path, out: Path, params_path: Path | None, reporter=None, s
     The trial is streamed or loaded whole as :func:`fit_path` decides; the summary's
     ``fit_path`` says which.
     """
-    from budgetalloc.fit.pipeline import fit_policy
+    from budgetalloc.fit.fit_stream import fit_policy
     from budgetalloc.policy import check_policy_target, save_policy
 
     check_distinct(out, data=data)

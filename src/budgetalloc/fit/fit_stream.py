@@ -1,15 +1,15 @@
-"""The fit as passes over a Parquet trial read in batches, in bounded memory.
+"""The fit, written once as passes over a row source: a Parquet trial read in batches, or arrays.
 
 Passes: 1 check every batch and keep the seeded samples (:mod:`budgetalloc.fit.trial_scan`);
 then the preprocessor and the network on the samples; 2 k-means on the train rows'
 embeddings (:func:`cluster_pass`); 3 every row's teacher cluster (:func:`teacher_pass`),
 the student on its sample; 4 the statistics of the honest rows grouped by the student
 (:func:`statistics_pass`) and the student's cluster sizes (:func:`student_pass`); then the
-budget table. :func:`fit_policy_file` runs them in one process, the DVC stages one
-boundary each. Invariants: nothing per row is held but a role byte (and an id key in
-pass 1); forward passes, sums and draws follow fixed blocks from row 0, so the policy
-does not depend on the batching and equals the in-memory fit's on at most
-``data.preprocess_sample`` rows (``summary.fit_path`` aside). Rationale: docs/scale.md.
+budget table. :func:`fit_policy` (arrays) and :func:`fit_policy_file` (a file) run
+them in one process, the DVC stages one boundary each. Invariants: nothing per row
+is held but a role byte (and an id key in pass 1); forward passes, sums and draws follow fixed blocks from row 0, so the policy
+does not depend on the batching or the source (``summary.fit_path`` aside).
+Rationale: docs/scale.md.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from budgetalloc.data.blocks import Rebatcher, fixed_blocks, padded
-from budgetalloc.data.contract import Preprocessor, feature_matrix
-from budgetalloc.data.readers import STREAM_BATCH_ROWS, table_frames
+from budgetalloc.data.contract import Preprocessor, Trial
+from budgetalloc.data.readers import STREAM_BATCH_ROWS
 from budgetalloc.fit.pipeline import (
     EMBED_BATCH,
     STUDENT_BATCH,
@@ -41,6 +41,8 @@ from budgetalloc.fit.trial_scan import (
     NETWORK,
     PREPROCESS,
     STUDENT,
+    MemoryTrial,
+    RowSource,
     Scan,
     TrialFacts,
     TrialFile,
@@ -68,13 +70,12 @@ def _embedded(model: RepresentationModel, Z: np.ndarray, size: int) -> np.ndarra
     return embed(model, padded(Z, size), batch_size=size)[: Z.shape[0]]
 
 
-def _features(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, *, train_only: bool = False):
-    """``(Z, roles)`` of every batch's rows (only the train rows' with ``train_only``), in file order."""
+def _features(trial: RowSource, roles: np.ndarray, pre: Preprocessor, *, train_only: bool = False):
+    """``(Z, roles)`` of every batch's rows (only the train rows' with ``train_only``), in row order."""
     start = 0
-    for frame in table_frames(trial.path, trial.feature_names, batch_rows=trial.batch_rows):
-        end = start + len(frame)
+    for X in trial.features():
+        end = start + X.shape[0]
         r = roles[start:end]
-        X = feature_matrix(frame, trial.feature_names, trial.source)
         if train_only:
             keep = (r & HONEST) == 0
             X, r = X[keep], r[keep]
@@ -82,9 +83,9 @@ def _features(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, *, train_o
         start = end
 
 
-def cluster_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
+def cluster_pass(trial: RowSource, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
                  facts: TrialFacts, params: Params, reporter: Reporter) -> ClusterModel:
-    """Pass 2: k-means on the train rows' embeddings, as :func:`budgetalloc.fit.pipeline.cluster_stage`."""
+    """Pass 2: k-means on the train rows' embeddings."""
     reporter.stage("clustering")
     n_train = int(np.count_nonzero((roles & HONEST) == 0))
     k = cluster_k(n_honest=trial.n - n_train, n_arms=facts.n_arms, params=params, reporter=reporter)
@@ -98,7 +99,7 @@ def cluster_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, model: 
                                 metric=cluster_metric(model, params))
 
 
-def teacher_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
+def teacher_pass(trial: RowSource, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
                  clusters: ClusterModel, params: Params, *, soft_targets: bool = True):
     """Pass 3: every row's teacher cluster.
 
@@ -109,7 +110,7 @@ def teacher_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, model: 
     temperature = params.distill.soft_temperature if soft_targets else 0.0
     student, holdout, soft = [], [], []
     sizes = np.zeros(clusters.k, dtype=np.int64)
-    soft_blocks = Rebatcher(ASSIGN_BATCH)  # soft targets in the blocks pipeline.student_soft_targets uses
+    soft_blocks = Rebatcher(ASSIGN_BATCH)  # soft targets in fixed blocks of ASSIGN_BATCH rows
 
     def add_soft(emb: np.ndarray) -> None:
         soft.append(centroid_soft_targets(clusters, emb, temperature=temperature))
@@ -130,7 +131,7 @@ def teacher_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, model: 
     return np.concatenate(student), (np.concatenate(soft) if soft else None), np.concatenate(holdout), sizes
 
 
-def student_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, student,
+def student_pass(trial: RowSource, roles: np.ndarray, pre: Preprocessor, student,
                  teacher_holdout: np.ndarray | None) -> tuple[np.ndarray, float | None]:
     """Every row's student cluster: the rows per cluster, and the agreement with ``teacher_holdout``."""
     size = inference_batch_size(trial.n, STUDENT_BATCH)
@@ -146,7 +147,7 @@ def student_pass(trial: TrialFile, roles: np.ndarray, pre: Preprocessor, student
     return sizes, (None if teacher_holdout is None else agree / max(seen, 1))
 
 
-def statistics_pass(trial: TrialFile, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
+def statistics_pass(trial: RowSource, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
                     params: Params) -> ClusterStatistics:
     """Pass 4: statistics on the honest rows grouped by the student."""
     facts = scan.facts
@@ -204,7 +205,7 @@ def representation_step(roles: np.ndarray, scan: Scan, params: Params,
     return pre, model
 
 
-def student_step(trial: TrialFile, roles: np.ndarray, scan: Scan, pre: Preprocessor, model: RepresentationModel,
+def student_step(trial: RowSource, roles: np.ndarray, scan: Scan, pre: Preprocessor, model: RepresentationModel,
                  clusters: ClusterModel, params: Params, reporter: Reporter):
     """Pass 3 and the student trained on its sample; returns the student and the holdout's teacher clusters."""
     reporter.stage("distillation")
@@ -215,7 +216,7 @@ def student_step(trial: TrialFile, roles: np.ndarray, scan: Scan, pre: Preproces
     return student, teacher_holdout
 
 
-def budget_step(trial: TrialFile, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
+def budget_step(trial: RowSource, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
                 teacher_holdout: np.ndarray | None, params: Params, reporter: Reporter):
     """Pass 4, the student's cluster sizes (and agreement), the budget table: ``(stats, sizes, agreement, table)``."""
     reporter.stage("statistics")
@@ -224,9 +225,52 @@ def budget_step(trial: TrialFile, roles: np.ndarray, scan: Scan, pre: Preprocess
     return stats, sizes, agreement, program_stage(stats, sizes, params, reporter)
 
 
+def fit_source(trial: RowSource, params: Params, reporter: Reporter | None = None, *,
+               fit_path: str) -> Policy:
+    """Every pass over ``trial`` in one process; the policy's ``summary.fit_path`` is ``fit_path``."""
+    reporter = reporter or Reporter()
+    reporter.stage("reading")
+    roles = row_roles(trial.n, params)
+    scan = scan_trial(trial, roles)
+    pre, model = representation_step(roles, scan, params, reporter)
+    clusters = cluster_pass(trial, roles, pre, model, scan.facts, params, reporter)
+    student, teacher_holdout = student_step(trial, roles, scan, pre, model, clusters, params, reporter)
+    scan.held = None  # the samples are no longer needed
+    stats, n_users, agreement, table = budget_step(trial, roles, scan, pre, model, student, teacher_holdout,
+                                                   params, reporter)
+    n_train = train_rows(roles)
+    summary = fit_summary(scan.facts, train_rows=n_train, honest_rows=trial.n - n_train, k=clusters.k,
+                          agreement=agreement, epochs=int(model.history.epochs_run), n_users=n_users,
+                          table=table, notes=reporter.notes, fit_path=fit_path)
+    return assemble_policy(scan.facts, params, preprocessor=pre, student=student, statistics=stats,
+                           budget_table=table, summary=summary)
+
+
+def fit_policy(trial: Trial, params: Params, reporter: Reporter | None = None, *,
+               batch_rows: int = STREAM_BATCH_ROWS) -> Policy:
+    """Fit a policy on a validated in-memory trial: the passes over its arrays in batches.
+
+    The student learns the teacher's clusters from every row except a seeded
+    ``distill.holdout_fraction`` kept to measure its agreement: cluster labels come
+    from features alone, so using the honest rows' features here leaks no outcome.
+
+    Args:
+        trial: a validated randomized trial.
+        params: all params (each pass reads its own section).
+        reporter: progress sink; silent by default.
+        batch_rows: rows per batch (any size: the result does not depend on it).
+
+    Returns:
+        The policy (not yet saved; see :func:`budgetalloc.policy.save_policy`), with
+        ``summary["fit_path"] == "in memory"``: the same bytes as :func:`fit_policy_file`
+        on the same rows otherwise.
+    """
+    return fit_source(MemoryTrial(trial, batch_rows), params, reporter, fit_path="in memory")
+
+
 def fit_policy_file(path: str | Path, params: Params, reporter: Reporter | None = None, *,
                     batch_rows: int = STREAM_BATCH_ROWS) -> Policy:
-    """Fit a policy on a Parquet trial read in batches: :func:`budgetalloc.fit.pipeline.fit_policy`, streamed.
+    """Fit a policy on a Parquet trial read in batches, in bounded memory.
 
     Args:
         path: the trial (Parquet).
@@ -243,17 +287,4 @@ def fit_policy_file(path: str | Path, params: Params, reporter: Reporter | None 
     Raises:
         DataError: the file is not a readable Parquet trial, or breaks the contract.
     """
-    reporter = reporter or Reporter()
-    trial, roles, scan = scan_file(path, params, reporter, batch_rows=batch_rows)
-    pre, model = representation_step(roles, scan, params, reporter)
-    clusters = cluster_pass(trial, roles, pre, model, scan.facts, params, reporter)
-    student, teacher_holdout = student_step(trial, roles, scan, pre, model, clusters, params, reporter)
-    scan.held = None  # the samples are no longer needed
-    stats, n_users, agreement, table = budget_step(trial, roles, scan, pre, model, student, teacher_holdout,
-                                                   params, reporter)
-    n_train = train_rows(roles)
-    summary = fit_summary(scan.facts, train_rows=n_train, honest_rows=trial.n - n_train, k=clusters.k,
-                          agreement=agreement, epochs=int(model.history.epochs_run), n_users=n_users,
-                          table=table, notes=reporter.notes, fit_path="streamed")
-    return assemble_policy(scan.facts, params, preprocessor=pre, student=student, statistics=stats,
-                           budget_table=table, summary=summary)
+    return fit_source(open_trial(path, params, batch_rows=batch_rows), params, reporter, fit_path="streamed")

@@ -1,4 +1,4 @@
-"""Pass 1 of the streamed fit: every row's roles, a Parquet trial checked batch by batch, its samples kept.
+"""Pass 1 of the fit: every row's roles, the row source (a Parquet trial or arrays) checked batch by batch, its samples kept.
 
 :func:`row_roles` draws every row's roles from the row count alone, with the very
 functions the in-memory fit splits and samples with (one byte a row): honest,
@@ -22,10 +22,13 @@ import pandas as pd
 from budgetalloc.data.contract import (
     MAX_ARMS,
     PROPENSITY,
+    Trial,
+    TrialColumns,
     check_arm_counts,
     check_file,
     count_missing,
     feature_columns,
+    feature_matrix,
     trial_columns,
 )
 from budgetalloc.data.readers import (
@@ -33,6 +36,7 @@ from budgetalloc.data.readers import (
     id_keys,
     is_parquet,
     parquet_file,
+    table_frames,
     trial_frames,
 )
 from budgetalloc.data.sampling import PREPROCESS_SAMPLE, seeded_sample
@@ -67,10 +71,65 @@ class TrialFile:
             yield start, frame
             start += len(frame)
 
-    def checked(self) -> Iterator[tuple[int, object]]:
+    def checked(self) -> Iterator[tuple[int, TrialColumns]]:
         """``(first row, TrialColumns)`` of every batch, through the contract's row-wise checks."""
         for start, frame in self.frames():
             yield start, trial_columns(frame, features=self.feature_names, source=self.source, first_row=start)
+
+    def features(self) -> Iterator[np.ndarray]:
+        """The feature matrix of every batch, in file order (only the feature columns are read)."""
+        for frame in table_frames(self.path, self.feature_names, batch_rows=self.batch_rows):
+            yield feature_matrix(frame, self.feature_names, self.source)
+
+    def check_ids(self, keys: np.ndarray) -> None:
+        """Ids unique over the whole file, from every row's key (:func:`check_unique_file_ids`)."""
+        check_unique_file_ids(self.path, keys, batch_rows=self.batch_rows)
+
+
+@dataclass(frozen=True)
+class MemoryTrial:
+    """A validated in-memory :class:`~budgetalloc.data.contract.Trial` as a row source, in batches of ``batch_rows``.
+
+    It yields what a :class:`TrialFile` of the same rows yields, so every pass gives
+    the same result over either (the propensity column is the trial's own, which is
+    each arm's share where the table had none: the same weights).
+    """
+
+    trial: Trial
+    batch_rows: int
+    has_propensity: bool = True
+
+    @property
+    def n(self) -> int:
+        return self.trial.n
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.trial.feature_names
+
+    @property
+    def source(self) -> str:
+        return self.trial.source
+
+    def _blocks(self) -> Iterator[tuple[int, slice]]:
+        for start in range(0, self.n, self.batch_rows):
+            yield start, slice(start, start + self.batch_rows)
+
+    def checked(self) -> Iterator[tuple[int, TrialColumns]]:
+        t = self.trial
+        for start, rows in self._blocks():
+            yield start, TrialColumns(t.user_id[rows], t.treatment[rows], t.response[rows], t.cost[rows],
+                                      t.X[rows], t.feature_names, t.propensity[rows])
+
+    def features(self) -> Iterator[np.ndarray]:
+        for _, rows in self._blocks():
+            yield self.trial.X[rows]
+
+    def check_ids(self, keys: np.ndarray) -> None:
+        """Nothing to do: the ids were checked when the :class:`Trial` was built."""
+
+
+RowSource = TrialFile | MemoryTrial
 
 
 def parquet_rows(path: str | Path) -> int | None:
@@ -178,7 +237,7 @@ class Scan:
     clip: Rows  # the winsorize bands' sample (outcomes only)
 
 
-def scan_trial(trial: TrialFile, roles: np.ndarray) -> Scan:
+def scan_trial(trial: RowSource, roles: np.ndarray) -> Scan:
     """Pass 1: check every batch, keep the samples; then the checks over all rows.
 
     Raises:
@@ -204,7 +263,7 @@ def scan_trial(trial: TrialFile, roles: np.ndarray) -> Scan:
     if end != trial.n:
         raise DataError(f"{trial.source}: the file changed while it was read ({trial.n} rows in its metadata)")
     n_arms = check_arm_counts(counts, trial.source)
-    check_unique_file_ids(trial.path, keys, batch_rows=trial.batch_rows)
+    trial.check_ids(keys)
     facts = TrialFacts(trial.n, n_arms, trial.feature_names, binary, counts[:n_arms], missing)
     return Scan(facts, held, clip)
 

@@ -5,8 +5,7 @@ runs one pass boundary of the fit (:mod:`budgetalloc.fit.fit_stream`) or a servi
 command, and writes its outputs atomically; paths come from the command line.
 Invariants: a fit stage reads the Parquet trial in batches and persists weights,
 centroids, statistics and tables, never per-row arrays; the chain's policy is the
-streamed fit's (``summary.fit_path`` aside), which is ``fit_policy``'s up to
-``data.preprocess_sample`` rows. Here: params loading, the
+streamed fit's and the in-memory ``fit_policy``'s (``summary.fit_path`` aside). Here: params loading, the
 one-line error convention (exit code 2), and :class:`StageReporter`, whose lines a
 Prefect task follows (:func:`budgetalloc.progress_line.parse_progress`).
 """

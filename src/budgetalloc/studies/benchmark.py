@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from budgetalloc.data.contract import Population, Trial, trial_from_frame
-from budgetalloc.fit.pipeline import fit_policy
+from budgetalloc.fit.fit_stream import fit_policy
 from budgetalloc.method.lagrangian import lagrangian_allocation
 from budgetalloc.params import Params, SimulateParams
 from budgetalloc.serve.allocate import arms_in_file_order, population_clusters, program_for
