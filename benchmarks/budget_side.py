@@ -15,7 +15,7 @@ from budgetalloc.data.readers import STREAM_BATCH_ROWS
 from budgetalloc.data.sampling import split_mask
 from budgetalloc.fit import fit_stream as S
 from budgetalloc.fit import pipeline as P
-from budgetalloc.fit.trial_scan import HONEST, MemoryTrial, row_roles, scan_trial
+from budgetalloc.fit.trial_scan import HONEST, MemoryTrial
 from budgetalloc.method.program import AllocationProgram
 from budgetalloc.method.statistics import cluster_statistics
 from budgetalloc.models.distill import predict_clusters
@@ -36,8 +36,7 @@ def fit_parts(name: str):
     trial, _, pop = _draw(case, 0, 1000, 100_000)
     rep = P.Reporter()
     source = MemoryTrial(trial, STREAM_BATCH_ROWS)
-    roles = row_roles(trial.n, PARAMS)
-    scan = scan_trial(source, roles)
+    roles, scan = S.scan_source(source, PARAMS, rep)
     pre, model = S.representation_step(roles, scan, PARAMS, rep)
     clusters = S.cluster_pass(source, roles, pre, model, scan.facts, PARAMS, rep)
     student, _ = S.student_step(source, roles, scan, pre, model, clusters, PARAMS, rep)

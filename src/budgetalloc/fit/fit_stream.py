@@ -7,9 +7,9 @@ the student on its sample; 4 the statistics of the honest rows grouped by the st
 (:func:`statistics_pass`) and the student's cluster sizes (:func:`student_pass`); then the
 budget table. :func:`fit_policy` (arrays) and :func:`fit_policy_file` (a file) run
 them in one process, the DVC stages one boundary each. Invariants: nothing per row
-is held but a role byte (and an id key in pass 1); forward passes, sums and draws follow fixed blocks from row 0, so the policy
-does not depend on the batching or the source (``summary.fit_path`` aside).
-Rationale: docs/scale.md.
+is held but a role byte (and an id key in pass 1); forward passes, sums and draws
+follow fixed blocks from row 0, so the policy does not depend on the batching or the
+source (``summary.fit_path`` aside). Rationale: docs/scale.md.
 """
 
 from __future__ import annotations
@@ -172,13 +172,18 @@ def statistics_pass(trial: RowSource, roles: np.ndarray, scan: Scan, pre: Prepro
     return acc.finalize()
 
 
+def scan_source(trial: RowSource, params: Params, reporter: Reporter) -> tuple[np.ndarray, Scan]:
+    """Every row's roles and pass 1 (:func:`scan_trial`) over a row source."""
+    reporter.stage("reading")
+    roles = row_roles(trial.n, params)
+    return roles, scan_trial(trial, roles)
+
+
 def scan_file(path: str | Path, params: Params, reporter: Reporter, *,
               batch_rows: int = STREAM_BATCH_ROWS) -> tuple[TrialFile, np.ndarray, Scan]:
-    """Open a Parquet trial, draw every row's roles and run pass 1 (:func:`scan_trial`)."""
-    reporter.stage("reading")
+    """Open a Parquet trial and run :func:`scan_source` on it."""
     trial = open_trial(path, params, batch_rows=batch_rows)
-    roles = row_roles(trial.n, params)
-    return trial, roles, scan_trial(trial, roles)
+    return (trial, *scan_source(trial, params, reporter))
 
 
 def train_rows(roles: np.ndarray) -> int:
@@ -229,9 +234,7 @@ def fit_source(trial: RowSource, params: Params, reporter: Reporter | None = Non
                fit_path: str) -> Policy:
     """Every pass over ``trial`` in one process; the policy's ``summary.fit_path`` is ``fit_path``."""
     reporter = reporter or Reporter()
-    reporter.stage("reading")
-    roles = row_roles(trial.n, params)
-    scan = scan_trial(trial, roles)
+    roles, scan = scan_source(trial, params, reporter)
     pre, model = representation_step(roles, scan, params, reporter)
     clusters = cluster_pass(trial, roles, pre, model, scan.facts, params, reporter)
     student, teacher_holdout = student_step(trial, roles, scan, pre, model, clusters, params, reporter)

@@ -14,17 +14,11 @@ import numpy as np
 
 from budgetalloc.data.contract import Preprocessor, Trial
 from budgetalloc.data.sampling import STUDENT_SAMPLE, TRAIN_SAMPLE, capped, split_mask
-from budgetalloc.method.clustering import (
-    effective_k,
-)
+from budgetalloc.method.clustering import effective_k
 from budgetalloc.method.program import AllocationProgram, solve_budget_table
 from budgetalloc.method.statistics import ClusterStatistics
 from budgetalloc.models.distill import StudentModel, train_student
-from budgetalloc.models.representation import (
-    RepresentationModel,
-    task_metric,
-    train_representation,
-)
+from budgetalloc.models.representation import RepresentationModel, task_metric, train_representation
 from budgetalloc.params import Params
 from budgetalloc.policy import Policy
 
