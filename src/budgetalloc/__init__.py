@@ -2,11 +2,12 @@
 
 Importing the package pins how XLA computes on the CPU, before JAX starts its
 backend, so that networks train to the same bits on any x86-64 CPU with AVX2, with
-or without AVX-512, and whatever the number of cores (:data:`XLA_CPU_FLAGS`):
-code generated for AVX2 at most, matrix products through oneDNN capped at AVX2
-(whose kernels, unlike XLA's own, do not split a sum by thread), and no YNNPACK
-fusions (whose reductions do). A flag or ``ONEDNN_MAX_CPU_ISA`` the user set is
-kept. docs/orchestration.md, "Same bytes on another machine", has the measurements.
+or without AVX-512 (:data:`XLA_CPU_FLAGS`): code generated for AVX2 at most, matrix
+products in XLA's own kernels (not oneDNN, whose fusion runtime could abort the
+process when a compiled function was freed right after it ran) and no YNNPACK
+fusions. A flag the user set is kept. The bits still depend on the number of cores
+XLA sees; docs/orchestration.md, "Same bytes on another machine", has the
+measurements.
 """
 
 from __future__ import annotations
@@ -16,22 +17,18 @@ import os
 #: XLA_FLAGS added on import (each unless ``XLA_FLAGS`` already names that flag).
 XLA_CPU_FLAGS = (
     "--xla_cpu_max_isa=AVX2",
-    "--xla_cpu_use_onednn=true",
-    "--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+    "--xla_cpu_use_onednn=false",
     "--xla_cpu_experimental_ynn_fusion_type=",
 )
-#: The largest instruction set oneDNN may use (``ONEDNN_MAX_CPU_ISA``).
-ONEDNN_MAX_ISA = "AVX2"
 
 
 def pin_xla_cpu(env: dict = os.environ) -> str:
-    """Add :data:`XLA_CPU_FLAGS` to ``env["XLA_FLAGS"]`` and cap oneDNN's ISA; return the flags."""
+    """Add :data:`XLA_CPU_FLAGS` to ``env["XLA_FLAGS"]`` (each unless it names that flag); return the flags."""
     flags = env.get("XLA_FLAGS", "")
     for flag in XLA_CPU_FLAGS:
         if flag.split("=")[0] + "=" not in flags:
             flags = f"{flags} {flag}".strip()
     env["XLA_FLAGS"] = flags
-    env.setdefault("ONEDNN_MAX_CPU_ISA", ONEDNN_MAX_ISA)
     return flags
 
 

@@ -6,7 +6,7 @@ travel as a pytree (:class:`TrainState`) through a pure ``train_step``, and an
 epoch is one jitted ``lax.scan`` over a ``(n_batches, batch_size)`` plan of row
 indices drawn in numpy from the seed. :func:`fit` adds a validation split and
 early stopping; with several devices it trains data parallel on a ``"data"`` mesh
-(``BUDGETALLOC_DATA_PARALLEL=0``: one device, bit-identical to a one-device machine).
+(``BUDGETALLOC_DATA_PARALLEL=0``: one device, as on a one-device machine).
 
 Invariants: fixed shapes (a last partial batch is padded with row 0 at weight 0,
 which counts for nothing), so nothing recompiles; the same seed gives the same
@@ -254,7 +254,7 @@ def fit(
 
     With several devices (``jax.devices()``) training is data parallel over all of
     them (see :func:`data_parallel_mesh`); ``BUDGETALLOC_DATA_PARALLEL=0`` in the
-    environment keeps it on one device, bit-identical to a one-device machine.
+    environment keeps it on one device, as on a one-device machine.
     """
     rng = np.random.default_rng(seed)
     n = len(data["weight"])
@@ -317,8 +317,8 @@ def inference_batch_size(n: int, batch_size: int) -> int:
     """``min(batch_size, n)`` rounded up to a multiple of ``INFERENCE_CHUNK`` (at least one chunk).
 
     Every row is computed inside a matrix product of exactly ``INFERENCE_CHUNK`` rows, so
-    its bits do not depend on how many rows come with it (oneDNN's kernels, which
-    the package's XLA pin routes products through, change with the product's shape).
+    its bits do not depend on how many rows come with it (the CPU's product kernels
+    block and split a product by its shape).
     """
     size = max(1, min(batch_size, n))
     return -(-size // INFERENCE_CHUNK) * INFERENCE_CHUNK
