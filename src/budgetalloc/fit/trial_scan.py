@@ -59,6 +59,8 @@ class TrialFile:
     feature_names: tuple[str, ...]
     has_propensity: bool
     batch_rows: int
+    #: pass 1 collects every row's id key for :meth:`check_ids`
+    needs_id_keys: bool = True
 
     @property
     def source(self) -> str:
@@ -98,6 +100,7 @@ class MemoryTrial:
     trial: Trial
     batch_rows: int
     has_propensity: bool = True
+    needs_id_keys: bool = False  # the Trial's ids are checked already
 
     @property
     def n(self) -> int:
@@ -246,14 +249,15 @@ def scan_trial(trial: RowSource, roles: np.ndarray) -> Scan:
     d = len(trial.feature_names)
     held = Rows.empty(roles[(roles & HELD) != 0], d, trial.has_propensity)
     clip = Rows.empty(roles[(roles & CLIP) != 0], None, False)
-    keys = np.empty(trial.n, dtype=np.uint64)
+    keys = np.empty(trial.n if trial.needs_id_keys else 0, dtype=np.uint64)
     counts = np.zeros(MAX_ARMS, dtype=np.int64)
     binary, missing, at_held, at_clip, end = True, 0, 0, 0, 0
     for start, cols in trial.checked():
         end = start + cols.treatment.shape[0]
         if end > trial.n:
             break
-        keys[start:end] = id_keys(cols.user_id)
+        if trial.needs_id_keys:
+            keys[start:end] = id_keys(cols.user_id)
         counts += np.bincount(cols.treatment, minlength=MAX_ARMS)
         binary = binary and bool(np.isin(cols.response, (0.0, 1.0)).all())
         missing += count_missing(cols.X)
