@@ -7,7 +7,7 @@ the student on its sample; 4 the statistics of the honest rows grouped by the st
 (:func:`statistics_pass`) and the student's cluster sizes (:func:`student_pass`); then the
 budget table. :func:`fit_policy` (arrays) and :func:`fit_policy_file` (a file) run
 them in one process, the DVC stages one boundary each. Invariants: nothing per row
-is held but a role byte (and an id key in pass 1); forward passes, sums and draws
+is held but a role byte (and, from a file, an id key in pass 1); forward passes, sums and draws
 follow fixed blocks from row 0, so the policy does not depend on the batching or the
 source (``summary.fit_path`` aside). Rationale: docs/scale.md.
 """

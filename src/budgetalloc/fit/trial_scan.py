@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -60,7 +61,7 @@ class TrialFile:
     has_propensity: bool
     batch_rows: int
     #: pass 1 collects every row's id key for :meth:`check_ids`
-    needs_id_keys: bool = True
+    needs_id_keys: ClassVar[bool] = True
 
     @property
     def source(self) -> str:
@@ -100,7 +101,7 @@ class MemoryTrial:
     trial: Trial
     batch_rows: int
     has_propensity: bool = True
-    needs_id_keys: bool = False  # the Trial's ids are checked already
+    needs_id_keys: ClassVar[bool] = False  # the Trial's ids are checked already
 
     @property
     def n(self) -> int:
