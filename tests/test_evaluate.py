@@ -37,6 +37,13 @@ def test_evaluate_writes_metrics_and_plot(tiny_fitted, tmp_path):
     assert curve[0]["cost"] == 0.0
     # spending the budget buys response: the top of the curve is above all-control
     assert curve[-1]["response"] > curve[0]["response"]
+    # the Qini curve: gain and spend over all-control, zero at budget 0, the IPS difference elsewhere
+    control = metrics["references"]["control"]
+    assert curve[0]["qini_gain"] == 0.0 and curve[0]["qini_spend"] == 0.0
+    for row in curve:
+        assert np.isclose(row["qini_gain"], row["response"] - control["response"])
+        assert np.isclose(row["qini_spend"], row["cost"] - control["cost"])
+    assert 0 < metrics["qini_mean_gain"] < curve[-1]["qini_gain"] + 3 * curve[-1]["qini_gain_se"]
     assert (out / "curve.png").stat().st_size > 1000 and (out / "keep.txt").exists()
 
 

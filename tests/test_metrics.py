@@ -196,6 +196,39 @@ TRUE_R = np.array([[1.0, 2.0, 4.0], [1.0, 1.5, 1.5], [0.0, 3.0, 3.0]])
 TRUE_C = np.array([[0.0, 1.0, 3.0], [0.0, 1.0, 2.0], [0.0, 2.0, 4.0]])
 
 
+# ----------------------------------------------------------------- multi-arm Qini
+def test_multi_arm_qini_starts_at_zero_and_tracks_truth():
+    x, t, p, y, c, mu, kappa = _rct(4, 40_000)
+    n = len(t)
+    path = [np.zeros(n, int), np.where(x > 0.5, 1, 0), np.where(x > 0.5, 2, 1), np.full(n, 2)]
+    q = m.multi_arm_qini(path, t, y, c, p)
+    assert q.gain[0] == 0.0 and q.spend[0] == 0.0 and q.gain_se[0] == 0.0
+    rows = np.arange(n)
+    for b, arm in enumerate(path[1:], start=1):
+        true_gain = (mu[rows, arm] - mu[:, 0]).mean()
+        true_spend = (kappa[rows, arm] - kappa[:, 0]).mean()
+        assert abs(q.gain[b] - true_gain) < 4 * q.gain_se[b]
+        assert abs(q.spend[b] - true_spend) < 4 * q.spend_se[b]
+    # the gain equals the difference of the two IPS values
+    full = m.ips_value(path[-1], t, y, c, p).response - m.ips_value(path[0], t, y, c, p).response
+    assert q.gain[-1] == pytest.approx(full, abs=1e-12)
+
+
+@pytest.mark.parametrize("max_spend, expected", [
+    (3.0, 1.0 + 2.5 + 3.0),   # (0,0)-(1,2): 1; (1,2)-(2,3): 2.5; flat at 3 until 3: 3
+    (1.5, 1.0 + 1.125),       # half of the second segment: 0.5 * (2 + 2.5) / 2
+    (0.5, 0.25),              # 0.5 * (0 + 1) / 2
+])
+def test_qini_path_area_hand_computed(max_spend, expected):
+    # points given out of order: the curve is sorted by spend
+    assert m.qini_path_area([2.0, 1.0], [3.0, 2.0], max_spend=max_spend) == pytest.approx(expected)
+
+
+def test_qini_path_area_rejects_nonpositive_limit():
+    with pytest.raises(DataError, match="max_spend"):
+        m.qini_path_area([1.0], [1.0], max_spend=0.0)
+
+
 @pytest.mark.parametrize("arms, expected", [
     ([2, 1, 1], 1.0),                 # the oracle itself
     ([0, 0, 0], 0.0),                 # all control

@@ -5,8 +5,8 @@ forward pass) keeps each row's cluster and outcomes; then, for a grid of total
 budgets, the program is solved for the test population's own cluster sizes, users
 take arms in file order, and the allocation's response and spend per user are
 estimated by inverse propensity with 95% intervals (:mod:`budgetalloc.serve.metrics`),
-with all-control and random allocation as references and the AUCC of the
-clusters' incremental ROI. Invariant: the reports' bytes do not depend on the
+with all-control and random allocation as references, the multi-arm Qini curve of
+the budget path and the AUCC of the clusters' incremental ROI. Invariant: the reports' bytes do not depend on the
 source kind, the batch size or the executor.
 """
 
@@ -48,7 +48,7 @@ from budgetalloc.serve.allocate import (
     program_for,
 )
 from budgetalloc.serve.executor import Runner, injected_failure, inline
-from budgetalloc.serve.metrics import ips_curve, ips_value, multi_arm_aucc
+from budgetalloc.serve.metrics import ips_curve, ips_value, multi_arm_aucc, multi_arm_qini, qini_path_area
 
 ARM_CHUNK_ROWS = 65_536  # users per arms_in_file_order call (its temporaries: M values a user)
 DEFAULT_LEVELS = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.45, 0.6, 0.8, 1.0)
@@ -82,8 +82,9 @@ class Outcomes(NamedTuple):
 
 def curve_rows(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, levels=DEFAULT_LEVELS) -> list[dict]:
     """Per budget level (a fraction of the all-max-arm spend): the total ``budget``, the IPS response and
-    cost per user with 95% intervals, the policy's own ``expected_response``/``expected_cost`` per
-    user and the solver status, for test users of known clusters (file order).
+    cost per user with 95% intervals, the Qini point (incremental spend and gain over all-control per
+    user, with SEs), the policy's own ``expected_response``/``expected_cost`` per user and the solver
+    status, for test users of known clusters (file order).
     """
     n_users = np.bincount(clusters, minlength=policy.k).astype(np.int64)
     program = program_for(policy)
@@ -94,6 +95,8 @@ def curve_rows(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, le
         sol = program.solve(n_users, budget)
         arms = user_arms(clusters, sol.counts)
         row = ips_curve([arms], [budget], trial.treatment, trial.response, trial.cost, trial.propensity)[0]
+        qini = multi_arm_qini([arms], trial.treatment, trial.response, trial.cost, trial.propensity)
+        row |= {f"qini_{name}": float(value[0]) for name, value in qini._asdict().items()}
         row["expected_response"] = sol.expected_response / trial.n
         row["expected_cost"] = sol.expected_cost / trial.n
         row["status"] = sol.status
@@ -125,10 +128,10 @@ def reference_points(trial: Trial | Outcomes) -> dict:
 
 
 def plot_curve(rows: list[dict], refs: dict, path: Path, *, title: str) -> None:
-    """Response versus spend per user with CIs and the two references, as PNG."""
+    """Response versus spend per user with CIs and the two references, and the Qini curve, as PNG."""
     cost = np.array([r["cost"] for r in rows])
     resp = np.array([r["response"] for r in rows])
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    fig, (ax, qx) = plt.subplots(1, 2, figsize=(11.0, 4.4), dpi=110)
     ax.fill_between(cost, [r["response_lo"] for r in rows], [r["response_hi"] for r in rows], alpha=0.2,
                     label="95% CI")
     ax.plot(cost, resp, "o-", label="policy (IPS)")
@@ -139,6 +142,13 @@ def plot_curve(rows: list[dict], refs: dict, path: Path, *, title: str) -> None:
     ax.set_ylabel("response per user")
     ax.set_title(title)
     ax.legend(loc="lower right")
+    spend, gain, gain_se = (np.array([r[f"qini_{k}"] for r in rows]) for k in ("spend", "gain", "gain_se"))
+    qx.fill_between(spend, gain - 1.96 * gain_se, gain + 1.96 * gain_se, alpha=0.2, label="95% CI")
+    qx.plot(spend, gain, "o-", label="policy (IPS)")
+    qx.set_xlabel("incremental spend per user")
+    qx.set_ylabel("gain over all-control per user")
+    qx.set_title("multi-arm Qini curve")
+    qx.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -146,14 +156,18 @@ def plot_curve(rows: list[dict], refs: dict, path: Path, *, title: str) -> None:
 
 def write_evaluation(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, out_dir: str | Path, *,
                      levels=DEFAULT_LEVELS) -> dict:
-    """The metrics (``aucc``, ``curve``, references, sizes), written atomically as metrics.json,
-    curve.json and curve.png, for test users of known clusters."""
+    """The metrics (``aucc``, ``qini_mean_gain``: the Qini curve's mean height over its spend range,
+    ``curve``, references, sizes), written atomically as metrics.json, curve.json and curve.png, for
+    test users of known clusters."""
     rows = curve_rows(policy, clusters, trial, levels)
     best_arm, roi = cluster_roi(policy)
     aucc = multi_arm_aucc(roi[clusters], best_arm[clusters], trial.treatment, trial.response, trial.cost,
                           trial.propensity)
-    metrics = {"aucc": float(aucc), "curve": rows, "references": reference_points(trial), "n_test": trial.n,
-               "k": policy.k}
+    spend = [r["qini_spend"] for r in rows]
+    top = max(spend)
+    qini = qini_path_area(spend, [r["qini_gain"] for r in rows], max_spend=top) / top if top > 0 else float("nan")
+    metrics = {"aucc": float(aucc), "qini_mean_gain": qini, "curve": rows, "references": reference_points(trial),
+               "n_test": trial.n, "k": policy.k}
     with atomic_files(out_dir) as tmp:
         write_json(metrics, tmp / "metrics.json")
         write_json([{k: r[k] for k in ("budget", "response", "cost")} for r in rows], tmp / "curve.json")

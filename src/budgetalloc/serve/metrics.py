@@ -1,4 +1,4 @@
-"""Offline evaluation of allocation policies: IPS value, AUCC, capture at matched spend.
+"""Offline evaluation of allocation policies: IPS value, AUCC, multi-arm Qini, capture at matched spend.
 
 Every estimator reads a held-out randomized trial: ``treatment`` (int arms ``0..M-1``,
 0 = control), ``response``, ``cost`` and ``propensity`` (probability of the arm each
@@ -32,6 +32,15 @@ class IPSEstimate(NamedTuple):
     cost_hi: float
     n: int
     self_normalized: bool
+
+
+class QiniPath(NamedTuple):
+    """Multi-arm Qini curve: per-user incremental spend and gain along a budget path, with SEs."""
+
+    spend: np.ndarray
+    gain: np.ndarray
+    spend_se: np.ndarray
+    gain_se: np.ndarray
 
 
 # ---------------------------------------------------------------- validation helpers
@@ -264,6 +273,47 @@ def multi_arm_aucc(score, recommended_arm, treatment, response, cost, propensity
     x, y = _cost_curve(_vec("score", score, n), (t == rec) * inv_p, (t == 0) * inv_p,
                        _vec("response", response, n), _vec("cost", cost, n), n_bins)
     return float(np.trapezoid(y, x))
+
+
+# ---------------------------------------------------------------- multi-arm Qini
+def multi_arm_qini(policies, treatment, response, cost, propensity=None) -> QiniPath:
+    """Multi-arm Qini curve of a budget path: each policy's gain over all-control against its spend.
+
+    Both are per-user IPS estimates of the difference to all-control, from the row
+    terms ``v_i (1[t_i = pi_b(x_i)] - 1[t_i = 0]) / p_i`` (docs/method.md, "Evaluation").
+
+    Args:
+        policies: list of (n,) arm arrays, or an (n_budgets, n) array, by budget.
+        treatment, response, cost, propensity: the trial, as in :func:`ips_value`.
+
+    Returns:
+        A :class:`QiniPath` of per-user incremental spend, gain and their standard errors.
+    """
+    t = _arms(treatment)
+    n = t.shape[0]
+    inv_p = 1.0 / _propensity(t, propensity)
+    y, c = _vec("response", response, n), _vec("cost", cost, n)
+    out = np.empty((len(policies), 4))
+    for b, arm in enumerate(policies):
+        d = ((_vec("policy", arm, n) == t).astype(float) - (t == 0)) * inv_p
+        (g, g_se), (s, s_se) = _mean_se(d * y), _mean_se(d * c)
+        out[b] = s, g, s_se, g_se
+    return QiniPath(*out.T.copy())
+
+
+def qini_path_area(spend, gain, *, max_spend: float) -> float:
+    """Area under a Qini curve from spend 0 to ``max_spend`` (divide by it for the mean gain).
+
+    The curve interpolates (0, 0) and the points sorted by spend, held flat beyond
+    the last point (the path plateaus once the budget stops binding).
+    """
+    if not max_spend > 0:
+        raise DataError(f"qini_path_area: max_spend must be > 0, got {max_spend}")
+    x = np.r_[0.0, np.asarray(spend, dtype=float)]
+    y = np.r_[0.0, np.asarray(gain, dtype=float)]
+    order = np.argsort(x, kind="stable")
+    xs = np.unique(np.r_[0.0, x[(x > 0) & (x < max_spend)], max_spend])
+    return float(np.trapezoid(np.interp(xs, x[order], y[order]), xs))
 
 
 # ---------------------------------------------------------------- simulator truth
