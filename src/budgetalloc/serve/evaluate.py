@@ -48,7 +48,7 @@ from budgetalloc.serve.allocate import (
     program_for,
 )
 from budgetalloc.serve.executor import Runner, injected_failure, inline
-from budgetalloc.serve.metrics import ips_curve, ips_value, multi_arm_aucc, multi_arm_qini, qini_path_area
+from budgetalloc.serve.metrics import ips_value, multi_arm_aucc, multi_arm_qini, qini_path_area
 
 ARM_CHUNK_ROWS = 65_536  # users per arms_in_file_order call (its temporaries: M values a user)
 DEFAULT_LEVELS = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.45, 0.6, 0.8, 1.0)
@@ -94,7 +94,9 @@ def curve_rows(policy: Policy, clusters: np.ndarray, trial: Trial | Outcomes, le
         budget = float(level * scale)
         sol = program.solve(n_users, budget)
         arms = user_arms(clusters, sol.counts)
-        row = ips_curve([arms], [budget], trial.treatment, trial.response, trial.cost, trial.propensity)[0]
+        e = ips_value(arms, trial.treatment, trial.response, trial.cost, trial.propensity)
+        row = {"budget": budget, "response": e.response, "cost": e.cost, "response_lo": e.response_lo,
+               "response_hi": e.response_hi, "cost_lo": e.cost_lo, "cost_hi": e.cost_hi}
         qini = multi_arm_qini([arms], trial.treatment, trial.response, trial.cost, trial.propensity)
         row |= {f"qini_{name}": float(value[0]) for name, value in qini._asdict().items()}
         row["expected_response"] = sol.expected_response / trial.n
