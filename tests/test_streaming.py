@@ -10,11 +10,11 @@ import pytest
 from conftest import peak_bytes
 
 from budgetalloc.data.contract import load_population
-from budgetalloc.data.readers import rebatch
+from budgetalloc.data.readers import check_unique_ids, rebatch
 from budgetalloc.errors import BudgetallocError, DataError
 from budgetalloc.params import SimulateParams
 from budgetalloc.policy import load_policy
-from budgetalloc.serve.allocate import allocate_file, allocate_population, check_unique_ids
+from budgetalloc.serve.allocate import allocate_file, allocate_population
 from budgetalloc.studies.simulate import simulate_population
 
 BUDGET = 400.0
@@ -105,13 +105,17 @@ def test_duplicate_ids_in_different_batches_give_the_in_memory_message(policy, f
 
 
 def test_hash_collisions_are_not_duplicates(monkeypatch):
-    from budgetalloc.serve import allocate
+    from budgetalloc.data import readers
 
-    monkeypatch.setattr(allocate, "id_keys", lambda ids: np.zeros(len(ids), dtype=np.uint64))
+    monkeypatch.setattr(readers, "id_keys", lambda ids: np.zeros(len(ids), dtype=np.uint64))
     text = pa.array(["a", "b", "c"], type=pa.large_string())
-    check_unique_ids([text, pa.array(["d"], type=pa.large_string())], "src")  # all keys equal
+
+    def check(chunks):
+        check_unique_ids(np.zeros(sum(len(c) for c in chunks), np.uint64), lambda: chunks, "src")
+
+    check([text, pa.array(["d"], type=pa.large_string())])  # every key equal, no id repeated
     with pytest.raises(DataError, match="duplicate user_id 'b'"):
-        check_unique_ids([text, pa.array(["b"], type=pa.large_string())], "src")
+        check([text, pa.array(["b"], type=pa.large_string())])
 
 
 def late_bad_value(frame, source):

@@ -238,20 +238,24 @@ def repeated_keys(keys: np.ndarray) -> np.ndarray:
     return np.unique(keys[1:][same])
 
 
-def check_unique_file_ids(path: Path, keys: np.ndarray, *, batch_rows: int, ids_as_text: bool = False) -> None:
-    """The contract's duplicate-id error for the first repeat in a file, given every row's id key.
+def check_unique_ids(keys: np.ndarray, id_batches, source: str) -> None:
+    """The contract's duplicate-id error for the first repeat, given every row's 64-bit key (:func:`id_keys`).
 
-    ``keys`` (one 64-bit key per row, :func:`id_keys`) is sorted in place. Only
-    when some key repeats is the ``user_id`` column read again, keeping the ids
-    whose keys repeat: equal ids, or (text ids) a hash collision, told apart by
-    the contract's own check.
+    ``keys`` is sorted in place. Only when some key repeats are the ids compared
+    exactly: ``id_batches()`` gives the ids again, batch by batch in row order, and
+    those whose keys repeat (equal ids, or a text hash collision) go through the
+    contract's own check.
     """
     repeated = repeated_keys(keys)
-    del keys  # the caller's reference only, if it keeps one
-    if repeated.size == 0:
-        return
-    suspects = []
-    for frame in table_frames(path, [USER_ID], batch_rows=batch_rows, ids_as_text=ids_as_text):
-        ids = user_ids(frame, str(path))
-        suspects.append(ids[np.isin(id_keys(ids), repeated)])
-    user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), str(path))
+    if repeated.size:
+        suspects = [ids_as_numpy(ids)[np.isin(id_keys(ids), repeated)] for ids in id_batches()]
+        user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), source)
+
+
+def check_unique_file_ids(path: Path, keys: np.ndarray, *, batch_rows: int, ids_as_text: bool = False) -> None:
+    """:func:`check_unique_ids` of a file, whose ``user_id`` column is read again only on a repeated key."""
+    def ids():
+        for frame in table_frames(path, [USER_ID], batch_rows=batch_rows, ids_as_text=ids_as_text):
+            yield user_ids(frame, str(path))
+
+    check_unique_ids(keys, ids, str(path))

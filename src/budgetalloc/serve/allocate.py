@@ -22,13 +22,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from budgetalloc.data.contract import USER_ID, Population, population_from_frame, user_ids
+from budgetalloc.data.contract import USER_ID, Population, population_from_frame
 from budgetalloc.data.readers import (
     STREAM_BATCH_ROWS,
     IdsNotUniform,
+    check_unique_ids,
     id_keys,
     ids_as_numpy,
-    repeated_keys,
 )
 from budgetalloc.data.sources import Partition, Source, file_source, memory_source
 from budgetalloc.errors import BudgetallocError, DataError
@@ -204,17 +204,6 @@ def classify_source(policy: Policy, source: Source, rows: int, *, run: Runner = 
         return classify_source(policy, source.text_ids(), rows, run=run, ref=ref, partitions=partitions, fn=fn)
 
 
-def check_unique_ids(chunks: list, source: str) -> None:
-    """The contract's duplicate-id error for the first repeated id in file order, if any.
-
-    One 64-bit key per user is sorted; only ids whose keys repeat are compared exactly.
-    """
-    repeated = repeated_keys(np.concatenate([id_keys(c) for c in chunks]))
-    if repeated.size:
-        suspects = [ids_as_numpy(c)[np.isin(id_keys(c), repeated)] for c in chunks]
-        user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), source)
-
-
 # -- the one table sink ---------------------------------------------------------------------
 
 
@@ -293,7 +282,8 @@ def allocate(policy: Policy, source: Source, budget, out: str | Path | None = No
     sizes = sum((p.sizes for p in parts), np.zeros(policy.k, dtype=np.int64))
     if not sizes.sum():
         raise DataError(f"{source.name}: table has no rows")
-    check_unique_ids([c for p in parts for c in p.ids], source.name)
+    ids = [c for p in parts for c in p.ids]
+    check_unique_ids(np.concatenate([id_keys(c) for c in ids]), lambda: ids, source.name)
     solution = program_for(policy).solve(sizes, budget)
     sink, spend, offsets, complete = TableSink(None if out is None else Path(out), row_group_rows), 0.0, None, False
     with atomic_path(out) if out is not None else nullcontext() as tmp:

@@ -21,7 +21,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 
 from budgetalloc.data.contract import (
     MAX_ARMS,
@@ -33,7 +32,7 @@ from budgetalloc.data.contract import (
     trial_columns,
     user_ids,
 )
-from budgetalloc.data.readers import STREAM_BATCH_ROWS, id_keys, repeated_keys
+from budgetalloc.data.readers import STREAM_BATCH_ROWS, check_unique_ids, id_keys
 from budgetalloc.data.sources import Partition, Source, file_source, memory_source
 from budgetalloc.errors import DataError
 from budgetalloc.files import atomic_files, write_json
@@ -241,11 +240,9 @@ def source_outcomes(policy: Policy, source: Source, *, batch_size: int | None = 
         raise DataError(f"{source.name}: table has no rows")
     arm_counts = sum(p.arm_counts for p in parts)
     n_arms = check_arm_counts(arm_counts, source.name)
-    repeated = repeated_keys(np.concatenate(joined.pop("keys")))
-    if repeated.size:  # equal keys: equal ids, or a text hash collision, told apart by the contract
-        suspects = [ids[np.isin(id_keys(ids), repeated)] for part in source.partitions()
-                    for frame in part.batches([USER_ID], rows) for ids in [_ids(frame, source.name)]]
-        user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), source.name)
+    check_unique_ids(np.concatenate(joined.pop("keys")), lambda: (
+        _ids(batch, source.name) for part in source.partitions() for batch in part.batches([USER_ID], rows)),
+        source.name)
     whole = {f: np.concatenate(v) for f, v in joined.items() if v}
     propensity = whole.get("propensity")
     if propensity is None:
