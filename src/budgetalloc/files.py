@@ -277,20 +277,23 @@ def probe_writable(path: str | Path) -> None:
 
 
 @contextmanager
-def _temp_beside(path: Path, *, directory: bool, commit: Callable[[Path], None]) -> Iterator[Path]:
+def _temp_beside(path: Path, *, directory: bool, commit: Callable[[Path], None],
+                 shown: Path | None = None) -> Iterator[Path]:
     """Claim a temporary file or directory beside ``path``, yield it, ``commit(tmp)`` on success.
 
-    On any failure the temporary and the parent folders this call created are removed.
+    On any failure the temporary and the parent folders this call created are removed;
+    an ``OSError`` names ``shown`` (default ``path``).
     """
-    with naming(path):
+    shown = shown or path
+    with naming(shown):
         created = make_parents(path)
     tmp, fd = None, None
     try:
-        with naming(path):
+        with naming(shown):
             remove_stale(path)
             tmp, fd = claim_temp(path, ".tmp", directory=directory)
             os.fchmod(fd, output_mode(path, directory=directory))
-        with naming(path, tmp):
+        with naming(shown, tmp):
             yield tmp
             commit(tmp)
     except BaseException:
@@ -393,25 +396,17 @@ def atomic_files(directory: str | Path) -> Iterator[Path]:
     if os.path.lexists(directory) and not directory.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "not a directory (an output directory was expected)",
                                  str(directory))
-    with naming(directory):
-        created = make_parents(directory / "incoming")
-    tmp, fd = None, None
-    try:
-        with naming(directory):
-            remove_stale(directory / "incoming", (".tmp",))
-            tmp, fd = claim_temp(directory / "incoming", ".tmp", directory=True)
-        with naming(directory, tmp):
-            yield tmp
-            for item in sorted(tmp.iterdir()):
-                target = directory / item.name
-                if item.is_file() and target.is_file():
-                    os.chmod(item, output_mode(target, directory=False))
-                os.replace(item, target)
-    finally:
-        if tmp is not None:
-            _discard(tmp, fd)
-        if created and not any(directory.iterdir()):
-            remove_created(created)  # a failed write leaves no empty directory behind
+
+    def commit(tmp: Path) -> None:
+        for item in sorted(tmp.iterdir()):
+            target = directory / item.name
+            if item.is_file() and target.is_file():
+                os.chmod(item, output_mode(target, directory=False))
+            os.replace(item, target)
+        tmp.rmdir()
+
+    with _temp_beside(directory / "incoming", directory=True, commit=commit, shown=directory) as tmp:
+        yield tmp
 
 
 # -- writers -------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from budgetalloc.data.readers import (
 )
 from budgetalloc.data.sources import Partition, Source, file_source, memory_source
 from budgetalloc.errors import BudgetallocError, DataError
-from budgetalloc.files import atomic_path
+from budgetalloc.files import atomic_path, is_csv_path
 from budgetalloc.method.program import AllocationProgram, ProgramSolution
 from budgetalloc.models.distill import predict_clusters
 from budgetalloc.models.nn import inference_batch_size
@@ -62,7 +62,7 @@ class Allocation:
         """The rows (read back from ``path`` when written: small populations only)."""
         if self.held is not None:
             return self.held
-        return pd.read_csv(self.path) if is_csv_name(self.path) else pq.read_table(self.path).to_pandas()
+        return pd.read_csv(self.path) if is_csv_path(self.path) else pq.read_table(self.path).to_pandas()
 
     @property
     def n_users(self) -> int:
@@ -207,11 +207,6 @@ def classify_source(policy: Policy, source: Source, rows: int, *, run: Runner = 
 # -- the one table sink ---------------------------------------------------------------------
 
 
-def is_csv_name(path: Path) -> bool:
-    """Outputs are CSV by suffix, Parquet otherwise (as :func:`budgetalloc.files.write_table`)."""
-    return path.suffix.lower() == ".csv"
-
-
 class TableSink:
     """Frames appended in memory (``path`` None), to CSV by pandas, or to Parquet in fixed row groups.
 
@@ -221,7 +216,7 @@ class TableSink:
 
     def __init__(self, path: Path | None, row_group_rows: int = OUTPUT_ROW_GROUP) -> None:
         self.path, self.rows, self.pending, self.held, self.out = path, row_group_rows, [], 0, None
-        self.csv = path is not None and is_csv_name(path)
+        self.csv = path is not None and is_csv_path(path)
 
     def write(self, frame: pd.DataFrame) -> None:
         if self.path is None or self.csv:
