@@ -1,12 +1,9 @@
-"""The networks of DRM, DRP and DFCL: an MLP, the outcome net, and a fixed-epoch trainer.
+"""The networks of DRM, DRP and DFCL and what fits them: an MLP, the outcome net, the trainer.
 
-Training runs on the one loop of :mod:`budgetalloc.models.nn` (a pure
-``train_step``, one jitted ``lax.scan`` per epoch over row indices drawn in numpy
-from the seed), with AdamW for a fixed number of epochs and no validation split:
-the epochs are a size knob. Every batch is full (the rows left after the last full
-batch sit out that epoch; a new permutation gives them their turn), because DRM's
-group-softmax loss is a ratio of batch sums that padded rows would distort. The
-same seed gives the same weights bit for bit on the same machine.
+Training runs on the epoch loop of :mod:`budgetalloc.models.nn` with AdamW for a fixed
+number of epochs (a size knob), no validation split, and full batches only: the rows
+left after the last full batch sit out that epoch. The same seed gives the same
+weights bit for bit on the same machine. Rationale: docs/baselines.md.
 """
 
 from __future__ import annotations
@@ -20,7 +17,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from budgetalloc.data.contract import Trial
 from budgetalloc.models import nn
+from budgetalloc.studies.baselines.base import Baseline, arm_means, target_scale
 
 #: ``loss_fn(module, batch) -> scalar`` (a dict of ``(batch_size, ...)`` arrays).
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], jax.Array]
@@ -42,20 +41,9 @@ class MLP(nnx.Module):
         return self.out(x)
 
 
-def train(
-    module: nnx.Module,
-    loss_fn: LossFn,
-    data: dict[str, np.ndarray],
-    *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    weight_decay: float,
-    seed: int,
-) -> tuple[nnx.GraphDef, nnx.State, list[float]]:
-    """Minibatch AdamW for a fixed number of epochs, on :mod:`budgetalloc.models.nn`'s loop.
-
-    Every batch is full: the rows left after the last full batch sit out that epoch.
+def train(module: nnx.Module, loss_fn: LossFn, data: dict[str, np.ndarray], *, epochs: int, batch_size: int,
+          learning_rate: float, weight_decay: float, seed: int) -> tuple[nnx.GraphDef, nnx.State, list[float]]:
+    """Minibatch AdamW for a fixed number of epochs, full batches only.
 
     Args:
         module: the initialised network (left unchanged).
@@ -87,17 +75,12 @@ def train(
     return graphdef, state.params, history
 
 
-def predict(graphdef: nnx.GraphDef, params: nnx.State, Z: np.ndarray, method: str = "__call__"):
-    """Apply ``module.<method>`` to ``Z`` in fixed-shape batches (:func:`budgetalloc.models.nn.batched_apply`)."""
-    return nn.batched_apply(graphdef, params, Z, method=method, batch_size=_PREDICT_CHUNK)
-
-
 class OutcomeNet(nnx.Module):
     """Response and cost under every arm: an MLP with ``2M`` outputs.
 
-    ``__call__`` returns raw outputs ``(response, cost)``, each ``(b, M)``: the
-    response is a logit when the response is binary, a scaled value otherwise; the
-    cost is a scaled value passed through softplus so it is never negative.
+    ``__call__`` returns ``(response, cost)``, each ``(b, M)``: the response is a logit
+    when the response is binary, a scaled value otherwise; the scaled cost passes
+    through softplus, so it is never negative.
     """
 
     def __init__(self, n_in: int, n_arms: int, *, hidden: int, depth: int, rngs: nnx.Rngs):
@@ -108,6 +91,13 @@ class OutcomeNet(nnx.Module):
         out = self.mlp(x)
         return out[:, : self.n_arms], jax.nn.softplus(out[:, self.n_arms :])
 
+    def start_at(self, mean_r: np.ndarray, mean_c: np.ndarray, binary: bool) -> None:
+        """Set the output biases to each arm's mean (scaled) response and cost."""
+        r = np.clip(mean_r, 1e-4, 1 - 1e-4) if binary else mean_r
+        r = np.log(r / (1 - r)) if binary else r
+        c = np.log(np.expm1(np.maximum(mean_c, 1e-4)))  # inverse softplus
+        self.mlp.out.bias[...] = jnp.asarray(np.concatenate([r, c]).astype(np.float32))
+
 
 def response_mean(raw: jax.Array, binary: bool) -> jax.Array:
     """Expected (scaled) response from the response output: sigmoid of a logit if binary."""
@@ -115,11 +105,10 @@ def response_mean(raw: jax.Array, binary: bool) -> jax.Array:
 
 
 def prediction_loss(raw_r: jax.Array, c_hat: jax.Array, batch: dict, binary: bool) -> jax.Array:
-    """Masked per-arm fit: only the received arm's outputs meet the row's targets.
+    """The masked per-arm fit: only the received arm's outputs meet the row's targets.
 
-    Response: sigmoid cross-entropy (binary) or squared error (continuous, scaled);
-    cost: squared error (scaled). Rows weighted by ``batch["w"]`` (inverse propensity);
-    the result is the weighted mean of response plus cost loss.
+    Response: sigmoid cross-entropy (binary) or squared error; cost: squared error;
+    the mean over rows weighted by ``batch["w"]``.
     """
     arm = batch["t"][:, None]
     r_raw = jnp.take_along_axis(raw_r, arm, axis=1)[:, 0]
@@ -133,14 +122,44 @@ def prediction_loss(raw_r: jax.Array, c_hat: jax.Array, batch: dict, binary: boo
     return jnp.sum(w * (loss_r + loss_c)) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
-def output_bias(mean_r: np.ndarray, mean_c: np.ndarray, binary: bool) -> np.ndarray:
-    """Initial output biases matching each arm's mean (scaled) response and cost."""
-    r = np.clip(mean_r, 1e-4, 1 - 1e-4) if binary else mean_r
-    r = np.log(r / (1 - r)) if binary else r
-    c = np.log(np.expm1(np.maximum(mean_c, 1e-4)))  # inverse softplus
-    return np.concatenate([r, c]).astype(np.float32)
+class NeuralBaseline(Baseline):
+    """A baseline fitted as a network: its size knobs, scaled targets, training and inference.
 
+    Args:
+        epochs, hidden, depth, batch_size, learning_rate, weight_decay: of the network
+            and its AdamW training.
+    """
 
-def set_output_bias(net: OutcomeNet, bias: np.ndarray) -> None:
-    """Start the outcome net at the arm means so the first epochs learn heterogeneity."""
-    net.mlp.out.bias[...] = jnp.asarray(bias)
+    def __init__(self, *, epochs: int = 20, hidden: int = 64, depth: int = 2, batch_size: int = 2048,
+                 learning_rate: float = 2e-3, weight_decay: float = 1e-4):
+        self.epochs = epochs
+        self.hidden = hidden
+        self.depth = depth
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+
+    def _scaled_targets(self, Z: np.ndarray, trial: Trial, rows=slice(None)):
+        """Training arrays of ``rows``, and each arm's mean response and cost, in scaled units.
+
+        The scales (mean absolute values; 1 for a binary response) come from the whole trial.
+        """
+        self.scale_r_ = target_scale(trial.response, binary=trial.binary_response)
+        self.scale_c_ = target_scale(trial.cost)
+        data = {
+            "x": Z[rows],
+            "t": trial.treatment[rows].astype(np.int32),
+            "r": (trial.response[rows] / self.scale_r_).astype(np.float32),
+            "c": (trial.cost[rows] / self.scale_c_).astype(np.float32),
+            "w": trial.ipw[rows].astype(np.float32),
+        }
+        return data, arm_means(trial, trial.response) / self.scale_r_, arm_means(trial, trial.cost) / self.scale_c_
+
+    def _train(self, net: nnx.Module, loss_fn: LossFn, data: dict, seed: int) -> None:
+        self.graphdef_, self.params_, self.history_ = train(
+            net, loss_fn, data, epochs=self.epochs, batch_size=self.batch_size,
+            learning_rate=self.learning_rate, weight_decay=self.weight_decay, seed=seed)
+
+    def _apply(self, Z: np.ndarray):
+        """The trained network on ``Z``, in fixed-shape batches."""
+        return nn.batched_apply(self.graphdef_, self.params_, Z, method="__call__", batch_size=_PREDICT_CHUNK)
