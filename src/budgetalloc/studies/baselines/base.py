@@ -10,6 +10,9 @@ end in ``_``. Fits and predictions run with one OpenMP thread (docs/baselines.md
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import numpy as np
 from sklearn.exceptions import NotFittedError
 from threadpoolctl import threadpool_limits
@@ -19,6 +22,9 @@ from budgetalloc.errors import BudgetallocError, DataError
 from budgetalloc.method.lagrangian import LagrangianAllocation, lagrangian_allocation
 
 OPENMP_THREADS = 1
+#: The class decorator of every baseline: its annotated class attributes become the
+#: keyword-only size knobs of ``__init__`` (identity equality and :meth:`Baseline.__repr__` kept).
+size_knobs = functools.partial(dataclass, kw_only=True, eq=False, repr=False)
 
 
 class Baseline:

@@ -13,10 +13,11 @@ import numpy as np
 from econml.grf import CausalForest
 
 from budgetalloc.data.contract import Trial
-from budgetalloc.studies.baselines.base import Baseline
+from budgetalloc.studies.baselines.base import Baseline, size_knobs
 from budgetalloc.studies.baselines.meta_learners import gradient_boosting, predict_mean, row_weights
 
 
+@size_knobs
 class TPMCausalForest(Baseline):
     """TPM-CF: ``value[i, j] = mu_0(x_i) + theta_j(x_i)``, likewise the cost.
 
@@ -29,17 +30,13 @@ class TPMCausalForest(Baseline):
     """
 
     name = "TPM-CF"
-
-    def __init__(self, *, n_estimators: int = 24, max_samples: float = 0.2, min_samples_leaf: int = 50,
-                 max_depth: int | None = 10, max_features: float = 0.5, n_jobs: int = 2,
-                 control_max_iter: int = 200):
-        self.n_estimators = n_estimators
-        self.max_samples = max_samples
-        self.min_samples_leaf = min_samples_leaf
-        self.max_depth = max_depth
-        self.max_features = max_features
-        self.n_jobs = n_jobs
-        self.control_max_iter = control_max_iter
+    n_estimators: int = 24
+    max_samples: float = 0.2
+    min_samples_leaf: int = 50
+    max_depth: int | None = 10
+    max_features: float = 0.5
+    n_jobs: int = 2
+    control_max_iter: int = 200
 
     def _forest(self, seed: int) -> CausalForest:
         return CausalForest(n_estimators=max(4, 4 * round(self.n_estimators / 4)), criterion="het",

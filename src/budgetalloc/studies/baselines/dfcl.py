@@ -14,8 +14,10 @@ from flax import nnx
 
 from budgetalloc.data.contract import Trial
 from budgetalloc.studies.baselines import nets
+from budgetalloc.studies.baselines.base import size_knobs
 
 
+@size_knobs
 class DecisionFocusedCausalLearning(nets.NeuralBaseline):
     """DFCL: per-arm response and cost trained on a decision loss plus a prediction loss.
 
@@ -25,20 +27,16 @@ class DecisionFocusedCausalLearning(nets.NeuralBaseline):
         n_lambdas: multipliers in the grid.
         lambda_span: the grid's ends, as multiples of the smallest and largest arm ROI.
         control_variate: centre the gain on the policy's predicted value.
-        batch_size, **network: the network knobs of :class:`~.nets.NeuralBaseline`.
+        epochs, hidden, depth, batch_size, learning_rate, weight_decay: of the network.
     """
 
     name = "DFCL"
-
-    def __init__(self, *, batch_size: int = 1024, decision_weight: float = 0.3, temperature: float = 0.5,
-                 n_lambdas: int = 8, lambda_span: tuple[float, float] = (0.3, 3.0),
-                 control_variate: bool = True, **network):
-        super().__init__(batch_size=batch_size, **network)
-        self.decision_weight = decision_weight
-        self.temperature = temperature
-        self.n_lambdas = n_lambdas
-        self.lambda_span = lambda_span
-        self.control_variate = control_variate
+    batch_size: int = 1024
+    decision_weight: float = 0.3
+    temperature: float = 0.5
+    n_lambdas: int = 8
+    lambda_span: tuple[float, float] = (0.3, 3.0)
+    control_variate: bool = True
 
     def _fit(self, Z: np.ndarray, trial: Trial, seed: int) -> None:
         binary = trial.binary_response

@@ -18,7 +18,7 @@ from sklearn.isotonic import IsotonicRegression
 from budgetalloc.data.contract import Trial
 from budgetalloc.errors import BudgetallocError
 from budgetalloc.studies.baselines import nets
-from budgetalloc.studies.baselines.base import arm_means
+from budgetalloc.studies.baselines.base import arm_means, size_knobs
 
 _DRP_BOUND = 8.0  # the log-ROI output is soft-clipped to [-8, 8] (scaled units)
 
@@ -72,21 +72,19 @@ def _group_mean(weights: jax.Array, values: jax.Array) -> jax.Array:
     return jnp.sum(weights * values) / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
+@size_knobs
 class DirectRankModel(_DirectBase):
     """DRM, the Direct Rank Model (Du, Lee & Ghaffarizadeh 2019): a rank score per arm, calibrated to ROI.
 
     Args:
         calibration_fraction: share of the trial held out for the score -> ROI map.
         n_bins: most score bins per arm in that map.
-        **network: the network knobs of :class:`~.nets.NeuralBaseline`.
+        epochs, hidden, depth, batch_size, learning_rate, weight_decay: of the networks.
     """
 
     name = "DRM"
-
-    def __init__(self, *, calibration_fraction: float = 0.3, n_bins: int = 20, **network):
-        super().__init__(**network)
-        self.calibration_fraction = calibration_fraction
-        self.n_bins = n_bins
+    calibration_fraction: float = 0.3
+    n_bins: int = 20
 
     def _rank_loss(self, score: jax.Array, batch: dict, arm: int) -> jax.Array:
         e = jnp.exp(jnp.tanh(score)) * batch["w"]
@@ -159,7 +157,7 @@ class DirectROIPrediction(_DirectBase):
     """DRP, Direct ROI Prediction (Zhou et al., AAAI 2023): log-ROI per arm by a convex loss.
 
     Args:
-        **network: the network knobs of :class:`~.nets.NeuralBaseline`.
+        epochs, hidden, depth, batch_size, learning_rate, weight_decay: of the networks.
     """
 
     name = "DRP"

@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
 from budgetalloc.data.contract import Trial
-from budgetalloc.studies.baselines.base import Baseline, arm_propensities
+from budgetalloc.studies.baselines.base import Baseline, arm_propensities, size_knobs
 
 
 def gradient_boosting(y: np.ndarray, seed: int, *, binary: bool, max_iter: int = 200, learning_rate: float = 0.1,
@@ -40,6 +40,7 @@ def predict_mean(model, X: np.ndarray) -> np.ndarray:
     return model.predict(X)
 
 
+@size_knobs
 class _Boosting(Baseline):
     """The size knobs of the boosting models.
 
@@ -47,12 +48,10 @@ class _Boosting(Baseline):
         max_iter, learning_rate, max_leaf_nodes, min_samples_leaf: of each boosting model.
     """
 
-    def __init__(self, *, max_iter: int = 200, learning_rate: float = 0.1, max_leaf_nodes: int = 31,
-                 min_samples_leaf: int = 50):
-        self.max_iter = max_iter
-        self.learning_rate = learning_rate
-        self.max_leaf_nodes = max_leaf_nodes
-        self.min_samples_leaf = min_samples_leaf
+    max_iter: int = 200
+    learning_rate: float = 0.1
+    max_leaf_nodes: int = 31
+    min_samples_leaf: int = 50
 
     def _model(self, y: np.ndarray, seed: int, *, binary: bool, categorical_features=None):
         return gradient_boosting(y, seed, binary=binary, categorical_features=categorical_features, **self.knobs())

@@ -19,7 +19,7 @@ from flax import nnx
 
 from budgetalloc.data.contract import Trial
 from budgetalloc.models import nn
-from budgetalloc.studies.baselines.base import Baseline, arm_means, target_scale
+from budgetalloc.studies.baselines.base import Baseline, arm_means, size_knobs, target_scale
 
 #: ``loss_fn(module, batch) -> scalar`` (a dict of ``(batch_size, ...)`` arrays).
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], jax.Array]
@@ -39,40 +39,6 @@ class MLP(nnx.Module):
         for layer in self.layers:
             x = jax.nn.relu(layer(x))
         return self.out(x)
-
-
-def train(module: nnx.Module, loss_fn: LossFn, data: dict[str, np.ndarray], *, epochs: int, batch_size: int,
-          learning_rate: float, weight_decay: float, seed: int) -> tuple[nnx.GraphDef, nnx.State, list[float]]:
-    """Minibatch AdamW for a fixed number of epochs, full batches only.
-
-    Args:
-        module: the initialised network (left unchanged).
-        loss_fn: ``(module, batch) -> scalar loss``.
-        data: equal-length arrays (rows on the first axis).
-        epochs: passes over the rows.
-        batch_size: rows per step (capped at the number of rows).
-        learning_rate, weight_decay: of ``optax.adamw``.
-        seed: seeds the per-epoch permutations.
-
-    Returns:
-        ``(graphdef, params, mean batch loss per epoch)``.
-    """
-    n = len(next(iter(data.values())))
-    size = min(batch_size, n)
-    n_batches = n // size
-    rng = np.random.default_rng(seed)
-    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
-    graphdef, params = nnx.split(module)
-    params = jax.tree.map(jnp.copy, params)  # the epoch donates its state: never the caller's
-    state = nn.TrainState(params, tx.init(params))
-    device_data = {key: jnp.asarray(value) for key, value in data.items()}
-    train_epoch = nn.make_train_epoch(graphdef, lambda m, b: (loss_fn(m, b), jnp.float32(1.0)), tx)
-    history = []
-    for _ in range(epochs):
-        idx = rng.permutation(n)[: n_batches * size].reshape(n_batches, size).astype(np.int32)
-        state, loss = train_epoch(state, device_data, jnp.asarray(idx), None)
-        history.append(float(loss))
-    return graphdef, state.params, history
 
 
 class OutcomeNet(nnx.Module):
@@ -122,6 +88,7 @@ def prediction_loss(raw_r: jax.Array, c_hat: jax.Array, batch: dict, binary: boo
     return jnp.sum(w * (loss_r + loss_c)) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
+@size_knobs
 class NeuralBaseline(Baseline):
     """A baseline fitted as a network: its size knobs, scaled targets, training and inference.
 
@@ -130,14 +97,12 @@ class NeuralBaseline(Baseline):
             and its AdamW training.
     """
 
-    def __init__(self, *, epochs: int = 20, hidden: int = 64, depth: int = 2, batch_size: int = 2048,
-                 learning_rate: float = 2e-3, weight_decay: float = 1e-4):
-        self.epochs = epochs
-        self.hidden = hidden
-        self.depth = depth
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
+    epochs: int = 20
+    hidden: int = 64
+    depth: int = 2
+    batch_size: int = 2048
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
 
     def _scaled_targets(self, Z: np.ndarray, trial: Trial, rows=slice(None)):
         """Training arrays of ``rows``, and each arm's mean response and cost, in scaled units.
@@ -155,10 +120,27 @@ class NeuralBaseline(Baseline):
         }
         return data, arm_means(trial, trial.response) / self.scale_r_, arm_means(trial, trial.cost) / self.scale_c_
 
-    def _train(self, net: nnx.Module, loss_fn: LossFn, data: dict, seed: int) -> None:
-        self.graphdef_, self.params_, self.history_ = train(
-            net, loss_fn, data, epochs=self.epochs, batch_size=self.batch_size,
-            learning_rate=self.learning_rate, weight_decay=self.weight_decay, seed=seed)
+    def _train(self, net: nnx.Module, loss_fn: LossFn, data: dict[str, np.ndarray], seed: int) -> None:
+        """Fit ``net`` (left unchanged) to ``loss_fn`` on the rows of ``data``, permuted from ``seed``.
+
+        Sets ``graphdef_``, ``params_`` and ``history_`` (the mean batch loss per epoch).
+        """
+        n = len(next(iter(data.values())))
+        size = min(self.batch_size, n)
+        n_batches = n // size
+        rng = np.random.default_rng(seed)
+        tx = optax.adamw(self.learning_rate, weight_decay=self.weight_decay)
+        graphdef, params = nnx.split(net)
+        params = jax.tree.map(jnp.copy, params)  # the epoch donates its state: never the caller's
+        state = nn.TrainState(params, tx.init(params))
+        device_data = {key: jnp.asarray(value) for key, value in data.items()}
+        train_epoch = nn.make_train_epoch(graphdef, lambda m, b: (loss_fn(m, b), jnp.float32(1.0)), tx)
+        history = []
+        for _ in range(self.epochs):
+            idx = rng.permutation(n)[: n_batches * size].reshape(n_batches, size).astype(np.int32)
+            state, loss = train_epoch(state, device_data, jnp.asarray(idx), None)
+            history.append(float(loss))
+        self.graphdef_, self.params_, self.history_ = graphdef, state.params, history
 
     def _apply(self, Z: np.ndarray):
         """The trained network on ``Z``, in fixed-shape batches."""
