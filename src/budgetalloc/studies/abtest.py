@@ -237,15 +237,6 @@ def analyse_ab(df: pd.DataFrame, *, control_group: str | None = None, alpha: flo
                     groups=groups, metrics=metrics)
 
 
-def load_ab_policy(spec: str):
-    """A fitted policy from its directory, or ``None`` for the word ``control``."""
-    if spec == CONTROL_POLICY:
-        return None
-    from budgetalloc.policy import load_policy
-
-    return load_policy(spec)
-
-
 def simulator_params(policies: dict, world: str | None) -> SimulateParams:
     """Simulator settings with the policies' world, ``n_arms`` and ``n_features``.
 
@@ -331,7 +322,10 @@ def simulate_ab(policy_a: str, policy_b: str, *, budget_per_user: float, users: 
         raise BudgetallocError(f"--budget-per-user {budget_per_user!r} must be a finite number >= 0")
     if users < 4:
         raise BudgetallocError(f"--users {users} must be at least 4 (two users per group)")
-    policies = {"A": load_ab_policy(policy_a), "B": load_ab_policy(policy_b)}
+    from budgetalloc.policy import load_policy
+
+    policies = {label: None if spec == CONTROL_POLICY else load_policy(spec)
+                for label, spec in (("A", policy_a), ("B", policy_b))}
     params = simulator_params(policies, world)
     world = params.world
     pop = simulate_population(params, seed=seed, n_users=users)

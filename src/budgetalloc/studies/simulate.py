@@ -160,12 +160,11 @@ def simulate_population(params: SimulateParams, *, seed: int, n_users: int, id_o
 
 def truth_frame(world: World) -> pd.DataFrame:
     """``user_id`` plus ``true_response_j`` and ``true_cost_j`` for every arm ``j``."""
-    cols = {USER_ID: world.frame[USER_ID].to_numpy()}
-    for j in range(world.true_response.shape[1]):
-        cols[f"true_response_{j}"] = world.true_response[:, j]
-    for j in range(world.true_cost.shape[1]):
-        cols[f"true_cost_{j}"] = world.true_cost[:, j]
-    return pd.DataFrame(cols)
+    return pd.DataFrame({
+        USER_ID: world.frame[USER_ID].to_numpy(),
+        **{f"true_response_{j}": world.true_response[:, j] for j in range(world.true_response.shape[1])},
+        **{f"true_cost_{j}": world.true_cost[:, j] for j in range(world.true_cost.shape[1])},
+    })
 
 
 def truth_arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
