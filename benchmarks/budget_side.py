@@ -22,7 +22,7 @@ from budgetalloc.models.distill import predict_clusters
 from budgetalloc.models.representation import predict_outcomes
 from budgetalloc.params import Params, with_overrides
 from budgetalloc.serve.allocate import arms_in_file_order
-from budgetalloc.studies.benchmark import _draw, _features, default_cases
+from budgetalloc.studies.benchmark import default_cases, draw_case, features_of
 from budgetalloc.studies.simulate import max_spend, score_allocation
 
 PARAMS = with_overrides(Params(), {"statistics.cost_margin": 0.0})  # the variants add their own
@@ -33,7 +33,7 @@ ROWS = 200_000
 def fit_parts(name: str):
     """The fit's passes up to the honest rows' clusters and predictions, for one world."""
     case = next(c for c in default_cases(n_users=ROWS, quick=False) if c.name == name)
-    trial, _, pop = _draw(case, 0, 1000, 100_000)
+    trial, _, pop = draw_case(case, 0, 1000, 100_000)
     rep = P.Reporter()
     source = MemoryTrial(trial, STREAM_BATCH_ROWS)
     roles, scan = S.scan_source(source, PARAMS, rep)
@@ -45,7 +45,7 @@ def fit_parts(name: str):
     labels = predict_clusters(student, Z, batch_size=16384)
     pr, pc = predict_outcomes(model, Z, batch_size=16384)
     rows = (labels, trial.treatment[h_idx], trial.response[h_idx], trial.cost[h_idx], trial.ipw[h_idx], pr, pc)
-    cl = predict_clusters(student, pre.transform(_features(pop.frame, trial.feature_names)), batch_size=262144)
+    cl = predict_clusters(student, pre.transform(features_of(pop.frame, trial.feature_names)), batch_size=262144)
     return rows, student.n_clusters, cl, pop
 
 

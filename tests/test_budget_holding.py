@@ -14,7 +14,7 @@ from conftest import TINY_PARAMS
 
 from budgetalloc.data.contract import trial_from_frame
 from budgetalloc.params import SimulateParams, params_from_dict
-from budgetalloc.studies.benchmark import HRCMethod, _features
+from budgetalloc.studies.benchmark import HRCMethod, features_of
 from budgetalloc.studies.simulate import (
     max_spend,
     score_allocation,
@@ -37,7 +37,7 @@ def test_true_spend_within_budget(world):
     params = params_from_dict({**TINY_PARAMS, "statistics": {"n_scenarios": 20}})
     trial = trial_from_frame(simulate_trial(world, seed=4).frame, source="trial")
     pop = simulate_population(world, seed=5, n_users=20_000)
-    allocate = HRCMethod(params=params).fit(trial, seed=4).allocator(_features(pop.frame, trial.feature_names))
+    allocate = HRCMethod(params=params).fit(trial, seed=4).allocator(features_of(pop.frame, trial.feature_names))
     scale = max_spend(pop.true_cost)
     ratios = [score_allocation(allocate(lv * scale), pop.true_response, pop.true_cost, lv * scale).spend_ratio
               for lv in LEVELS]

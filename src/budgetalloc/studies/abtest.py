@@ -1,27 +1,12 @@
 """A/B analysis: two groups of users, orders and GMV per user, lifts with CIs.
 
-The paper's online evidence is an A/B test of the new policy against production
-(+0.53% orders, +0.65% GMV). This module analyses such a test in two ways:
-
-* **Logged outcomes** (:func:`analyse_ab`): a per-user table with ``group`` (two
-  values), ``orders``, ``gmv`` and ``cost``.
-* **A simulated live test** (:func:`simulate_ab`): a population drawn from the
-  simulator is split at random in two halves; each half is allocated by its policy
-  (or the word ``control``: everyone arm 0) under the same budget per user;
-  outcomes are drawn from the simulator's *truth* for the arms given: order ~
-  Bernoulli(true conversion probability), GMV = order x basket value (the basket's
-  mean times the simulator's log-normal noise in the ``gmv`` world, 1 in the
-  ``binary`` world), cost = the coupon's value when the order happens. The table
-  so drawn is analysed exactly as a logged one.
-
-Statistics, and why: the relative lift of treatment over control is a ratio of
-two independent means, ``L = mean_T / mean_C - 1``; its standard error comes from
-the delta method, ``se^2 = s_T^2 / (n_T m_C^2) + m_T^2 s_C^2 / (n_C m_C^4)``, and
-the interval is ``L +- z se`` (normal: A/B groups are large). The p-value is
-Welch's t-test on the difference of means (no equal-variance assumption: coupons
-change the variance). The verdict is significant when ``p < alpha``; near the
-boundary the delta-method interval and Welch's test may disagree slightly.
-A lift is undefined (reported as null) when the control mean is 0.
+Two sources, analysed the same way: a logged per-user table (``group`` with two values,
+``orders``, ``gmv``, ``cost``; :func:`analyse_ab`), or a simulated live test
+(:func:`simulate_ab`): a simulated population split at random in two halves, each
+allocated by its policy (or ``control``: everyone arm 0) under the same budget per
+user, with outcomes drawn from the simulator's truth for the arms given. Lifts are
+``mean_T / mean_C - 1`` with delta-method intervals and Welch p-values (null when
+undefined). The statistics and the simulated test in full: docs/benchmark.md.
 """
 
 from __future__ import annotations
@@ -38,13 +23,12 @@ from scipy import stats
 from budgetalloc.data.contract import USER_ID, population_from_frame, read_table
 from budgetalloc.errors import BudgetallocError, DataError, PolicyError
 from budgetalloc.params import SimulateParams
-from budgetalloc.studies.simulate import World, simulate_population
+from budgetalloc.studies.simulate import World, draw_orders, simulate_population
 
 GROUP, ORDERS, GMV, COST = "group", "orders", "gmv", "cost"
 AB_COLUMNS = (GROUP, ORDERS, GMV, COST)
 METRICS = (ORDERS, GMV)
 CONTROL_POLICY = "control"
-BASKET_SIGMA = 0.6  # log-normal basket noise, as simulate._record_outcomes draws it
 
 
 @dataclass(frozen=True)
@@ -181,15 +165,8 @@ def group_stats(name: str, orders, gmv, cost) -> GroupStats:
 
 
 def ratio_lift(treated: np.ndarray, control: np.ndarray, *, alpha: float) -> tuple[float, float, float]:
-    """Relative lift ``mean_T / mean_C - 1`` with its delta-method ``1 - alpha`` interval.
-
-    Args:
-        treated, control: per-user values of the two independent groups.
-        alpha: two-sided level (0.05 gives a 95% interval).
-
-    Returns:
-        ``(lift, low, high)``; all NaN when the control mean is 0.
-    """
+    """Relative lift ``mean_T / mean_C - 1`` of two independent groups, with its delta-method
+    ``1 - alpha`` interval: ``(lift, low, high)``, all NaN when the control mean is 0."""
     m_t, m_c = float(np.mean(treated)), float(np.mean(control))
     if m_c == 0:
         return math.nan, math.nan, math.nan
@@ -202,7 +179,7 @@ def ratio_lift(treated: np.ndarray, control: np.ndarray, *, alpha: float) -> tup
 
 
 def welch_p_value(treated: np.ndarray, control: np.ndarray) -> float:
-    """Two-sided Welch t-test p-value for equal means (NaN when both groups are constant)."""
+    """Two-sided Welch t-test p-value for equal means (NaN when both groups are constant and equal)."""
     if np.var(treated) == 0 and np.var(control) == 0:
         return 0.0 if np.mean(treated) != np.mean(control) else math.nan
     with warnings.catch_warnings():
@@ -250,40 +227,27 @@ def analyse_ab(df: pd.DataFrame, *, control_group: str | None = None, alpha: flo
     if (values[COST] < 0).any():
         raise DataError(f"{source}: column '{COST}' has a negative value")
     control, treatment, is_t = split_groups(df, control_group, source)
-    for name, mask in ((control, ~is_t), (treatment, is_t)):
+    sides = ((control, ~is_t), (treatment, is_t))
+    for name, mask in sides:
         if mask.sum() < 2:
             raise DataError(f"{source}: group '{name}' has fewer than 2 users")
-    groups = (group_stats(control, *(values[c][~is_t] for c in (ORDERS, GMV, COST))),
-              group_stats(treatment, *(values[c][is_t] for c in (ORDERS, GMV, COST))))
+    groups = tuple(group_stats(name, *(values[c][mask] for c in (ORDERS, GMV, COST))) for name, mask in sides)
     metrics = tuple(compare_metric(m, values[m][is_t], values[m][~is_t], alpha=alpha) for m in METRICS)
     return ABReport(source=source, control=control, treatment=treatment, alpha=alpha,
                     groups=groups, metrics=metrics)
 
 
-def load_ab_policy(spec: str):
-    """A fitted policy from its directory, or ``None`` for the word ``control``."""
-    if spec == CONTROL_POLICY:
-        return None
-    from budgetalloc.policy import load_policy
-
-    return load_policy(spec)
-
-
 def simulator_params(policies: dict, world: str | None) -> SimulateParams:
-    """Simulator settings that match the policies' world, arms and features.
+    """Simulator settings with the policies' world, ``n_arms`` and ``n_features``.
 
     Args:
         policies: label -> loaded policy or ``None`` (control).
-        world: ``binary`` or ``gmv``; ``None`` infers it from the fitted policies
-            (a binary-response policy was fitted in the binary world), else binary.
-
-    Returns:
-        SimulateParams with the policies' world, ``n_arms`` and ``n_features``.
+        world: ``binary`` or ``gmv``; ``None`` takes the fitted policies' (a
+            binary-response policy was fitted in the binary world), else binary.
 
     Raises:
         PolicyError: the policies disagree, do not use the simulator's features, or
-            were fitted for the other world (their costs would be off by the
-            world's coupon scale).
+            were fitted for the other world (their costs would be off by its coupon scale).
     """
     if world not in (None, "binary", "gmv"):
         raise BudgetallocError(f"--world must be binary or gmv, got '{world}'")
@@ -320,9 +284,8 @@ def policy_arms(policy, frame: pd.DataFrame, budget: float) -> np.ndarray:
 def conversion_and_basket(pop: World, world: str) -> tuple[np.ndarray, np.ndarray]:
     """True order probability (n, M) and basket mean (n,), recovered from the truth.
 
-    The simulator's truth is ``response = p * basket`` and ``cost = p * v``; with
-    ``v[j] > 0`` for any coupon arm, ``basket = response[:, j] * v[j] / cost[:, j]``.
-    In the ``binary`` world the basket is 1 by definition.
+    The truth is ``response = p * basket`` and ``cost = p * v``, so for a coupon arm ``j``
+    ``basket = response[:, j] * v[j] / cost[:, j]``; the ``binary`` world's basket is 1.
     """
     if world == "binary":
         return pop.true_response, np.ones(pop.true_response.shape[0])
@@ -333,19 +296,9 @@ def conversion_and_basket(pop: World, world: str) -> tuple[np.ndarray, np.ndarra
 
 
 def realised_outcomes(pop: World, world: str, arms: np.ndarray, rng: np.random.Generator):
-    """Draw orders, GMV and cost per user for the given arms from the simulator's truth.
-
-    Returns:
-        ``(orders, gmv, cost)`` float arrays.
-    """
+    """Orders, GMV and cost per user drawn from the simulator's truth for the given arms."""
     p, basket = conversion_and_basket(pop, world)
-    n = arms.shape[0]
-    orders = (rng.random(n) < p[np.arange(n), arms]).astype(np.float64)
-    if world == "gmv":
-        noise = np.exp(BASKET_SIGMA * rng.standard_normal(n) - 0.5 * BASKET_SIGMA**2)
-        gmv = orders * basket * noise
-    else:
-        gmv = orders * basket
+    orders, gmv = draw_orders(rng, p[np.arange(arms.shape[0]), arms], basket, world)
     return orders, gmv, orders * pop.coupon_values[arms]
 
 
@@ -369,7 +322,10 @@ def simulate_ab(policy_a: str, policy_b: str, *, budget_per_user: float, users: 
         raise BudgetallocError(f"--budget-per-user {budget_per_user!r} must be a finite number >= 0")
     if users < 4:
         raise BudgetallocError(f"--users {users} must be at least 4 (two users per group)")
-    policies = {"A": load_ab_policy(policy_a), "B": load_ab_policy(policy_b)}
+    from budgetalloc.policy import load_policy
+
+    policies = {label: None if spec == CONTROL_POLICY else load_policy(spec)
+                for label, spec in (("A", policy_a), ("B", policy_b))}
     params = simulator_params(policies, world)
     world = params.world
     pop = simulate_population(params, seed=seed, n_users=users)
@@ -384,23 +340,17 @@ def simulate_ab(policy_a: str, policy_b: str, *, budget_per_user: float, users: 
     labels[halves["B"]] = "B"
     table = pd.DataFrame({USER_ID: pop.frame[USER_ID].to_numpy(), GROUP: labels, "treatment": arms,
                           ORDERS: orders, GMV: gmv, COST: cost})
-    info = _simulation_info(pop, world, arms, halves, policy_a, policy_b, budget_per_user, seed)
-    return table, info
-
-
-def _simulation_info(pop: World, world: str, arms, halves, policy_a, policy_b, budget_per_user, seed) -> dict:
-    """Expected (true) per-user orders, GMV and cost of each group, and its arm mix."""
     p, basket = conversion_and_basket(pop, world)
-    idx = np.arange(arms.shape[0])
-    truth = {"orders": p[idx, arms], "gmv": (p * basket[:, None])[idx, arms],
-             "cost": pop.true_cost[idx, arms]}
+    idx = np.arange(users)
+    truth = {"orders": p[idx, arms], "gmv": (p * basket[:, None])[idx, arms], "cost": pop.true_cost[idx, arms]}
     per_group = {}
     for label, rows in halves.items():
         per_group[label] = {f"expected_{k}_per_user": float(v[rows].mean()) for k, v in truth.items()}
         per_group[label]["arm_shares"] = (np.bincount(arms[rows], minlength=len(pop.coupon_values))
                                           / len(rows)).tolist()
-    return {"policy_a": policy_a, "policy_b": policy_b, "budget_per_user": budget_per_user,
-            "users": int(arms.shape[0]), "seed": seed, "world": world, "truth": per_group}
+    info = {"policy_a": policy_a, "policy_b": policy_b, "budget_per_user": budget_per_user, "users": int(users),
+            "seed": seed, "world": world, "truth": per_group}
+    return table, info
 
 
 def run_abtest(*, data: str | Path | None = None, control_group: str | None = None,
@@ -431,8 +381,7 @@ def run_abtest(*, data: str | Path | None = None, control_group: str | None = No
             raise BudgetallocError("--simulate needs --policy-a, --policy-b and --budget-per-user")
         table, info = simulate_ab(policy_a, policy_b, budget_per_user=budget_per_user, users=users,
                                   seed=seed, world=world)
-        report = analyse_ab(table, control_group="A", alpha=alpha, source="simulated")
-        report = replace(report, simulation=info)
+        report = replace(analyse_ab(table, control_group="A", alpha=alpha, source="simulated"), simulation=info)
     else:
         if outcomes is not None:
             raise BudgetallocError("--outcomes applies only with --simulate")

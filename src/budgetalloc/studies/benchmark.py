@@ -1,28 +1,20 @@
 """The offline comparison: HRC against the six baselines on simulated worlds.
 
-Each *case* is a simulated world (a :class:`SimulateParams`) at one noise level.
-For each case: a training trial, a held-out test trial (IPS value, AUCC) and a
-population with its truth (capture, true spend) are drawn from the same seed
-family; every method is fitted on the training trial, then allocates the
-population at each budget level (a fraction of the population's all-max-coupon
-true spend). Reported per (case, method, budget): capture of the oracle's
-uplift, true spend / budget, IPS response and spend per user on the test trial
-at the same per-user budget, AUCC, fit and allocate seconds.
-
-Capture at matched true spend: each method also allocates over a fine grid of
-budgets (``PATH_LEVELS``); its true (spend, uplift) points are interpolated at
-each level's budget and divided by the oracle's uplift there
-(:func:`~budgetalloc.serve.metrics.matched_capture`). Nominal capture rewards a method
-that overspends; matched capture compares every method at the same true money.
-
-Every method, ours included, is given the same trial, seed and budgets; the
-baselines allocate through the per-user Lagrangian on their own predictions.
+A *case* is a simulated world at one noise level. Per case, a training trial, a held-out
+test trial and a population with its truth are drawn from one seed family; every method
+is fitted on the same trial and seed, then allocates the population at each budget level
+(a fraction of its all-max-coupon true spend) and along the budget path ``PATH_LEVELS``.
+Reported per (case, method, level): nominal and matched-spend capture of the oracle's
+uplift, true spend / budget, IPS response and spend per user on the test trial at the
+same budget per user, AUCC, fit and allocate seconds. The baselines allocate through the
+per-user Lagrangian on their own predictions. The metrics and why: docs/benchmark.md.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -30,7 +22,9 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from budgetalloc.data.contract import Population, Trial, trial_from_frame
+from budgetalloc.data.contract import Trial, trial_from_frame
+from budgetalloc.errors import BudgetallocError
+from budgetalloc.files import atomic_files
 from budgetalloc.fit.fit_stream import fit_policy
 from budgetalloc.method.lagrangian import lagrangian_allocation
 from budgetalloc.params import Params, SimulateParams
@@ -39,18 +33,19 @@ from budgetalloc.serve.evaluate import cluster_roi
 from budgetalloc.serve.metrics import ips_value, matched_capture, multi_arm_aucc
 from budgetalloc.studies.baselines import BASELINES, make_baseline
 from budgetalloc.studies.simulate import (
+    World,
     max_spend,
     oracle_arms,
     score_allocation,
     simulate_population,
     simulate_trial,
+    true_uplift,
 )
 
 METHODS = ("HRC", *BASELINES)
 BUDGET_LEVELS = (0.02, 0.05, 0.1, 0.2, 0.35)
-#: The budget path every method allocates for matched-spend capture: 48 budgets from
-#: 0.4% to 80% of the all-max spend, 11% apart, plus the reported levels; wide enough
-#: that a method spending half or 1.5x its budget still has points around each level.
+#: Budgets every method also allocates, for matched-spend capture: 48 from 0.4% to 80% of
+#: the all-max spend, 11% apart, plus the reported levels.
 PATH_LEVELS = tuple(sorted(set(np.round(np.geomspace(0.004, 0.8, 48), 6)) | set(BUDGET_LEVELS)))
 Allocator = Callable[[float], np.ndarray]
 
@@ -86,7 +81,7 @@ def default_cases(*, n_users: int, quick: bool) -> list[Case]:
 
 
 class HRCMethod:
-    """Our method behind the baselines' interface (fit, outcomes, allocate)."""
+    """Our method with the baselines' ``fit``; it allocates as ``allocate`` serves."""
 
     name = "HRC"
 
@@ -94,31 +89,30 @@ class HRCMethod:
         self.params = params
 
     def fit(self, trial: Trial, *, seed: int) -> HRCMethod:
-        params = self.params.model_copy(update={"seed": seed})
-        self.policy_ = fit_policy(trial, params)
+        self.policy_ = fit_policy(trial, self.params.model_copy(update={"seed": seed}))
         return self
 
-    def _population(self, X: np.ndarray) -> Population:
-        return Population(user_id=np.arange(X.shape[0]), X=X, feature_names=self.policy_.feature_names)
+    def _clusters(self, X: np.ndarray) -> np.ndarray:
+        return population_clusters(self.policy_, X, batch_size=self.policy_.params.allocate.batch_size)
 
     def allocator(self, X: np.ndarray) -> Allocator:
-        """Budget -> arms for these users: what ``allocate`` serves, the student run once."""
-        clusters = population_clusters(self.policy_, X, batch_size=self.policy_.params.allocate.batch_size)
+        """Budget -> arms for these users: the student runs once, the program per budget."""
+        clusters = self._clusters(X)
         n_users = np.bincount(clusters, minlength=self.policy_.k).astype(np.int64)
         program = program_for(self.policy_)
         return lambda budget: arms_in_file_order(clusters, program.solve(n_users, budget).counts)[0]
 
-    def allocate(self, X: np.ndarray, budget: float) -> np.ndarray:
-        return self.allocator(X)(budget)
-
     def roi_score(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        clusters = population_clusters(self.policy_, X, batch_size=self.policy_.params.allocate.batch_size)
+        """Each user's cluster's best incremental ROI, and that arm."""
+        clusters = self._clusters(X)
         arm, roi = cluster_roi(self.policy_)
         return roi[clusters], arm[clusters]
 
 
-def baseline_roi_score(model, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted best incremental ROI over coupon arms, and that arm."""
+def roi_score(model, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A method's predicted best incremental ROI over the coupon arms for each user, and that arm."""
+    if isinstance(model, HRCMethod):
+        return model.roi_score(X)
     value, cost = model.outcomes(X)
     roi = (value[:, 1:] - value[:, :1]) / np.maximum(cost[:, 1:] - cost[:, :1], 1e-12)
     best = np.argmax(roi, axis=1)
@@ -137,41 +131,29 @@ def budget_path(allocate: Allocator, true_response: np.ndarray, true_cost: np.nd
                 budgets) -> tuple[np.ndarray, np.ndarray]:
     """True (spend, uplift over all-control) of the allocations at each budget."""
     idx = np.arange(true_response.shape[0])
-    base = float(true_response[:, 0].sum())
     spend, uplift = [], []
     for budget in budgets:
         arms = allocate(budget)
         spend.append(float(true_cost[idx, arms].sum()))
-        uplift.append(float(true_response[idx, arms].sum()) - base)
+        uplift.append(true_uplift(arms, true_response))
     return np.array(spend), np.array(uplift)
 
 
 def oracle_uplift(true_response: np.ndarray, true_cost: np.ndarray, budgets) -> np.ndarray:
     """The per-user oracle's true uplift at each budget."""
-    idx = np.arange(true_response.shape[0])
-    base = float(true_response[:, 0].sum())
-    return np.array([float(true_response[idx, oracle_arms(true_response, true_cost, b)].sum()) - base
-                     for b in budgets])
+    return np.array([true_uplift(oracle_arms(true_response, true_cost, b), true_response) for b in budgets])
 
 
-def make_method(name: str, params: Params, *, quick: bool):
-    """HRC or a baseline, sized for quick or full runs."""
-    if name == "HRC":
-        return HRCMethod(params=params)
-    return make_baseline(name, **({} if not quick else QUICK_SIZES.get(name, {})))
-
-
-QUICK_SIZES: dict[str, dict] = {}
-
-
-def _draw(case: Case, seed: int, n_test: int, n_population: int):
+def draw_case(case: Case, seed: int, n_test: int, n_population: int) -> tuple[Trial, World, World]:
+    """A case's training trial (validated), held-out test trial and population, with their truth."""
     train = simulate_trial(case.world, seed=seed)
     test = simulate_trial(case.world, seed=seed + 1, n_users=n_test, id_offset=10**8)
     pop = simulate_population(case.world, seed=seed + 2, n_users=n_population)
     return trial_from_frame(train.frame, source=case.name), test, pop
 
 
-def _features(frame: pd.DataFrame, names) -> np.ndarray:
+def features_of(frame: pd.DataFrame, names) -> np.ndarray:
+    """The named columns of a simulated table as a float32 matrix."""
     return frame[list(names)].to_numpy(np.float32)
 
 
@@ -183,23 +165,25 @@ class CaseResult(NamedTuple):
 
 
 def run_case(case: Case, methods, params: Params, *, seed: int, n_test: int, n_population: int,
-             quick: bool, levels=BUDGET_LEVELS, log: Callable[[str], None] = print) -> CaseResult:
-    """All methods on one case: result rows per (method, budget level) and each method's budget path."""
-    trial, test, pop = _draw(case, seed, n_test, n_population)
+             quick: bool = False, levels=BUDGET_LEVELS, log: Callable[[str], None] = print) -> CaseResult:
+    """All methods on one case: result rows per (method, budget level) and each method's budget path.
+
+    Every method runs at its default sizes; ``quick`` is accepted for callers and changes nothing.
+    """
+    trial, test, pop = draw_case(case, seed, n_test, n_population)
     test_trial = trial_from_frame(test.frame, source=f"{case.name}-test")
-    X_pop, X_test = _features(pop.frame, trial.feature_names), _features(test.frame, trial.feature_names)
+    X_pop, X_test = features_of(pop.frame, trial.feature_names), features_of(test.frame, trial.feature_names)
     pop_scale, test_scale = max_spend(pop.true_cost), max_spend(test.true_cost)
     targets = [level * pop_scale for level in levels]
     oracle = oracle_uplift(pop.true_response, pop.true_cost, targets)
+    outcomes = (test_trial.treatment, test_trial.response, test_trial.cost, test_trial.propensity)
     rows, paths = [], []
     for name in methods:
-        model = make_method(name, params, quick=quick)
+        model = HRCMethod(params=params) if name == "HRC" else make_baseline(name)
         t0 = time.perf_counter()
         model.fit(trial, seed=seed)
         fit_s = time.perf_counter() - t0
-        score, arm = model.roi_score(X_test) if name == "HRC" else baseline_roi_score(model, X_test)
-        aucc = multi_arm_aucc(score, arm, test_trial.treatment, test_trial.response, test_trial.cost,
-                              test_trial.propensity)
+        aucc = multi_arm_aucc(*roi_score(model, X_test), *outcomes)
         t0 = time.perf_counter()
         allocate = method_allocator(model, X_pop)
         allocate(targets[0])
@@ -213,8 +197,7 @@ def run_case(case: Case, methods, params: Params, *, seed: int, n_test: int, n_p
                   for lv, s, u in zip(PATH_LEVELS, path_spend, path_uplift, strict=True)]
         for i, level in enumerate(levels):
             truth = score_allocation(allocate(targets[i]), pop.true_response, pop.true_cost, targets[i])
-            ips = ips_value(allocate_test(level * test_scale), test_trial.treatment,
-                            test_trial.response, test_trial.cost, test_trial.propensity)
+            ips = ips_value(allocate_test(level * test_scale), *outcomes)
             rows.append({
                 "case": case.name, "noise": case.noise, "noise_level": case.level, "method": name,
                 "budget_level": level, "capture": truth.capture, "spend_ratio": truth.spend_ratio,
@@ -231,17 +214,16 @@ def run_case(case: Case, methods, params: Params, *, seed: int, n_test: int, n_p
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Per (case, method): nominal and matched-spend capture (mean, worst), worst spend ratio, AUCC, times."""
-    g = results.groupby(["case", "method"], sort=False)
-    return pd.DataFrame({
-        "capture_mean": g["capture"].mean(),
-        "capture_min": g["capture"].min(),
-        "matched_mean": g["matched_capture"].mean(),
-        "matched_min": g["matched_capture"].min(),
-        "spend_ratio_max": g["spend_ratio"].max(),
-        "aucc": g["aucc"].mean(),
-        "fit_s": g["fit_s"].mean(),
-        "allocate_s": g["allocate_s"].mean(),
-    }).reset_index()
+    return results.groupby(["case", "method"], sort=False).agg(
+        capture_mean=("capture", "mean"),
+        capture_min=("capture", "min"),
+        matched_mean=("matched_capture", "mean"),
+        matched_min=("matched_capture", "min"),
+        spend_ratio_max=("spend_ratio", "max"),
+        aucc=("aucc", "mean"),
+        fit_s=("fit_s", "mean"),
+        allocate_s=("allocate_s", "mean"),
+    ).reset_index()
 
 
 @dataclass(frozen=True)
@@ -257,49 +239,48 @@ QUICK = BenchmarkSize(n_train=40_000, n_test=20_000, n_population=20_000)
 FULL = BenchmarkSize(n_train=200_000, n_test=100_000, n_population=100_000)
 
 
+@contextmanager
+def _figure(path, ncols: int = 1, figsize=(5.6, 4.0)):
+    """A row of ``ncols`` axes, laid out and saved to ``path`` when the block ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, dpi=110, squeeze=False)
+    yield axes[0]
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_noise_sweep(summary: pd.DataFrame, cases: list[Case], path) -> None:
     """Mean capture against each noise knob's level, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     knobs = [k for k in ("label_noise", "cost_outliers", "feature_noise") if any(c.noise == k for c in cases)]
-    fig, axes = plt.subplots(1, max(len(knobs), 1), figsize=(4.2 * max(len(knobs), 1), 3.6), dpi=110,
-                             squeeze=False)
-    for ax, knob in zip(axes[0], knobs, strict=False):
-        names = ["binary"] + [c.name for c in cases if c.noise == knob]
-        levels = [0.0] + [c.level for c in cases if c.noise == knob]
-        for method in summary["method"].unique():
-            sub = summary[summary["method"] == method].set_index("case")
-            ax.plot(levels, [sub.loc[n, "capture_mean"] if n in sub.index else np.nan for n in names],
-                    "o-", label=method)
-        ax.set_xlabel(knob)
-        ax.set_ylabel("capture of oracle uplift")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with _figure(path, max(len(knobs), 1), (4.2 * max(len(knobs), 1), 3.6)) as axes:
+        for ax, knob in zip(axes, knobs, strict=False):
+            names = ["binary"] + [c.name for c in cases if c.noise == knob]
+            levels = [0.0] + [c.level for c in cases if c.noise == knob]
+            for method in summary["method"].unique():
+                sub = summary[summary["method"] == method].set_index("case")
+                ax.plot(levels, [sub.loc[n, "capture_mean"] if n in sub.index else np.nan for n in names],
+                        "o-", label=method)
+            ax.set_xlabel(knob)
+            ax.set_ylabel("capture of oracle uplift")
+        axes[0].legend(fontsize=7)
 
 
-def plot_cost_curves(results: pd.DataFrame, case: str, path) -> None:
-    """IPS response versus IPS spend per user on the test trial, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=110)
-    for method, sub in results[results["case"] == case].groupby("method", sort=False):
-        sub = sub.sort_values("budget_level")
-        ax.plot(sub["ips_cost"], sub["ips_response"], "o-", label=method)
-    ax.set_xlabel("spend per user (IPS, test trial)")
-    ax.set_ylabel("response per user (IPS)")
-    ax.set_title(f"cost curves, {case} world")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def plot_by_method(frame: pd.DataFrame, case: str, x: str, y: str, path, *, style: str, xlabel: str,
+                   ylabel: str, title: str, x_max: float | None = None) -> None:
+    """``y`` against ``x`` for one case, a line per method through its budget levels (``x <= x_max``)."""
+    with _figure(path) as (ax,):
+        for method, sub in frame[frame["case"] == case].groupby("method", sort=False):
+            sub = (sub if x_max is None else sub[sub[x] <= x_max]).sort_values("budget_level")
+            ax.plot(sub[x], sub[y], style, label=method)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
 
 
 def by_level(results: pd.DataFrame, case: str) -> pd.DataFrame:
@@ -331,32 +312,6 @@ def benchmark_markdown(summary: pd.DataFrame, meta: dict, results: pd.DataFrame 
     return "\n".join(lines)
 
 
-def plot_true_paths(paths: pd.DataFrame, case: str, path) -> None:
-    """True uplift against true spend along each method's budget path, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=110)
-    for method, sub in paths[paths["case"] == case].groupby("method", sort=False):
-        sub = sub[sub["true_spend_level"] <= 0.45].sort_values("budget_level")
-        ax.plot(sub["true_spend_level"], sub["uplift"], ".-", label=method)
-    ax.set_xlabel("true spend / all-max spend")
-    ax.set_ylabel("true uplift over all-control")
-    ax.set_title(f"budget paths in truth, {case} world")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def cases_of(results: pd.DataFrame) -> list[Case]:
-    """The cases of a results table, in order (their worlds are not needed for plots)."""
-    first = results.drop_duplicates("case")
-    return [Case(r.case, SimulateParams(), r.noise, float(r.noise_level)) for r in first.itertuples()]
-
-
 def merge_reports(out_dir, sources, meta: dict) -> pd.DataFrame:
     """One report from several runs' directories (e.g. the baselines and a re-run of HRC).
 
@@ -374,16 +329,19 @@ def merge_reports(out_dir, sources, meta: dict) -> pd.DataFrame:
     return write_report(out_dir, merged.reset_index(drop=True), path_frame.reset_index(drop=True), meta)
 
 
+def _check_known(kind: str, names, known) -> None:
+    """A one-line error naming the first of ``names`` that is not in ``known``."""
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise BudgetallocError(f"unknown {kind} '{unknown[0]}' (choose from {', '.join(known)})")
+
+
 def select_cases(cases: list[Case], names) -> list[Case]:
     """The cases named (in the order given), or a one-line error naming an unknown one."""
     if not names:
         return cases
     known = {c.name: c for c in cases}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        from budgetalloc.errors import BudgetallocError
-
-        raise BudgetallocError(f"unknown case '{unknown[0]}' (choose from {', '.join(known)})")
+    _check_known("case", names, known)
     return [known[n] for n in names]
 
 
@@ -406,11 +364,7 @@ def run_benchmark(out_dir, params: Params, *, quick: bool, seed: int = 0, method
     Returns:
         The summary table (one row per case and method).
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        from budgetalloc.errors import BudgetallocError
-
-        raise BudgetallocError(f"unknown method '{unknown[0]}' (choose from {', '.join(METHODS)})")
+    _check_known("method", methods, METHODS)
     size = size or (QUICK if quick else FULL)
     cases = select_cases(cases or default_cases(n_users=size.n_train, quick=quick), case_names)
     started = time.time()
@@ -418,7 +372,7 @@ def run_benchmark(out_dir, params: Params, *, quick: bool, seed: int = 0, method
     for case in cases:
         world = case.world.model_copy(update={"n_users": size.n_train})
         part = run_case(Case(case.name, world, case.noise, case.level), methods, params, seed=seed,
-                        n_test=size.n_test, n_population=size.n_population, quick=quick, log=log)
+                        n_test=size.n_test, n_population=size.n_population, log=log)
         rows += part.rows
         paths += part.paths
     meta = {"quick": quick, "train rows": size.n_train, "population": size.n_population,
@@ -430,21 +384,22 @@ def run_benchmark(out_dir, params: Params, *, quick: bool, seed: int = 0, method
 def write_report(out_dir, results: pd.DataFrame, paths: pd.DataFrame, meta: dict) -> pd.DataFrame:
     """Write benchmark.csv, benchmark_summary.csv, budget_paths.csv, benchmark.md and plots atomically.
 
-    Also how :func:`merge_reports` rewrites a report from the tables of several runs.
-
     Returns:
         The summary table (one row per case and method).
     """
-    from budgetalloc.files import atomic_files
-
     summary = summarise(results)
-    cases = cases_of(results)
+    first = results.drop_duplicates("case")  # the plots need each case's noise knob and level only
+    cases = [Case(r.case, SimulateParams(), r.noise, float(r.noise_level)) for r in first.itertuples()]
     with atomic_files(out_dir) as tmp:
         results.to_csv(tmp / "benchmark.csv", index=False)
         summary.to_csv(tmp / "benchmark_summary.csv", index=False)
         paths.to_csv(tmp / "budget_paths.csv", index=False)
         (tmp / "benchmark.md").write_text(benchmark_markdown(summary, meta, results) + "\n")
         plot_noise_sweep(summary, cases, tmp / "noise_sweep.png")
-        plot_cost_curves(results, cases[0].name, tmp / "cost_curves.png")
-        plot_true_paths(paths, cases[0].name, tmp / "true_paths.png")
+        plot_by_method(results, cases[0].name, "ips_cost", "ips_response", tmp / "cost_curves.png", style="o-",
+                       xlabel="spend per user (IPS, test trial)", ylabel="response per user (IPS)",
+                       title=f"cost curves, {cases[0].name} world")
+        plot_by_method(paths, cases[0].name, "true_spend_level", "uplift", tmp / "true_paths.png", style=".-",
+                       xlabel="true spend / all-max spend", ylabel="true uplift over all-control",
+                       title=f"budget paths in truth, {cases[0].name} world", x_max=0.45)
     return summary

@@ -1,24 +1,12 @@
 """Simulated incentive trials with known ground truth, the oracle and scoring.
 
-The world: each user has ``d`` observed features (standard normal; one pair is
-correlated, and every feature from the tenth on is irrelevant). Four latent
-segments are defined by *interactions* (the sign of ``x0 * x1`` and whether
-``(x2, x3)`` lies outside a circle), so no single feature reveals them. Arm ``j``
-is a coupon of value ``v[j]`` (arm 0: no coupon). Conversion probability::
-
-    p[i, j] = sigmoid(b_i + a_i * (1 - exp(-g_i * v[j])))
-
-with baseline ``b_i``, sensitivity ``a_i`` and saturation rate ``g_i`` that depend
-non-linearly on features and segment: diminishing returns whose shape differs by
-user. In the ``binary`` world the response is the order (0/1); in the ``gmv`` world
-it is the order times a log-normal basket value whose mean depends on the user.
-The coupon costs its value when it is used, i.e. when the user orders, so the
-true expected cost is ``v[j] * p[i, j]``.
-
-Noise knobs act on what the trial *records*, never on the truth: ``label_noise``
-flips (binary) or shuffles (GMV) a share of responses, ``cost_outliers`` multiplies
-a share of costs by ten (an order-of-magnitude logging error), ``feature_noise``
-adds Gaussian noise to observed features, ``missing_rate`` blanks feature values.
+Users have standard-normal features; four latent segments come from feature
+interactions; arm ``j`` is a coupon of value ``v[j]`` (arm 0: none) and the order
+probability ``p[i, j]`` has diminishing, user-specific returns in ``v[j]``. The response
+is the order (``binary`` world) or order x basket value (``gmv``); a coupon costs its
+value when used, so the true expected cost is ``v[j] p[i, j]``. Noise knobs change what
+the trial records, never the truth. The same seed gives the same tables bit for bit.
+The world in full: docs/benchmark.md.
 """
 
 from __future__ import annotations
@@ -34,6 +22,7 @@ from budgetalloc.params import SimulateParams
 
 SEGMENT_SENSITIVITY = np.array([0.25, 1.6, 0.8, 2.4])
 GMV_COUPON_SCALE = 3.0
+BASKET_SIGMA = 0.6  # log-normal noise of a basket's value around its mean (gmv world)
 
 
 @dataclass(frozen=True)
@@ -85,6 +74,17 @@ def true_outcomes(X: np.ndarray, world: str, n_arms: int) -> tuple[np.ndarray, n
     return p * basket[:, None], p * v[None, :], basket
 
 
+def draw_orders(rng: np.random.Generator, conversion: np.ndarray, basket: np.ndarray,
+                world: str) -> tuple[np.ndarray, np.ndarray]:
+    """Orders drawn with probability ``conversion`` and their value: the basket, with
+    log-normal noise in the ``gmv`` world. Returns float ``(order, value)``, 0 without an order."""
+    n = conversion.shape[0]
+    order = (rng.random(n) < conversion).astype(np.float64)
+    if world == "gmv":
+        basket = basket * np.exp(BASKET_SIGMA * rng.standard_normal(n) - 0.5 * BASKET_SIGMA**2)
+    return order, order * basket
+
+
 def _assign(rng, n: int, n_arms: int, shares) -> tuple[np.ndarray, np.ndarray]:
     probs = np.full(n_arms, 1.0 / n_arms) if shares is None else np.asarray(shares, dtype=np.float64)
     if probs.shape[0] != n_arms:
@@ -106,25 +106,17 @@ def _frame(user_id: np.ndarray, Xo: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
-def _record_outcomes(rng, world, t, r, c, basket, v, p: SimulateParams):
-    n = t.shape[0]
-    conv = r[np.arange(n), t] / basket
-    order = (rng.random(n) < conv).astype(np.float64)
+def _record_outcomes(rng, world, t, r, basket, v, p: SimulateParams):
+    order, response = draw_orders(rng, r[np.arange(t.shape[0]), t] / basket, basket, world)
     cost = order * v[t]
-    if world == "gmv":
-        sigma = 0.6
-        value = basket * np.exp(sigma * rng.standard_normal(n) - 0.5 * sigma**2)
-        response = order * value
-    else:
-        response = order.copy()
     if p.label_noise > 0:
-        hit = rng.random(n) < p.label_noise
+        hit = rng.random(t.shape[0]) < p.label_noise
         if world == "gmv":
             response[hit] = rng.permutation(response)[hit]
         else:
             response[hit] = 1.0 - response[hit]
     if p.cost_outliers > 0:
-        cost[rng.random(n) < p.cost_outliers] *= 10.0
+        cost[rng.random(t.shape[0]) < p.cost_outliers] *= 10.0
     return response, cost
 
 
@@ -147,7 +139,7 @@ def simulate_trial(params: SimulateParams, *, seed: int, n_users: int | None = N
     r, c, basket = true_outcomes(X, params.world, params.n_arms)
     v = coupon_values(params.n_arms, params.world)
     t, prop = _assign(rng, n, params.n_arms, params.arm_shares)
-    response, cost = _record_outcomes(rng, params.world, t, r, c, basket, v, params)
+    response, cost = _record_outcomes(rng, params.world, t, r, basket, v, params)
     frame = _frame(np.arange(id_offset, id_offset + n, dtype=np.int64), _observed(rng, X, params))
     frame[TREATMENT] = t
     frame[RESPONSE] = response
@@ -168,19 +160,19 @@ def simulate_population(params: SimulateParams, *, seed: int, n_users: int, id_o
 
 def truth_frame(world: World) -> pd.DataFrame:
     """``user_id`` plus ``true_response_j`` and ``true_cost_j`` for every arm ``j``."""
-    cols = {USER_ID: world.frame[USER_ID].to_numpy()}
-    for j in range(world.true_response.shape[1]):
-        cols[f"true_response_{j}"] = world.true_response[:, j]
-    for j in range(world.true_cost.shape[1]):
-        cols[f"true_cost_{j}"] = world.true_cost[:, j]
-    return pd.DataFrame(cols)
+    return pd.DataFrame({
+        USER_ID: world.frame[USER_ID].to_numpy(),
+        **{f"true_response_{j}": world.true_response[:, j] for j in range(world.true_response.shape[1])},
+        **{f"true_cost_{j}": world.true_cost[:, j] for j in range(world.true_cost.shape[1])},
+    })
 
 
 def truth_arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`truth_frame`: the (n, M) response and cost arrays."""
-    rc = sorted((c for c in frame.columns if c.startswith("true_response_")), key=lambda s: int(s.rsplit("_", 1)[1]))
-    cc = sorted((c for c in frame.columns if c.startswith("true_cost_")), key=lambda s: int(s.rsplit("_", 1)[1]))
-    return frame[rc].to_numpy(np.float64), frame[cc].to_numpy(np.float64)
+    """The ``(n, M)`` true response and cost of a truth table (``simulate --truth``, :func:`truth_frame`)."""
+    def columns(prefix: str) -> list[str]:
+        return sorted((c for c in frame.columns if c.startswith(prefix)), key=lambda s: int(s.rsplit("_", 1)[1]))
+
+    return frame[columns("true_response_")].to_numpy(np.float64), frame[columns("true_cost_")].to_numpy(np.float64)
 
 
 def max_spend(true_cost: np.ndarray) -> float:
@@ -191,6 +183,11 @@ def max_spend(true_cost: np.ndarray) -> float:
 def oracle_arms(true_response: np.ndarray, true_cost: np.ndarray, budget: float) -> np.ndarray:
     """The per-user oracle: Lagrangian allocation on the true expectations."""
     return lagrangian_allocation(true_response, true_cost, budget).arms
+
+
+def true_uplift(arms: np.ndarray, true_response: np.ndarray) -> float:
+    """The true response that ``arms`` gain over all-control."""
+    return float(true_response[np.arange(arms.shape[0]), arms].sum()) - float(true_response[:, 0].sum())
 
 
 @dataclass(frozen=True)
@@ -205,22 +202,13 @@ class Score:
 
 
 def score_allocation(arms: np.ndarray, true_response: np.ndarray, true_cost: np.ndarray, budget: float) -> Score:
-    """Score ``arms`` against the truth and the oracle at the same budget.
+    """Score ``arms`` (one per user) against the truth and the oracle at the same ``budget`` (> 0).
 
-    Args:
-        arms: (n,) arm per user.
-        true_response, true_cost: (n, M) truth.
-        budget: total budget the allocation was made for (> 0).
-
-    Returns:
-        A :class:`Score`; capture is 1 for the oracle and 0 for all-control.
+    Capture is 1 for the oracle and 0 for all-control.
     """
-    idx = np.arange(arms.shape[0])
-    base = float(true_response[:, 0].sum())
-    uplift = float(true_response[idx, arms].sum()) - base
-    best = oracle_arms(true_response, true_cost, budget)
-    oracle_uplift = float(true_response[idx, best].sum()) - base
-    spend = float(true_cost[idx, arms].sum())
+    uplift = true_uplift(arms, true_response)
+    oracle_uplift = true_uplift(oracle_arms(true_response, true_cost, budget), true_response)
+    spend = float(true_cost[np.arange(arms.shape[0]), arms].sum())
     return Score(
         capture=uplift / oracle_uplift if oracle_uplift > 0 else float("nan"),
         spend_ratio=spend / budget if budget > 0 else float("inf") if spend > 0 else 0.0,

@@ -1,24 +1,17 @@
-"""What every baseline shares: the interface, preprocessing and Lagrangian allocation.
+"""What every baseline shares: the interface, preprocessing and the Lagrangian allocation.
 
-A baseline learns, from a randomized trial, the expected response ``r[i, j]`` and
-cost ``c[i, j]`` of every user under every arm (or quantities the Lagrangian can use
-in their place), then allocates with :func:`budgetalloc.method.lagrangian.lagrangian_allocation`:
-every user takes ``argmax_j r[i, j] - lam * c[i, j]`` with ``lam`` bisected until the
-*predicted* spend meets the budget. The six methods differ only in how they learn
-``(r, c)``; :class:`BaselineBase` holds the rest once.
-
-OpenMP (scikit-learn's histogram boosting) is limited to one thread during fit and
-predict: with two threads on a two-core machine that is also running anything else,
-its busy-waiting threads made a 4k-row fit 100x slower (28 s instead of 0.24 s,
-measured), while one thread loses at most a factor of two on an idle machine.
-
-Conventions (scikit-learn's): ``__init__`` only stores keyword-only size knobs,
-``fit(trial, seed=...)`` returns ``self``, learned attributes end in ``_``.
+A baseline learns, from a randomized trial, each user's expected response and cost
+under every arm (or what the Lagrangian can use in their place), then allocates with
+:func:`~budgetalloc.method.lagrangian.lagrangian_allocation`; the methods differ only
+in ``_fit`` and ``_predict``. Conventions are scikit-learn's: ``__init__`` only stores
+keyword-only size knobs, ``fit(trial, seed=...)`` returns ``self``, learned attributes
+end in ``_``. Fits and predictions run with one OpenMP thread (docs/baselines.md).
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import functools
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.exceptions import NotFittedError
@@ -29,40 +22,22 @@ from budgetalloc.errors import BudgetallocError, DataError
 from budgetalloc.method.lagrangian import LagrangianAllocation, lagrangian_allocation
 
 OPENMP_THREADS = 1
+#: The class decorator of every baseline: its annotated class attributes become the
+#: keyword-only size knobs of ``__init__`` (identity equality and :meth:`Baseline.__repr__` kept).
+size_knobs = functools.partial(dataclass, kw_only=True, eq=False, repr=False)
 
 
-@runtime_checkable
-class Baseline(Protocol):
-    """The interface of every comparison method."""
+class Baseline:
+    """The interface of every comparison method; subclasses define ``_fit`` and ``_predict``.
 
-    name: str
-
-    def fit(self, trial: Trial, *, seed: int) -> Baseline:
-        """Learn from a randomized trial; returns ``self``."""
-        ...
-
-    def outcomes(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw features ``(n, d)`` (NaN allowed) -> ``(value, cost)``, each ``(n, M)``."""
-        ...
-
-    def allocate(self, X: np.ndarray, budget: float) -> np.ndarray:
-        """One arm per user (``(n,)`` int) within ``budget`` in the predicted cost."""
-        ...
-
-
-class BaselineBase:
-    """Preprocessing, output checks and allocation; subclasses define ``_fit``/``_predict``.
-
-    Subclasses implement:
-
-    * ``_fit(Z, trial, seed)``: learn from standardised features ``Z`` (float32,
-      imputed) and the trial's targets;
-    * ``_predict(Z) -> (value, cost)``: ``(n, M)`` arrays in the trial's units.
+    * ``_fit(Z, trial, seed)`` learns from standardised, imputed float32 features ``Z``
+      and the trial's targets;
+    * ``_predict(Z) -> (value, cost)`` gives ``(n, M)`` arrays in the trial's units.
     """
 
     name: str = ""
 
-    def fit(self, trial: Trial, *, seed: int) -> BaselineBase:
+    def fit(self, trial: Trial, *, seed: int) -> Baseline:
         """Fit the preprocessor and the method on ``trial``.
 
         Args:
@@ -78,8 +53,7 @@ class BaselineBase:
         self.n_arms_ = int(trial.n_arms)
         self.n_features_ = int(trial.X.shape[1])
         self.binary_response_ = bool(trial.binary_response)
-        # An arm whose recorded cost is always zero (control, as a rule) is free by design:
-        # predicting exactly 0 there keeps a model's noise from charging it.
+        # an arm that never cost anything in the trial (control, as a rule) is predicted free
         spent = np.bincount(trial.treatment, weights=trial.cost, minlength=trial.n_arms)
         self.free_arms_ = spent <= 0.0
         with threadpool_limits(limits=OPENMP_THREADS, user_api="openmp"):
@@ -90,8 +64,7 @@ class BaselineBase:
         """Predicted value and cost under every arm.
 
         Args:
-            X: raw features ``(n, d)`` in the trial's feature order; NaN is imputed
-                with the training medians.
+            X: raw features ``(n, d)`` in the trial's feature order; NaN is imputed.
 
         Returns:
             ``(value, cost)``, float64 ``(n, M)`` each, finite; cost ``>= 0`` and
@@ -108,20 +81,13 @@ class BaselineBase:
         return value, cost
 
     def allocation(self, X: np.ndarray, budget: float) -> LagrangianAllocation:
-        """The full Lagrangian allocation (arms, multiplier, predicted spend and response).
+        """The per-user Lagrangian allocation of raw features ``X`` under ``budget`` (``>= 0``).
 
-        Args:
-            X: raw features ``(n, d)``.
-            budget: total budget in cost units (``>= 0``).
-
-        Returns:
-            A :class:`~budgetalloc.method.lagrangian.LagrangianAllocation` whose ``spend``
-            (in this method's predicted cost) never exceeds ``budget`` when a free arm exists.
+        Its ``spend``, in this method's predicted cost, never exceeds ``budget`` when a
+        free arm exists.
         """
         if not np.isfinite(budget) or budget < 0:
-            raise BudgetallocError(
-                f"{self.name}: budget must be a finite number >= 0, got {budget!r}"
-            )
+            raise BudgetallocError(f"{self.name}: budget must be a finite number >= 0, got {budget!r}")
         value, cost = self.outcomes(X)
         return lagrangian_allocation(value, cost, float(budget))
 
@@ -129,14 +95,16 @@ class BaselineBase:
         """One arm per user, ``(n,)`` int32; see :meth:`allocation`."""
         return self.allocation(X, budget).arms
 
+    def knobs(self) -> dict:
+        """The size knobs given to the constructor."""
+        return {k: v for k, v in vars(self).items() if not k.endswith("_")}
+
     def _transform(self, X: np.ndarray) -> np.ndarray:
         if not hasattr(self, "preprocessor_"):
             raise NotFittedError(f"{self.name}: call fit() before outcomes() or allocate()")
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.n_features_:
-            raise DataError(
-                f"{self.name}: expected features of shape (n, {self.n_features_}), got {X.shape}"
-            )
+            raise DataError(f"{self.name}: expected features of shape (n, {self.n_features_}), got {X.shape}")
         return self.preprocessor_.transform(X)
 
     def _fit(self, Z: np.ndarray, trial: Trial, seed: int) -> None:  # pragma: no cover
@@ -146,17 +114,12 @@ class BaselineBase:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        knobs = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.endswith("_"))
+        knobs = ", ".join(f"{k}={v!r}" for k, v in self.knobs().items())
         return f"{type(self).__name__}({knobs})"
 
 
 def arm_propensities(trial: Trial) -> np.ndarray:
-    """Mean assignment probability of each arm, ``(M,)``.
-
-    In an RCT the probability of an arm does not depend on ``x``; the trial stores
-    the probability of the *received* arm per row, so each arm's value is the mean of
-    its rows' propensities (equal to its share when no propensity column was given).
-    """
+    """Each arm's mean assignment probability ``(M,)``: the mean propensity of its rows."""
     sums = np.bincount(trial.treatment, weights=trial.propensity, minlength=trial.n_arms)
     counts = np.bincount(trial.treatment, minlength=trial.n_arms)
     return sums / np.maximum(counts, 1)

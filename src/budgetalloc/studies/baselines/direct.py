@@ -1,19 +1,10 @@
-"""DRM and DRP: networks that learn a per-arm ranking score or ROI directly.
+"""DRM and DRP: networks that learn each coupon arm's ROI against control directly.
 
-Both learn one output per non-control arm ``j`` that ranks users by the return on
-investment of arm ``j`` against control, ``tau^r_j(x) / tau^c_j(x)``, from the RCT
-without first predicting the two effects. A Lagrangian over several arms needs each
-arm's value and cost, not only a ratio, so both methods form them the same way:
-
-* an outcome tower (:class:`~budgetalloc.studies.baselines.nets.OutcomeNet`, its own
-  parameters, trained with the masked prediction loss) gives the control response
-  ``r_0(x)`` and every arm's cost ``c_j(x)``;
-* ``cost[i, j] = c_j(x_i)`` and
-  ``value[i, j] = r_0(x_i) + roi_j(x_i) * max(c_j(x_i) - c_0(x_i), 0)``.
-
-Every user then takes ``argmax_j (roi_j - lam) * dc_j``: the arm whose incremental
-cost earns the most above the shadow price. The ranking tower and the outcome
-tower share no parameters, so summing their losses trains each exactly as if alone.
+A ranking tower gives one output per non-control arm; an independent outcome tower
+(:class:`~budgetalloc.studies.baselines.nets.OutcomeNet`, on the prediction loss) gives
+the control response ``r_0`` and every arm's cost ``c_j``. The Lagrangian gets
+``cost[i, j] = c_j(x_i)`` and ``value[i, j] = r_0(x_i) + roi_j(x_i) * max(c_j(x_i) - c_0(x_i), 0)``.
+The losses and the score -> ROI maps are in docs/baselines.md.
 """
 
 from __future__ import annotations
@@ -27,7 +18,7 @@ from sklearn.isotonic import IsotonicRegression
 from budgetalloc.data.contract import Trial
 from budgetalloc.errors import BudgetallocError
 from budgetalloc.studies.baselines import nets
-from budgetalloc.studies.baselines.base import BaselineBase, arm_means, target_scale
+from budgetalloc.studies.baselines.base import arm_means, size_knobs
 
 _DRP_BOUND = 8.0  # the log-ROI output is soft-clipped to [-8, 8] (scaled units)
 
@@ -44,54 +35,21 @@ class DirectNet(nnx.Module):
         return self.rank(x), raw_r, c_hat
 
 
-class _DirectBase(BaselineBase):
+class _DirectBase(nets.NeuralBaseline):
     """Training and value/cost assembly shared by DRM and DRP."""
-
-    def __init__(
-        self,
-        *,
-        epochs: int = 20,
-        hidden: int = 64,
-        depth: int = 2,
-        batch_size: int = 2048,
-        learning_rate: float = 2e-3,
-        weight_decay: float = 1e-4,
-    ):
-        self.epochs = epochs
-        self.hidden = hidden
-        self.depth = depth
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
 
     def _rank_loss(self, score: jax.Array, batch: dict, arm: int) -> jax.Array:  # pragma: no cover
         raise NotImplementedError
 
-    def _fit(self, Z: np.ndarray, trial: Trial, seed: int) -> None:
-        self._fit_networks(Z, trial, seed, np.arange(trial.n))
+    def _roi(self, score: np.ndarray) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
 
-    def _fit_networks(self, Z: np.ndarray, trial: Trial, seed: int, rows: np.ndarray) -> None:
-        """Train both towers on ``rows`` of the trial (scales from the whole trial)."""
-        binary = trial.binary_response
-        self.scale_r_ = target_scale(trial.response, binary=binary)
-        self.scale_c_ = target_scale(trial.cost)
-        data = {
-            "x": Z[rows],
-            "t": trial.treatment[rows].astype(np.int32),
-            "r": (trial.response[rows] / self.scale_r_).astype(np.float32),
-            "c": (trial.cost[rows] / self.scale_c_).astype(np.float32),
-            "w": trial.ipw[rows].astype(np.float32),
-        }
-        net = DirectNet(
-            Z.shape[1], trial.n_arms, hidden=self.hidden, depth=self.depth, rngs=nnx.Rngs(seed)
-        )
-        bias = nets.output_bias(
-            arm_means(trial, trial.response) / self.scale_r_,
-            arm_means(trial, trial.cost) / self.scale_c_,
-            binary,
-        )
-        nets.set_output_bias(net.outcome, bias)
-        n_arms = trial.n_arms
+    def _fit(self, Z: np.ndarray, trial: Trial, seed: int, rows=slice(None)) -> None:
+        """Train both towers on ``rows`` of the trial."""
+        binary, n_arms = trial.binary_response, trial.n_arms
+        data, mean_r, mean_c = self._scaled_targets(Z, trial, rows)
+        net = DirectNet(Z.shape[1], n_arms, hidden=self.hidden, depth=self.depth, rngs=nnx.Rngs(seed))
+        net.outcome.start_at(mean_r, mean_c, binary)
 
         def loss_fn(model: DirectNet, batch: dict) -> jax.Array:
             score, raw_r, c_hat = model(batch["x"])
@@ -99,72 +57,34 @@ class _DirectBase(BaselineBase):
             rank = sum(self._rank_loss(score[:, j - 1], batch, j) for j in range(1, n_arms))
             return pred + rank
 
-        self.graphdef_, self.params_, self.history_ = nets.train(
-            net,
-            loss_fn,
-            data,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            seed=seed,
-        )
-
-    def _roi(self, score: np.ndarray) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError
+        self._train(net, loss_fn, data, seed)
 
     def _predict(self, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        score, raw_r, c_hat = nets.predict(self.graphdef_, self.params_, Z)
-        r0 = (
-            np.asarray(nets.response_mean(jnp.asarray(raw_r[:, 0]), self.binary_response_))
-            * self.scale_r_
-        )
+        score, raw_r, c_hat = self._apply(Z)
+        r0 = np.asarray(nets.response_mean(jnp.asarray(raw_r[:, 0]), self.binary_response_)) * self.scale_r_
         cost = c_hat.astype(np.float64) * self.scale_c_
         cost[:, self.free_arms_] = 0.0
-        roi = self._roi(score.astype(np.float64))
         dc = np.maximum(cost[:, 1:] - cost[:, :1], 0.0)
-        value = np.column_stack([r0, r0[:, None] + roi * dc])
-        return value, cost
+        return np.column_stack([r0, r0[:, None] + self._roi(score.astype(np.float64)) * dc]), cost
 
 
 def _group_mean(weights: jax.Array, values: jax.Array) -> jax.Array:
     return jnp.sum(weights * values) / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
+@size_knobs
 class DirectRankModel(_DirectBase):
-    """DRM: the Direct Rank Model (Du, Lee & Ghaffarizadeh 2019, "Improve User
-    Retention with Causal Learning", PMLR 104, KDD'19 Causal Discovery workshop).
-
-    Loss, per non-control arm ``j`` and minibatch: scores ``s_i = tanh(f_j(x_i))``;
-    softmax weights ``p_i = w_i exp(s_i) / sum w exp(s)`` taken separately over the
-    batch's arm-``j`` rows (T) and control rows (C) (``w`` the inverse-propensity
-    weight); with ``dR = sum_T p r - sum_C p r`` and ``dC = sum_T p c - sum_C p c``,
-    ``loss_j = -dR / max(dC, 1e-6)``: the incremental response per unit of
-    incremental cost of the users the ranking puts on top, maximised. The total is
-    ``sum_j loss_j`` plus the outcome tower's prediction loss. ``r`` and ``c`` are
-    divided by their mean absolute values first; the ``tanh`` keeps the softmax from
-    collapsing onto a few rows (as in the paper).
-
-    Multi-arm: one score head per non-control arm against control. The score is a
-    rank, not a ratio, so it is calibrated into an ROI on rows the network did not
-    train on (``calibration_fraction``): per arm, users are cut into score quantile
-    bins, each bin's ROI is the difference in (propensity-weighted) mean response
-    over the difference in mean cost between arm ``j`` and control, and an isotonic
-    (increasing) regression of bin ROI on bin score maps any score to an ROI.
+    """DRM, the Direct Rank Model (Du, Lee & Ghaffarizadeh 2019): a rank score per arm, calibrated to ROI.
 
     Args:
-        epochs, hidden, depth, batch_size, learning_rate, weight_decay: of the
-            networks (AdamW; every arm needs rows in a batch, hence large batches).
         calibration_fraction: share of the trial held out for the score -> ROI map.
-        n_bins: most score bins per arm in the calibration.
+        n_bins: most score bins per arm in that map.
+        epochs, hidden, depth, batch_size, learning_rate, weight_decay: of the networks.
     """
 
     name = "DRM"
-
-    def __init__(self, *, calibration_fraction: float = 0.3, n_bins: int = 20, **knobs):
-        super().__init__(**knobs)
-        self.calibration_fraction = calibration_fraction
-        self.n_bins = n_bins
+    calibration_fraction: float = 0.3
+    n_bins: int = 20
 
     def _rank_loss(self, score: jax.Array, batch: dict, arm: int) -> jax.Array:
         e = jnp.exp(jnp.tanh(score)) * batch["w"]
@@ -176,28 +96,21 @@ class DirectRankModel(_DirectBase):
 
     def _fit(self, Z: np.ndarray, trial: Trial, seed: int) -> None:
         if not 0.0 < self.calibration_fraction < 1.0:
-            raise BudgetallocError(
-                f"DRM: calibration_fraction must be in (0, 1), got {self.calibration_fraction}"
-            )
+            raise BudgetallocError(f"DRM: calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         perm = np.random.default_rng(seed).permutation(trial.n)
         n_cal = min(max(1, round(trial.n * self.calibration_fraction)), trial.n - 1)
         held_out, train_rows = np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
-        self._fit_networks(Z, trial, seed, train_rows)
-        score = np.tanh(nets.predict(self.graphdef_, self.params_, Z[held_out])[0])
+        super()._fit(Z, trial, seed, train_rows)
+        score = np.tanh(self._apply(Z[held_out])[0])
         cal = trial.subset(held_out)
-        self.calibrators_ = [
-            roi_calibrator(score[:, j - 1], cal, j, self.n_bins) for j in range(1, trial.n_arms)
-        ]
+        self.calibrators_ = [roi_calibrator(score[:, j - 1], cal, j, self.n_bins) for j in range(1, trial.n_arms)]
 
     def _roi(self, score: np.ndarray) -> np.ndarray:
-        return np.column_stack(
-            [cal.predict(np.tanh(score[:, k])) for k, cal in enumerate(self.calibrators_)]
-        )
+        return np.column_stack([cal.predict(np.tanh(score[:, k])) for k, cal in enumerate(self.calibrators_)])
 
 
-def roi_calibrator(
-    score: np.ndarray, trial: Trial, arm: int, n_bins: int, min_rows: int = 250
-) -> IsotonicRegression:
+def roi_calibrator(score: np.ndarray, trial: Trial, arm: int, n_bins: int,
+                   min_rows: int = 250) -> IsotonicRegression:
     """An increasing map from score to the ROI of ``arm`` against control, from binned RCT means.
 
     Args:
@@ -241,24 +154,7 @@ def _pair_effects(trial: Trial, arm: int) -> tuple[float, float]:
 
 
 class DirectROIPrediction(_DirectBase):
-    """DRP: Direct ROI Prediction (Zhou, Li, Jiang, Zheng & Wang 2023, "Direct
-    Heterogeneous Causal Learning for Resource Allocation Problems in Marketing", AAAI).
-
-    One output ``s_j(x)`` per non-control arm ``j`` is the decision factor
-    ``log ROI_j(x)``, learned with the paper's convex loss: with
-    ``l(s; r, c) = -r log sigmoid(s) - c log(1 - sigmoid(s))``,
-    ``loss_j = mean_T w l(s_j; r, c) - mean_C w l(s_j; r, c)`` (arm-``j`` rows minus
-    control rows of the batch, inverse-propensity weighted means). In expectation it
-    is ``-tau^r_j(x) log sigmoid(s) - tau^c_j(x) log(1 - sigmoid(s))``, convex in ``s``
-    when both effects are positive and minimised at ``sigmoid(s) / (1 - sigmoid(s)) =
-    exp(s) = tau^r_j / tau^c_j``: the ROI, without predicting either effect. The total
-    is ``sum_j loss_j`` plus the outcome tower's prediction loss; ``r`` and ``c`` are
-    divided by their mean absolute values, so ``ROI_j = exp(s_j) * scale_r / scale_c``.
-    ``s`` is soft-clipped to ``[-8, 8]`` because where an effect is negative the loss
-    has no minimum.
-
-    Multi-arm: one head per non-control arm against control, as for DRM (the ROI
-    needs no calibration: it is the loss's minimiser).
+    """DRP, Direct ROI Prediction (Zhou et al., AAAI 2023): log-ROI per arm by a convex loss.
 
     Args:
         epochs, hidden, depth, batch_size, learning_rate, weight_decay: of the networks.

@@ -1,12 +1,9 @@
-"""The networks of DRM, DRP and DFCL: an MLP, the outcome net, and a fixed-epoch trainer.
+"""The networks of DRM, DRP and DFCL and what fits them: an MLP, the outcome net, the trainer.
 
-Training runs on the one loop of :mod:`budgetalloc.models.nn` (a pure
-``train_step``, one jitted ``lax.scan`` per epoch over row indices drawn in numpy
-from the seed), with AdamW for a fixed number of epochs and no validation split:
-the epochs are a size knob. Every batch is full (the rows left after the last full
-batch sit out that epoch; a new permutation gives them their turn), because DRM's
-group-softmax loss is a ratio of batch sums that padded rows would distort. The
-same seed gives the same weights bit for bit on the same machine.
+Training runs on the epoch loop of :mod:`budgetalloc.models.nn` with AdamW for a fixed
+number of epochs (a size knob), no validation split, and full batches only: the rows
+left after the last full batch sit out that epoch. The same seed gives the same
+weights bit for bit on the same machine. Rationale: docs/baselines.md.
 """
 
 from __future__ import annotations
@@ -20,7 +17,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from budgetalloc.data.contract import Trial
 from budgetalloc.models import nn
+from budgetalloc.studies.baselines.base import Baseline, arm_means, size_knobs, target_scale
 
 #: ``loss_fn(module, batch) -> scalar`` (a dict of ``(batch_size, ...)`` arrays).
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], jax.Array]
@@ -42,62 +41,12 @@ class MLP(nnx.Module):
         return self.out(x)
 
 
-def train(
-    module: nnx.Module,
-    loss_fn: LossFn,
-    data: dict[str, np.ndarray],
-    *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    weight_decay: float,
-    seed: int,
-) -> tuple[nnx.GraphDef, nnx.State, list[float]]:
-    """Minibatch AdamW for a fixed number of epochs, on :mod:`budgetalloc.models.nn`'s loop.
-
-    Every batch is full: the rows left after the last full batch sit out that epoch.
-
-    Args:
-        module: the initialised network (left unchanged).
-        loss_fn: ``(module, batch) -> scalar loss``.
-        data: equal-length arrays (rows on the first axis).
-        epochs: passes over the rows.
-        batch_size: rows per step (capped at the number of rows).
-        learning_rate, weight_decay: of ``optax.adamw``.
-        seed: seeds the per-epoch permutations.
-
-    Returns:
-        ``(graphdef, params, mean batch loss per epoch)``.
-    """
-    n = len(next(iter(data.values())))
-    size = min(batch_size, n)
-    n_batches = n // size
-    rng = np.random.default_rng(seed)
-    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
-    graphdef, params = nnx.split(module)
-    params = jax.tree.map(jnp.copy, params)  # the epoch donates its state: never the caller's
-    state = nn.TrainState(params, tx.init(params))
-    device_data = {key: jnp.asarray(value) for key, value in data.items()}
-    train_epoch = nn.make_train_epoch(graphdef, lambda m, b: (loss_fn(m, b), jnp.float32(1.0)), tx)
-    history = []
-    for _ in range(epochs):
-        idx = rng.permutation(n)[: n_batches * size].reshape(n_batches, size).astype(np.int32)
-        state, loss = train_epoch(state, device_data, jnp.asarray(idx), None)
-        history.append(float(loss))
-    return graphdef, state.params, history
-
-
-def predict(graphdef: nnx.GraphDef, params: nnx.State, Z: np.ndarray, method: str = "__call__"):
-    """Apply ``module.<method>`` to ``Z`` in fixed-shape batches (:func:`budgetalloc.models.nn.batched_apply`)."""
-    return nn.batched_apply(graphdef, params, Z, method=method, batch_size=_PREDICT_CHUNK)
-
-
 class OutcomeNet(nnx.Module):
     """Response and cost under every arm: an MLP with ``2M`` outputs.
 
-    ``__call__`` returns raw outputs ``(response, cost)``, each ``(b, M)``: the
-    response is a logit when the response is binary, a scaled value otherwise; the
-    cost is a scaled value passed through softplus so it is never negative.
+    ``__call__`` returns ``(response, cost)``, each ``(b, M)``: the response is a logit
+    when the response is binary, a scaled value otherwise; the scaled cost passes
+    through softplus, so it is never negative.
     """
 
     def __init__(self, n_in: int, n_arms: int, *, hidden: int, depth: int, rngs: nnx.Rngs):
@@ -108,6 +57,13 @@ class OutcomeNet(nnx.Module):
         out = self.mlp(x)
         return out[:, : self.n_arms], jax.nn.softplus(out[:, self.n_arms :])
 
+    def start_at(self, mean_r: np.ndarray, mean_c: np.ndarray, binary: bool) -> None:
+        """Set the output biases to each arm's mean (scaled) response and cost."""
+        r = np.clip(mean_r, 1e-4, 1 - 1e-4) if binary else mean_r
+        r = np.log(r / (1 - r)) if binary else r
+        c = np.log(np.expm1(np.maximum(mean_c, 1e-4)))  # inverse softplus
+        self.mlp.out.bias[...] = jnp.asarray(np.concatenate([r, c]).astype(np.float32))
+
 
 def response_mean(raw: jax.Array, binary: bool) -> jax.Array:
     """Expected (scaled) response from the response output: sigmoid of a logit if binary."""
@@ -115,11 +71,10 @@ def response_mean(raw: jax.Array, binary: bool) -> jax.Array:
 
 
 def prediction_loss(raw_r: jax.Array, c_hat: jax.Array, batch: dict, binary: bool) -> jax.Array:
-    """Masked per-arm fit: only the received arm's outputs meet the row's targets.
+    """The masked per-arm fit: only the received arm's outputs meet the row's targets.
 
-    Response: sigmoid cross-entropy (binary) or squared error (continuous, scaled);
-    cost: squared error (scaled). Rows weighted by ``batch["w"]`` (inverse propensity);
-    the result is the weighted mean of response plus cost loss.
+    Response: sigmoid cross-entropy (binary) or squared error; cost: squared error;
+    the mean over rows weighted by ``batch["w"]``.
     """
     arm = batch["t"][:, None]
     r_raw = jnp.take_along_axis(raw_r, arm, axis=1)[:, 0]
@@ -133,14 +88,60 @@ def prediction_loss(raw_r: jax.Array, c_hat: jax.Array, batch: dict, binary: boo
     return jnp.sum(w * (loss_r + loss_c)) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
-def output_bias(mean_r: np.ndarray, mean_c: np.ndarray, binary: bool) -> np.ndarray:
-    """Initial output biases matching each arm's mean (scaled) response and cost."""
-    r = np.clip(mean_r, 1e-4, 1 - 1e-4) if binary else mean_r
-    r = np.log(r / (1 - r)) if binary else r
-    c = np.log(np.expm1(np.maximum(mean_c, 1e-4)))  # inverse softplus
-    return np.concatenate([r, c]).astype(np.float32)
+@size_knobs
+class NeuralBaseline(Baseline):
+    """A baseline fitted as a network: its size knobs, scaled targets, training and inference.
 
+    Args:
+        epochs, hidden, depth, batch_size, learning_rate, weight_decay: of the network
+            and its AdamW training.
+    """
 
-def set_output_bias(net: OutcomeNet, bias: np.ndarray) -> None:
-    """Start the outcome net at the arm means so the first epochs learn heterogeneity."""
-    net.mlp.out.bias[...] = jnp.asarray(bias)
+    epochs: int = 20
+    hidden: int = 64
+    depth: int = 2
+    batch_size: int = 2048
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+
+    def _scaled_targets(self, Z: np.ndarray, trial: Trial, rows=slice(None)):
+        """Training arrays of ``rows``, and each arm's mean response and cost, in scaled units.
+
+        The scales (mean absolute values; 1 for a binary response) come from the whole trial.
+        """
+        self.scale_r_ = target_scale(trial.response, binary=trial.binary_response)
+        self.scale_c_ = target_scale(trial.cost)
+        data = {
+            "x": Z[rows],
+            "t": trial.treatment[rows].astype(np.int32),
+            "r": (trial.response[rows] / self.scale_r_).astype(np.float32),
+            "c": (trial.cost[rows] / self.scale_c_).astype(np.float32),
+            "w": trial.ipw[rows].astype(np.float32),
+        }
+        return data, arm_means(trial, trial.response) / self.scale_r_, arm_means(trial, trial.cost) / self.scale_c_
+
+    def _train(self, net: nnx.Module, loss_fn: LossFn, data: dict[str, np.ndarray], seed: int) -> None:
+        """Fit ``net`` (left unchanged) to ``loss_fn`` on the rows of ``data``, permuted from ``seed``.
+
+        Sets ``graphdef_``, ``params_`` and ``history_`` (the mean batch loss per epoch).
+        """
+        n = len(next(iter(data.values())))
+        size = min(self.batch_size, n)
+        n_batches = n // size
+        rng = np.random.default_rng(seed)
+        tx = optax.adamw(self.learning_rate, weight_decay=self.weight_decay)
+        graphdef, params = nnx.split(net)
+        params = jax.tree.map(jnp.copy, params)  # the epoch donates its state: never the caller's
+        state = nn.TrainState(params, tx.init(params))
+        device_data = {key: jnp.asarray(value) for key, value in data.items()}
+        train_epoch = nn.make_train_epoch(graphdef, lambda m, b: (loss_fn(m, b), jnp.float32(1.0)), tx)
+        history = []
+        for _ in range(self.epochs):
+            idx = rng.permutation(n)[: n_batches * size].reshape(n_batches, size).astype(np.int32)
+            state, loss = train_epoch(state, device_data, jnp.asarray(idx), None)
+            history.append(float(loss))
+        self.graphdef_, self.params_, self.history_ = graphdef, state.params, history
+
+    def _apply(self, Z: np.ndarray):
+        """The trained network on ``Z``, in fixed-shape batches."""
+        return nn.batched_apply(self.graphdef_, self.params_, Z, method="__call__", batch_size=_PREDICT_CHUNK)
