@@ -37,14 +37,14 @@ def main() -> None:
     started = time.time()
     for case in cases:
         part = run_case(case, ["HRC"], params, seed=0, n_test=100_000, n_population=args.population,
-                        quick=False, levels=LEVELS).rows
+                        levels=LEVELS).rows
         for r in part:
             r["k"] = params.cluster.k
         rows += part
     for k in [int(v) for v in args.ks.split(",") if v]:
         p = with_overrides(params, {"cluster.k": k})
         part = run_case(Case(f"binary K={k}", cases[0].world), ["HRC"], p, seed=0, n_test=100_000,
-                        n_population=args.population, quick=False, levels=LEVELS).rows
+                        n_population=args.population, levels=LEVELS).rows
         for r in part:
             r["k"] = k
         rows += part

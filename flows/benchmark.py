@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @task(retries=1, retry_delay_seconds=30, task_run_name="case {case.name}")
 def run_case(case: benchmark.Case, methods: list[str], params: Params, seed: int, n_test: int,
-             n_population: int, quick: bool, levels: list[float]) -> benchmark.CaseResult:
+             n_population: int, levels: list[float]) -> benchmark.CaseResult:
     """Fit and score every method on one simulated world."""
     logger = get_run_logger()
     return benchmark.run_case(case, methods, params, seed=seed, n_test=n_test, n_population=n_population,
-                              quick=quick, levels=tuple(levels), log=logger.info)
+                              levels=tuple(levels), log=logger.info)
 
 
 @task
@@ -55,7 +55,7 @@ def benchmark_flow(n_users: int = 200_000, methods: list[str] | None = None, cas
         n_users: trial rows per world.
         methods: methods to compare (default: ours and every baseline).
         cases: names of the worlds to run (default: all of ``default_cases``).
-        quick: the short noise sweep and quick baseline sizes.
+        quick: the short noise sweep.
         seed: the seed family of every world.
         n_test, n_population: held-out trial and population sizes.
         levels: budget levels (fractions of the all-max-coupon spend).
@@ -67,7 +67,7 @@ def benchmark_flow(n_users: int = 200_000, methods: list[str] | None = None, cas
     levels = list(levels or benchmark.BUDGET_LEVELS)
     rows, paths = [], []
     for case in chosen:
-        result = run_case(case, methods, params, seed, n_test, n_population, quick, levels)
+        result = run_case(case, methods, params, seed, n_test, n_population, levels)
         rows += result.rows
         paths += result.paths
     results = pd.DataFrame(rows)

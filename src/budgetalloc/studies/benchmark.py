@@ -165,11 +165,9 @@ class CaseResult(NamedTuple):
 
 
 def run_case(case: Case, methods, params: Params, *, seed: int, n_test: int, n_population: int,
-             quick: bool = False, levels=BUDGET_LEVELS, log: Callable[[str], None] = print) -> CaseResult:
-    """All methods on one case: result rows per (method, budget level) and each method's budget path.
-
-    Every method runs at its default sizes; ``quick`` is accepted for callers and changes nothing.
-    """
+             levels=BUDGET_LEVELS, log: Callable[[str], None] = print) -> CaseResult:
+    """All methods (each at its default sizes) on one case: result rows per (method, budget level) and each
+    method's budget path."""
     trial, test, pop = draw_case(case, seed, n_test, n_population)
     test_trial = trial_from_frame(test.frame, source=f"{case.name}-test")
     X_pop, X_test = features_of(pop.frame, trial.feature_names), features_of(test.frame, trial.feature_names)
