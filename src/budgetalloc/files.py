@@ -81,7 +81,10 @@ def claim_temp(target: Path, suffix: str, *, directory: bool) -> tuple[Path, int
     for _ in range(100):
         if directory:
             tmp = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=target.parent)
-            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                continue  # another run's clean-up removed it before it was opened: make another
         else:
             fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
         _lock(fd)
