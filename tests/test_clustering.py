@@ -10,7 +10,7 @@ from budgetalloc.method.clustering import (
     centroid_soft_targets,
     effective_k,
     fit_clusters,
-    fit_clusters_streaming,
+    fit_clusters_batches,
     load_clusters,
     save_clusters,
 )
@@ -42,11 +42,15 @@ def test_recovers_separated_blobs_and_is_deterministic():
 def test_streaming_matches_in_memory():
     emb, truth = blobs(n=8000)
     params = ClusterParams(k=5, batch_size=500)
-    model = fit_clusters_streaming(lambda: (emb[i : i + 1000] for i in range(0, len(emb), 1000)),
-                                   k=5, params=params, seed=0)
+    model = fit_clusters_batches(lambda: (emb[i : i + 1000] for i in range(0, len(emb), 1000)),
+                                 n_rows=len(emb), k=5, params=params, seed=0)
     assert _purity(assign_clusters(model, emb), truth) > 0.99
-    forced = fit_clusters(emb, k=5, params=ClusterParams(k=5, streaming_threshold=100, batch_size=500), seed=0)
+    streamed = ClusterParams(k=5, streaming_threshold=100, batch_size=500)
+    forced = fit_clusters(emb, k=5, params=streamed, seed=0)
     assert _purity(assign_clusters(forced, emb), truth) > 0.99
+    batched = fit_clusters_batches(lambda: (emb[i : i + 777] for i in range(0, len(emb), 777)),
+                                   n_rows=len(emb), k=5, params=streamed, seed=0)
+    np.testing.assert_array_equal(batched.centers, forced.centers)  # the batching changes no bit
 
 
 def test_soft_targets_are_distributions_peaking_at_assignment():

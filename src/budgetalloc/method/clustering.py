@@ -1,16 +1,14 @@
 """k-means on the projected hidden representation (stage 2).
 
-``z = (h - mean) @ P`` with ``P`` the task metric (``cluster.metric: task``,
-:func:`budgetalloc.models.representation.task_metric`) or per-unit
-standardisation (``standardised``); ``z`` is partitioned into ``K`` groups by
-``KMeans`` on a seeded sample (in memory) or ``MiniBatchKMeans.partial_fit``
-over batches (streaming, memory bounded by one batch), and every row is
-assigned by a vectorised nearest-centroid search in float32.
+``z = (h - mean) @ P`` with ``P`` the task metric (``cluster.metric: task``) or
+per-unit standardisation; ``z`` is partitioned into ``K`` groups by ``KMeans`` on
+a seeded sample (in memory) or ``MiniBatchKMeans.partial_fit`` over batches
+(streaming: memory bounded by one batch). Rows are assigned to the nearest
+centroid, vectorised in float32.
 
 Invariant: moments are summed over blocks of ``MOMENT_BLOCK`` rows, ``partial_fit``
-gets blocks of exactly ``batch_size`` rows from the first row, and samples are
-positions drawn from the row count, so a streamed fit gives the in-memory fit's
-clusters (:mod:`budgetalloc.data.blocks`). Why: ``docs/design.md``.
+gets blocks of exactly ``batch_size`` rows and samples are positions drawn from
+the row count, so the streamed fit gives the in-memory fit's clusters.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
-from budgetalloc.data.blocks import Rebatcher
+from budgetalloc.data.blocks import fixed_blocks
 from budgetalloc.data.sampling import seeded_sample
 from budgetalloc.params import ClusterParams
 
@@ -35,7 +33,7 @@ TASK_METRIC_SAMPLE = 5000  # rows the task metric is averaged over
 
 @dataclass(frozen=True)
 class ClusterModel:
-    """Centroids in standardised embedding space, with the standardiser."""
+    """Centroids in the projected embedding space, with the projection."""
 
     centers: np.ndarray  # float32 (K, R)
     mean: np.ndarray  # float32 (H,)
@@ -49,44 +47,6 @@ class ClusterModel:
     def standardise(self, emb: np.ndarray) -> np.ndarray:
         """Centred, projected embeddings: the space the centroids live in."""
         return ((emb - self.mean) @ self.projection).astype(np.float32)
-
-
-class _Moments:
-    """Running sums for a streaming mean and variance (float64), block by block.
-
-    Rows are summed in blocks of ``MOMENT_BLOCK`` rows counted from the first, so
-    the sums do not depend on how the rows were batched.
-    """
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.total: np.ndarray | None = None
-        self.total_sq: np.ndarray | None = None
-        self._blocks = Rebatcher(MOMENT_BLOCK)
-
-    def update(self, batch: np.ndarray) -> None:
-        for (block,) in self._blocks.push(batch):
-            self._add(block)
-
-    def _add(self, block: np.ndarray) -> None:
-        b = block.astype(np.float64)
-        s, sq = b.sum(axis=0), (b * b).sum(axis=0)
-        self.total = s if self.total is None else self.total + s
-        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
-        self.n += b.shape[0]
-
-    def mean_projection(self, projection: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """The mean, and ``projection`` or else the per-unit standardising diagonal."""
-        last = self._blocks.flush()
-        if last is not None:
-            self._add(last[0])
-        mean = self.total / self.n
-        if projection is not None:
-            return mean.astype(np.float32), np.asarray(projection, dtype=np.float32)
-        var = np.maximum(self.total_sq / self.n - mean * mean, 0.0)
-        scale = np.sqrt(var)
-        inv = 1.0 / np.where(scale > 1e-6, scale, 1.0)
-        return mean.astype(np.float32), np.diag(inv).astype(np.float32)
 
 
 class _Gather:
@@ -108,129 +68,79 @@ class _Gather:
         return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
 
 
+def _blocks(batches, size: int):
+    """The rows of an iterable of ``(b, H)`` batches in blocks of exactly ``size`` (the last shorter)."""
+    return (block for (block,) in fixed_blocks(((batch,) for batch in batches), size))
+
+
 def effective_k(requested: int, n_rows: int, n_arms: int, *, rows_per_cell: int = 30) -> int:
-    """The K the data support: at least ``rows_per_cell`` rows per (cluster, arm) on average.
-
-    Args:
-        requested: ``cluster.k`` from params.
-        n_rows: rows that will estimate the cluster statistics.
-        n_arms: arms in the trial.
-        rows_per_cell: average rows wanted per (cluster, arm) cell.
-
-    Returns:
-        ``min(requested, n_rows // (n_arms * rows_per_cell))``, and at least 2.
-    """
+    """``min(requested, n_rows // (n_arms * rows_per_cell))``, at least 2: the K the rows support."""
     return int(max(2, min(requested, n_rows // (n_arms * rows_per_cell))))
 
 
 def fit_clusters(emb: np.ndarray, *, k: int, params: ClusterParams, seed: int,
                  projection: np.ndarray | None = None, metric=None) -> ClusterModel:
-    """Fit k-means on in-memory embeddings (streams above ``streaming_threshold`` rows).
-
-    Args:
-        emb: (n, H) embeddings of the training users.
-        k: number of clusters (see :func:`effective_k`).
-        params: the ``cluster`` section.
-        seed: random seed (sampling and k-means initialisation).
-        projection: (H, R) metric projection; ``None`` standardises each unit.
-        metric: see :func:`fit_clusters_batches`.
-
-    Returns:
-        The fitted :class:`ClusterModel`.
-    """
+    """:func:`fit_clusters_batches` on in-memory embeddings ``(n, H)``, one batch."""
     return fit_clusters_batches(lambda: iter((emb,)), n_rows=emb.shape[0], k=k, params=params, seed=seed,
                                 projection=projection, metric=metric)
 
 
 def fit_clusters_batches(batches, *, n_rows: int, k: int, params: ClusterParams, seed: int,
                          projection: np.ndarray | None = None, metric=None) -> ClusterModel:
-    """Fit k-means on embeddings that come in batches, as :func:`fit_clusters` on their rows.
+    """Fit k-means on embeddings that come in batches; the result does not depend on the batching.
 
-    Up to ``streaming_threshold`` rows: one pass gathers the moments and a seeded
-    sample of ``fit_sample`` rows, on which ``KMeans`` is fitted (memory: the
-    sample). Above: one pass for the moments, then ``MiniBatchKMeans.partial_fit``
-    (:func:`fit_clusters_streaming`; memory: one batch).
+    One pass gathers the moments (and, up to ``streaming_threshold`` rows, a seeded
+    sample of ``fit_sample`` rows for ``KMeans``); above the threshold,
+    ``STREAM_PASSES`` passes of ``MiniBatchKMeans.partial_fit`` follow.
 
     Args:
-        batches: a zero-argument callable returning a fresh iterator of (b, H)
+        batches: a zero-argument callable returning a fresh iterator of ``(b, H)``
             arrays, ``n_rows`` rows in all, in the same order every time.
         n_rows: rows the batches hold.
-        k: number of clusters.
+        k: number of clusters (see :func:`effective_k`).
         params: the ``cluster`` section.
-        seed: random seed (samples and k-means initialisation).
-        projection: (H, R) metric projection; ``None`` standardises each unit
-            (unless ``metric`` is given).
-        metric: a function from the embeddings of a seeded sample of at most
-            ``TASK_METRIC_SAMPLE`` rows (gathered in the first pass) to the
-            projection, for a metric that needs the network (the task metric).
-
-    Returns:
-        The fitted :class:`ClusterModel`.
+        seed: seeds the samples and the k-means initialisation.
+        projection: ``(H, R)`` metric projection; ``None`` standardises each unit.
+        metric: instead of ``projection``, a function from the embeddings of a seeded
+            sample of ``TASK_METRIC_SAMPLE`` rows to the projection (the task metric).
     """
     streaming = n_rows > params.streaming_threshold
-    moments = _Moments()
     sample = None if streaming else _Gather(seeded_sample(n_rows, params.fit_sample, seed))
     metric_rows = None if metric is None else _Gather(seeded_sample(n_rows, TASK_METRIC_SAMPLE, seed))
-    for batch in batches():
-        for part in (moments, sample, metric_rows):
+    n, total, total_sq = 0, -0.0, -0.0  # -0.0 + x == x for every float x, -0.0 included
+    for block in _blocks(batches(), MOMENT_BLOCK):
+        b = block.astype(np.float64)
+        n += b.shape[0]
+        total, total_sq = total + b.sum(axis=0), total_sq + (b * b).sum(axis=0)
+        for part in (sample, metric_rows):
             if part is not None:
-                part.update(batch)
+                part.update(block)
     if metric is not None:
         projection = metric(metric_rows.rows())
-    mean, proj = moments.mean_projection(projection)
+    mean = total / n
+    if projection is None:
+        scale = np.sqrt(np.maximum(total_sq / n - mean * mean, 0.0))
+        projection = np.diag(1.0 / np.where(scale > 1e-6, scale, 1.0))
+    mean, proj = mean.astype(np.float32), np.asarray(projection, dtype=np.float32)
     if streaming:
         return _partial_fit_passes(batches, mean, proj, k=k, params=params, seed=seed)
-    z = ((sample.rows() - mean) @ proj).astype(np.float32)
     km = KMeans(n_clusters=k, n_init=params.n_init, max_iter=params.max_iter, random_state=seed)
     with threadpool_limits(1):  # k-means sums its centres per thread: one thread, the same bytes on any core count
-        km.fit(z)
+        km.fit(((sample.rows() - mean) @ proj).astype(np.float32))
     return ClusterModel(_ordered(km.cluster_centers_), mean, proj, float(km.inertia_))
 
 
-def fit_clusters_streaming(batches, *, k: int, params: ClusterParams, seed: int,
-                           projection: np.ndarray | None = None) -> ClusterModel:
-    """Fit MiniBatchKMeans over a re-iterable source of embedding batches.
-
-    Args:
-        batches: a zero-argument callable returning a fresh iterator of (b, H)
-            arrays each time (two passes are made: moments, then partial_fit).
-        k: number of clusters.
-        params: the ``cluster`` section.
-        seed: random seed.
-        projection: (H, R) metric projection; ``None`` standardises each unit.
-
-    Returns:
-        The fitted :class:`ClusterModel` (inertia as MiniBatchKMeans reports it).
-    """
-    moments = _Moments()
-    for batch in batches():
-        moments.update(batch)
-    mean, proj = moments.mean_projection(projection)
-    return _partial_fit_passes(batches, mean, proj, k=k, params=params, seed=seed)
-
-
 def _partial_fit_passes(batches, mean, proj, *, k: int, params: ClusterParams, seed: int) -> ClusterModel:
-    """``STREAM_PASSES`` passes of ``partial_fit`` on blocks of exactly ``batch_size`` rows per pass."""
+    """``STREAM_PASSES`` passes of ``partial_fit`` on blocks of exactly ``batch_size`` rows."""
     km = MiniBatchKMeans(n_clusters=k, batch_size=params.batch_size, random_state=seed, n_init=params.n_init)
     pending: list[np.ndarray] = []
-
-    def feed(block: np.ndarray) -> None:
-        nonlocal pending
-        pending.append(((block - mean) @ proj).astype(np.float32))
-        # partial_fit needs at least k rows in its first call; small blocks are pooled.
-        if sum(p.shape[0] for p in pending) >= k:
-            km.partial_fit(np.concatenate(pending))
-            pending = []
-
-    with threadpool_limits(1):  # as in fit_clusters: the same bytes on any core count
+    with threadpool_limits(1):  # as in KMeans: the same bytes on any core count
         for _ in range(STREAM_PASSES):
-            blocks = Rebatcher(params.batch_size)
-            for batch in batches():
-                for (block,) in blocks.push(batch):
-                    feed(block)
-            last = blocks.flush()
-            if last is not None:
-                feed(last[0])
+            for block in _blocks(batches(), params.batch_size):
+                pending.append(((block - mean) @ proj).astype(np.float32))
+                if sum(p.shape[0] for p in pending) >= k:  # a first call needs k rows: small blocks are pooled
+                    km.partial_fit(np.concatenate(pending))
+                    pending = []
         if pending:
             km.partial_fit(np.concatenate(pending))
     return ClusterModel(_ordered(km.cluster_centers_), mean, proj, float(km.inertia_))
@@ -254,18 +164,13 @@ def assign_clusters(model: ClusterModel, emb: np.ndarray, *, batch_size: int = A
 
 
 def centroid_soft_targets(model: ClusterModel, emb: np.ndarray, *, temperature: float) -> np.ndarray:
-    """Soft cluster memberships ``softmax(-d^2 / (temperature * H))`` for distillation."""
+    """Soft cluster memberships ``softmax(-d^2 / (temperature * R))`` for distillation."""
     z = model.standardise(emb)
     d2 = (z * z).sum(axis=1, keepdims=True) - 2.0 * z @ model.centers.T + (model.centers**2).sum(axis=1)
     logits = -d2 / (temperature * z.shape[1])
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
     return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def cluster_sizes(labels: np.ndarray, k: int) -> np.ndarray:
-    """Users per cluster (int64, length ``k``)."""
-    return np.bincount(labels, minlength=k).astype(np.int64)
 
 
 def save_clusters(model: ClusterModel, directory: str | Path) -> None:
@@ -283,4 +188,3 @@ def load_clusters(directory: str | Path) -> ClusterModel:
         arrays = {k: z[k] for k in ("centers", "mean", "projection")}
     meta = json.loads((directory / "clusters.json").read_text())
     return ClusterModel(**arrays, inertia=float(meta["inertia"]))
-

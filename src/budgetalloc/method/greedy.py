@@ -1,23 +1,15 @@
-"""Budget checks, repair and greedy allocation in numpy (the integer program's safety net).
+"""Budget checks, repair and greedy allocation in numpy: the integer program's safety net.
 
-The integer program in :mod:`budgetalloc.method.program` never trusts a solver's point:
-every allocation it returns goes through :class:`SpendRule` here, which checks the
-point-estimate spend and the scenario rule exactly. This module also holds the
-three moves that turn any point into a good feasible one:
+Every allocation the program returns is checked by :class:`SpendRule` (the point
+spend and the scenario rule, exactly). Three moves turn any point into a good
+feasible one: :func:`repair_allocation` (down to cheaper arms until the rule holds),
+:func:`fill_allocation` (upgrades while the budget allows) and
+:func:`greedy_allocation` (fill from the cheapest arms: the fallback).
 
-* :func:`repair_allocation` moves users from arms with the worst response lost per
-  unit of cost saved down to cheaper arms until the rule holds (used after rounding
-  a relaxed or time-limited solver point);
-* :func:`fill_allocation` spends what the budget still allows, upgrading users by
-  best incremental response per incremental cost (used after rounding, where the
-  relaxation's fractional users were sent to a cheap arm);
-* :func:`greedy_allocation` is ``fill_allocation`` started from the cheapest allowed
-  arm everywhere: the fallback when the solver gives nothing usable.
-
-An allocation is a ``(K, M)`` int64 count matrix whose rows sum to the cluster sizes.
-In the whole-cluster variant a cluster moves as one block of ``N[k]`` users.
-Moves are processed in a fixed, lexicographically tie-broken order, so every
-function here is deterministic.
+An allocation is a ``(K, M)`` int64 count matrix whose rows sum to the cluster
+sizes; in the whole-cluster variant a cluster moves as one block of ``N[k]`` users.
+Moves run in a fixed, lexicographically tie-broken order: every function here is
+deterministic.
 """
 
 from __future__ import annotations
@@ -38,9 +30,8 @@ class SpendRule:
         c_mean: (K, M) point-estimate cost per user; its spend must be <= budget.
         c_scen: (S, K, M) scenario costs per user.
         rule: ``"all"`` (every scenario spend <= budget), ``"cvar"`` (the discrete
-            CVaR at level ``alpha`` of the scenario spends <= budget, which implies
-            the chance constraint) or ``"quantile"`` (at most ``floor(alpha * S)``
-            scenarios over budget: the chance constraint itself).
+            CVaR at level ``alpha`` of the scenario spends <= budget) or
+            ``"quantile"`` (at most ``floor(alpha * S)`` scenarios over budget).
         alpha: share of scenarios allowed over budget (ignored by ``"all"``).
         allowed: (M,) bool, the arms a user may get.
     """
@@ -67,16 +58,9 @@ class SpendRule:
         return point, scen
 
     def scenario_measure(self, scen: np.ndarray) -> float:
-        """The number the scenario rule compares with the budget.
-
-        Args:
-            scen: (S,) scenario spends.
-
-        Returns:
-            The largest spend (``"all"``), the CVaR
-            ``min_t t + sum_s max(0, scen_s - t) / (alpha S)`` (``"cvar"``), or the
-            ``(floor(alpha S) + 1)``-th largest spend (``"quantile"``).
-        """
+        """What the rule compares with the budget: the largest of the (S,) spends
+        (``"all"``), their CVaR ``min_t t + sum_s max(0, scen_s - t) / (alpha S)``, or
+        the ``(floor(alpha S) + 1)``-th largest (``"quantile"``)."""
         if self.rule == "all":
             return float(scen.max())
         if self.rule == "quantile":
@@ -117,17 +101,15 @@ def cheapest_allocation(rule: SpendRule, r_obj: np.ndarray, n_users: np.ndarray)
     return counts
 
 
-def _candidate_moves(
-    rule: SpendRule, r_obj: np.ndarray, *, upgrade: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All moves (k, a -> b) between allowed arms in the order they are tried.
+def _candidate_moves(rule: SpendRule, r_obj: np.ndarray, *, upgrade: bool) -> tuple[np.ndarray, ...]:
+    """All moves ``(k, a -> b)`` between allowed arms, in the order they are tried.
 
     Upgrades (``b`` responds strictly better) come by decreasing response gained
-    per cost added, cost-free gains first. Downgrades (``b`` strictly cheaper) come
-    by increasing response lost per cost saved. Ties break on (k, a, b).
+    per cost added, cost-free gains first; downgrades (``b`` strictly cheaper) by
+    increasing response lost per cost saved. Ties break on (k, a, b).
 
     Returns:
-        Three int arrays ``k, a, b`` of the moves in order.
+        ``k, a, b`` and the point cost ``dc`` each move adds per user, in order.
     """
     n_clusters, n_arms = rule.c_mean.shape
     k, a, b = (g.ravel() for g in np.meshgrid(
@@ -138,14 +120,20 @@ def _candidate_moves(
     if upgrade:
         ok &= dr > 0
         key = np.where(dc > 0, -dr / np.where(dc > 0, dc, 1.0), -np.inf)
-        tiebreak = -dr
     else:
         ok &= dc < 0
         key = dr / np.where(dc < 0, dc, -1.0)  # response lost per cost saved
-        tiebreak = -dr
-    k, a, b, key, tiebreak = k[ok], a[ok], b[ok], key[ok], tiebreak[ok]
-    order = np.lexsort((b, a, k, tiebreak, key))
-    return k[order], a[order], b[order]
+    order = np.lexsort((b[ok], a[ok], k[ok], -dr[ok], key[ok]))
+    k, a, b = k[ok][order], a[ok][order], b[ok][order]
+    return k, a, b, rule.c_mean[k, b] - rule.c_mean[k, a]
+
+
+def _boundary(good: int, bad: int, fits) -> int:
+    """Bisect between a count that ``fits`` and one that does not: the last that fits."""
+    while abs(bad - good) > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
 
 
 def _largest_feasible_block(rule, point, scen, dp, ds, budget, cap, whole) -> int:
@@ -154,8 +142,11 @@ def _largest_feasible_block(rule, point, scen, dp, ds, budget, cap, whole) -> in
     Assumes the current spends satisfy the rule. Closed form for the linear rules,
     bisection (on a convex rule for CVaR, a feasible answer for the quantile) else.
     """
+    def fits(t):
+        return rule.within(point + t * dp, scen + t * ds, budget)
+
     if whole:
-        return cap if rule.within(point + cap * dp, scen + cap * ds, budget) else 0
+        return cap if fits(cap) else 0
     if dp > 0:
         cap = min(cap, int(np.floor((budget - point) / dp)))
     if cap <= 0:
@@ -164,21 +155,43 @@ def _largest_feasible_block(rule, point, scen, dp, ds, budget, cap, whole) -> in
         up = ds > 0
         if up.any():
             cap = min(cap, int(np.floor(np.min((budget - scen[up]) / ds[up]))))
-        while cap > 0 and not rule.within(point + cap * dp, scen + cap * ds, budget):
+        while cap > 0 and not fits(cap):
             cap -= 1  # floor() of a rounded quotient can sit one user too high
         return max(cap, 0)
-    if not rule.within(point + dp, scen + ds, budget):
+    if not fits(1):
         return 0
-    lo, hi = 1, cap
-    if rule.within(point + hi * dp, scen + hi * ds, budget):
-        return hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if rule.within(point + mid * dp, scen + mid * ds, budget):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return cap if fits(cap) else _boundary(1, cap, fits)
+
+
+def _smallest_fixing_block(rule, point, scen, dp, ds, budget, have, whole) -> int:
+    """The fewest users (<= have) to move down so the rule holds, or ``have``."""
+    def fits(t):
+        return rule.within(point + t * dp, scen + t * ds, budget)
+
+    if whole or not fits(have):
+        return have
+    return _boundary(have, 0, fits)
+
+
+def _sweep(counts, rule: SpendRule, moves, budget: float, *, whole: bool, upgrade: bool) -> bool:
+    """One pass over the ordered moves, each shifting as many users as its block rule
+    allows (a repair stops once the rule holds); edits ``counts``, returns whether any moved."""
+    block = _largest_feasible_block if upgrade else _smallest_fixing_block
+    point, scen = rule.spends(counts)
+    moved = False
+    for k, a, b, dp in zip(*moves, strict=True):
+        have = int(counts[k, a])
+        if have == 0 or (dp > 0 and point + dp > budget):
+            continue
+        ds = rule.c_scen[:, k, b] - rule.c_scen[:, k, a]
+        t = block(rule, point, scen, dp, ds, budget, have, whole)
+        if t > 0:
+            counts[k, a] -= t
+            counts[k, b] += t
+            point, scen, moved = point + t * dp, scen + t * ds, True
+        if not upgrade and rule.within(point, scen, budget):
+            break
+    return moved
 
 
 def fill_allocation(
@@ -198,40 +211,11 @@ def fill_allocation(
     Returns:
         The improved (K, M) int64 allocation.
     """
-    counts = counts.copy()
-    k_, a_, b_ = _candidate_moves(rule, r_obj, upgrade=True)
-    dcost = rule.c_mean[k_, b_] - rule.c_mean[k_, a_]
+    counts, moves = counts.copy(), _candidate_moves(rule, r_obj, upgrade=True)
     for _ in range(max_passes):
-        point, scen = rule.spends(counts)
-        moved = False
-        for i in range(k_.shape[0]):
-            k, a, b, dp = k_[i], a_[i], b_[i], dcost[i]
-            have = int(counts[k, a])
-            if have == 0 or (dp > 0 and point + dp > budget):
-                continue
-            ds = rule.c_scen[:, k, b] - rule.c_scen[:, k, a]
-            t = _largest_feasible_block(rule, point, scen, dp, ds, budget, have, whole)
-            if t > 0:
-                counts[k, a] -= t
-                counts[k, b] += t
-                point, scen, moved = point + t * dp, scen + t * ds, True
-        if not moved:
+        if not _sweep(counts, rule, moves, budget, whole=whole, upgrade=True):
             break
     return counts
-
-
-def _smallest_fixing_block(rule, point, scen, dp, ds, budget, have, whole) -> int:
-    """The fewest users (<= have) to move down so the rule holds, or ``have``."""
-    if whole or not rule.within(point + have * dp, scen + have * ds, budget):
-        return have
-    lo, hi = 0, have  # lo infeasible, hi feasible
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if rule.within(point + mid * dp, scen + mid * ds, budget):
-            hi = mid
-        else:
-            lo = mid
-    return hi
 
 
 def repair_allocation(
@@ -239,50 +223,24 @@ def repair_allocation(
 ) -> np.ndarray | None:
     """Move users down to cheaper arms, least response lost per cost saved first.
 
-    Args:
-        counts: (K, M) allocation with correct row sums, possibly over budget.
-        r_obj: (K, M) response per user the program maximises.
-        rule: the spend rule.
-        budget: total budget.
-        whole: move whole clusters only.
+    Args: as :func:`fill_allocation`; ``counts`` may be over budget.
 
     Returns:
         A (K, M) int64 allocation on which ``rule.holds`` is exactly true, or
         ``None`` when moving everything down is still not enough.
     """
-    counts = counts.copy()
-    k_, a_, b_ = _candidate_moves(rule, r_obj, upgrade=False)
-    dcost = rule.c_mean[k_, b_] - rule.c_mean[k_, a_]
+    counts, moves = counts.copy(), _candidate_moves(rule, r_obj, upgrade=False)
     for _ in range(rule.c_mean.shape[1] + 1):
         if rule.holds(counts, budget):
             return counts
-        point, scen = rule.spends(counts)
-        for i in range(k_.shape[0]):
-            k, a, b = k_[i], a_[i], b_[i]
-            have = int(counts[k, a])
-            if have == 0:
-                continue
-            ds = rule.c_scen[:, k, b] - rule.c_scen[:, k, a]
-            t = _smallest_fixing_block(rule, point, scen, dcost[i], ds, budget, have, whole)
-            counts[k, a] -= t
-            counts[k, b] += t
-            point, scen = point + t * dcost[i], scen + t * ds
-            if rule.within(point, scen, budget):
-                break
+        _sweep(counts, rule, moves, budget, whole=whole, upgrade=False)
     return counts if rule.holds(counts, budget) else None
 
 
 def greedy_allocation(
     r_obj: np.ndarray, rule: SpendRule, n_users: np.ndarray, budget: float, *, whole: bool
 ) -> np.ndarray | None:
-    """Feasible greedy allocation: cheapest arm everywhere, then best-ratio upgrades.
-
-    Args:
-        r_obj: (K, M) response per user to maximise.
-        rule: the spend rule.
-        n_users: (K,) users per cluster.
-        budget: total budget.
-        whole: move whole clusters only.
+    """Cheapest arm everywhere, then best-ratio upgrades (:func:`fill_allocation`).
 
     Returns:
         The (K, M) int64 allocation, or ``None`` if even the cheapest arms break the rule.
@@ -300,11 +258,11 @@ def round_relaxed(
 ) -> np.ndarray:
     """Integer counts with exact row sums from a solver's (possibly fractional) point.
 
-    Split variant: users are floored cell by cell and the users left over in a
-    cluster go to its cheapest allowed arm (so the point spend never rises above
-    the relaxed one); a row over its size loses users from its dearest arms.
-    Whole-cluster variant: a cluster whose largest share is (numerically) 1 takes
-    that arm, a fractional cluster its cheapest arm with a positive share.
+    Split variant: cells are floored, a cluster's leftover users go to its cheapest
+    allowed arm (the point spend never rises above the relaxed one), and a row over
+    its size loses users from its dearest arms. Whole-cluster variant: a cluster
+    whose largest share is (numerically) 1 takes that arm, a fractional one its
+    cheapest arm with a positive share.
 
     Args:
         values: (K, M) solver values: counts (split) or assignment shares (whole).

@@ -2,16 +2,13 @@
 
 Given ``N[k]`` users per cluster, bootstrap scenarios ``r_s, c_s`` per (cluster,
 arm) and a budget ``B``: maximise the mean scenario response of the counts
-``count[k, j]`` (integer, or ``N[k] x[k, j]`` with binary ``x`` for whole clusters)
-subject to one arm per user, the mean spend ``<= B`` always, and the scenario
-spends ``<= B`` in at least ``1 - alpha`` of the scenarios (every scenario, CVaR,
-or big-M: ``chance``).
+(integer, or whole clusters) with one arm per user, the point spend ``<= B`` and
+the scenario spends ``<= B`` in at least ``1 - alpha`` of the scenarios.
 
 Invariants: nothing from the solver is trusted (counts are rounded with exact
-row sums, the spend rule is re-checked in numpy and repaired; if nothing
-survives, the greedy allocation is returned with status ``"greedy"``); ``solve``
-starts HiGHS cold, so the same inputs give the same counts. Formulation choices:
-``docs/design.md``.
+row sums, the spend rule is re-checked in numpy and repaired, else the greedy
+allocation is returned with status ``"greedy"``); ``solve`` starts HiGHS cold,
+so the same inputs give the same counts.
 """
 
 from __future__ import annotations
@@ -43,26 +40,18 @@ from budgetalloc.method.greedy import (
 )
 from budgetalloc.params import ProgramParams
 
-# Measured at K=256, M=8, S=50: feasibility jump costs 4x on the split MIP for no gain, and
-# the RINS/RENS sub-MIPs overran a 5 s time limit by 7 s on the big-M program.
+# HiGHS heuristics that cost time for no gain here (docs/design.md)
 _MIP_OPTIONS = {"mip_heuristic_run_feasibility_jump": False, "mip_heuristic_run_rins": False,
                 "mip_heuristic_run_rens": False}
 _IPM_CELLS = 4096  # cold LPs with this many (cluster, arm) cells use IPM + crossover
-
-
 _banner_shown = False
 _banner_lock = threading.Lock()
 
 
 @contextmanager
 def _without_highs_banner() -> Iterator[None]:
-    """Hide the banner HiGHS prints on stdout at its first solve in a process.
-
-    HiGHS writes it from C++ even with ``output_flag`` off, on the process's file
-    descriptor 1, where it would land in the middle of the CLI's output (or of a
-    CSV written to stdout). Only the first solve is wrapped: the descriptor is
-    pointed at ``os.devnull`` and C's buffers are flushed before it is restored.
-    """
+    """Point file descriptor 1 at ``os.devnull`` during a process's first solve, where
+    HiGHS prints its banner from C++ whatever ``output_flag`` says."""
     global _banner_shown
     with _banner_lock:
         first, _banner_shown = not _banner_shown, True
@@ -94,13 +83,12 @@ class ProgramSolution:
 
     Attributes:
         counts: (K, M) int64 users per (cluster, arm); rows sum to ``N``.
-        expected_response: ``sum(counts * r_mean)``.
-        expected_cost: ``sum(counts * c_mean)``, never above ``budget``.
+        expected_response, expected_cost: ``sum(counts * r_mean)``, ``sum(counts * c_mean)``
+            (never above ``budget``).
         scenario_costs: (S,) spend in each scenario.
-        status: ``"optimal"`` (proved within ``mip_rel_gap``), ``"time_limit"``
-            (HiGHS stopped before a proof, normally at ``time_limit``: the best
-            feasible point found, rounded and repaired) or ``"greedy"`` (no solver
-            point survived the checks; :func:`greedy.greedy_allocation`).
+        status: ``"optimal"`` (proved within ``mip_rel_gap``), ``"time_limit"`` (the
+            best point HiGHS found before its time limit, rounded and repaired) or
+            ``"greedy"`` (no solver point survived the checks).
         solve_seconds: wall time of the solve, checks and repair included.
         budget: the total budget this allocation was solved for.
     """
@@ -120,7 +108,7 @@ class ProgramSolution:
 
 
 class BudgetBounds(NamedTuple):
-    """Spends that frame a budget grid for one population (see :func:`budget_bounds`)."""
+    """Spends that frame a budget grid for one population (:func:`budget_bounds`)."""
 
     min_feasible: float
     min_point: float
@@ -232,24 +220,21 @@ class AllocationProgram:
         cons = [spend - budget <= cp.multiply(big_m, over), cp.sum(over) <= self.rule.n_violations]
         return cons + ([over >= 0, over <= 1] if relaxed else []), big_m
 
-    def _check_users(self, n_users) -> np.ndarray:
-        """(K,) int64 population, or SolverError."""
+    def _checked(self, n_users, budget) -> tuple[np.ndarray, float, BudgetBounds]:
+        """The (K,) int64 population, the budget as a float and its bounds; SolverError when
+        the population is not K non-negative integers or the budget negative, NaN or infeasible."""
         n = np.asarray(n_users)
         if n.shape != (self.n_clusters,) or not np.all(np.isfinite(n)) or np.any(n < 0) \
                 or np.any(n != np.round(n)):
             raise SolverError(f"n_users must be {self.n_clusters} non-negative integers")
-        return n.astype(np.int64)
-
-    def _check_budget(self, n: np.ndarray, budget: float) -> float:
-        """The budget as a float; SolverError when negative, NaN or infeasible."""
-        budget = float(budget)
+        n, budget = n.astype(np.int64), float(budget)
         if not np.isfinite(budget) or budget < 0:
             raise SolverError(f"budget must be a finite number >= 0, got {budget}")
-        need = budget_bounds(self, n).min_feasible
-        if budget < need:
-            raise SolverError(f"budget {budget:.6g} is below the minimum feasible spend {need:.6g} "
-                              "(cheapest allowed arm in every cluster)")
-        return budget
+        bounds = budget_bounds(self, n)
+        if budget < bounds.min_feasible:
+            raise SolverError(f"budget {budget:.6g} is below the minimum feasible spend "
+                              f"{bounds.min_feasible:.6g} (cheapest allowed arm in every cluster)")
+        return n, budget, bounds
 
     def _set_parameters(self, model: _Model, n: np.ndarray, budget: float, floor: float):
         """Fill the parameters of a built model for one (population, budget)."""
@@ -261,8 +246,7 @@ class AllocationProgram:
             model.big_m.value = np.maximum(top - budget, 0.0)
 
     def _run(self, model: _Model, n, budget, floor, warm) -> tuple[str, float, np.ndarray | None]:
-        """Solve a model quietly: cvxpy status, objective value and the (K, M) cell
-        values (counts, or shares in the whole-cluster variant; None if absent)."""
+        """Solve quietly: the cvxpy status, the objective and the (K, M) cell values (or None)."""
         self._set_parameters(model, n, budget, floor)
         opts = {"time_limit": self.params.time_limit, "mip_rel_gap": self.params.mip_rel_gap,
                 **_MIP_OPTIONS}
@@ -323,11 +307,10 @@ class AllocationProgram:
         Args:
             n_users: (K,) users per cluster (zeros allowed).
             budget: total budget, >= the minimum feasible spend.
-            spend_floor: optional lower bound on the point-estimate spend given to
-                the solver (the budget table passes the previous spend); it steers
-                the solver only and is not re-checked.
-            warm_start: start HiGHS from this program's previous solve (faster;
-                the answer may then depend on that solve when optima tie).
+            spend_floor: a lower bound on the point spend that steers the solver
+                (not re-checked).
+            warm_start: start HiGHS from this program's previous solve (faster; the
+                answer may then depend on that solve when optima tie).
 
         Returns:
             The :class:`ProgramSolution`, exactly within budget.
@@ -336,18 +319,14 @@ class AllocationProgram:
             SolverError: bad population, or a negative, NaN or infeasible budget.
         """
         start = time.perf_counter()
-        n = self._check_users(n_users)
-        budget = self._check_budget(n, budget)
+        n, budget, bounds = self._checked(n_users, budget)
         if n.sum() == 0:
             counts, status = cheapest_allocation(self.rule, self.r_obj, n), "optimal"
         else:
-            low = budget_bounds(self, n).min_point - 1.0
+            low = bounds.min_point - 1.0
             floor = low if spend_floor is None else max(low, spend_floor)
             counts, status = self._solve_counts(n, budget, floor, warm_start)
-        return self._solution(counts, budget, status, time.perf_counter() - start)
-
-    def _solution(self, counts, budget, status, seconds) -> ProgramSolution:
-        """Package an allocation with its reported numbers."""
+        seconds = time.perf_counter() - start
         point, scen = self.rule.spends(counts)
         return ProgramSolution(counts=counts, expected_response=float(np.sum(counts * self.r_mean)),
                                expected_cost=point, scenario_costs=scen, status=status,
@@ -355,18 +334,13 @@ class AllocationProgram:
 
 
 def budget_bounds(program: AllocationProgram, n_users) -> BudgetBounds:
-    """Spends that frame a budget grid for a population.
-
-    Args:
-        program: the built program.
-        n_users: (K,) users per cluster.
+    """Spends that frame a budget grid for ``n_users`` (K,) users per cluster.
 
     Returns:
-        ``min_feasible``: the least budget the cheapest allowed arm everywhere
-        satisfies (point spend and scenario rule) -- smaller budgets raise
-        SolverError; ``min_point``: that allocation's point spend;
-        ``all_max_arm``: point spend with every cluster on its dearest allowed arm
-        (``ProgramParams.budget_levels`` are fractions of it).
+        ``min_feasible``: the least budget the cheapest allowed arms satisfy (point
+        spend and scenario rule; smaller budgets raise SolverError); ``min_point``:
+        their point spend; ``all_max_arm``: the point spend with every cluster on
+        its dearest allowed arm (``budget_levels`` are fractions of it).
     """
     n = np.asarray(n_users, dtype=np.int64)
     cheap = cheapest_allocation(program.rule, program.r_obj, n)
@@ -376,21 +350,11 @@ def budget_bounds(program: AllocationProgram, n_users) -> BudgetBounds:
 
 
 def solve_budget_table(program: AllocationProgram, n_users, budgets) -> list[ProgramSolution]:
-    """Solve an increasing grid of budgets; spend and response never decrease along it.
+    """Solve non-decreasing ``budgets`` for ``n_users``; spend and response never decrease along them.
 
-    Optimality alone makes the objective monotone but not the spend, and a
-    time limit, ``mip_rel_gap`` or a reported response (``r_mean``) that differs
-    from the objective (scenario mean) can break either. So each solve gets the
-    previous point spend as a floor (the previous allocation stays feasible, so
-    this costs no objective), and a new solution that spends or responds less
-    than the previous one is replaced by the previous allocation (with its own
-    status, the new budget and the new solve time). Every budget after the first
-    is warm-started from the one before.
-
-    Args:
-        program: the built program (rebuilt never; parameters are refilled).
-        n_users: (K,) users per cluster.
-        budgets: non-decreasing total budgets.
+    Each solve after the first is warm-started and gets the previous point spend as
+    a floor; a solution that spends or responds less than the previous one is
+    replaced by the previous allocation (its status, the new budget and solve time).
 
     Returns:
         One :class:`ProgramSolution` per budget, in order.

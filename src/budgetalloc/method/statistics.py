@@ -1,17 +1,14 @@
-"""Per-cluster response and cost per arm, with uncertainty (stage 3).
+"""Per-cluster response and cost per arm, with uncertainty (stage 3), on honest rows.
 
-Honest rows only. ``raw[k, j]`` is the network's cluster mean plus a doubly
-robust correction from the rows that received arm ``j``; it is pooled towards a
-prior (``pooling``: ``empirical_bayes`` by default, or ``rows``), robustified
-(``estimator``: ``winsorize``, ``median_of_means``, ``mean``), costs are raised by
-``cost_margin`` standard errors, and ``S`` Poisson(1) bootstrap reweightings give
-the scenarios the program holds the budget against.
+The network's cluster mean plus a doubly robust correction from the rows that
+received each arm, robustified (``estimator``), pooled towards a prior
+(``pooling``), costs raised by ``cost_margin`` standard errors; ``S`` Poisson(1)
+bootstrap reweightings give the scenarios.
 
 Invariants: every estimate is a ratio of additive sums (:class:`StatisticsAccumulator`)
 over blocks of ``STAT_BLOCK`` rows counted from the first honest row, each block
-seeded by ``(seed, tag, b)``, so in-memory and streamed fits are bit-identical
-however the rows were batched. No cluster is dropped or merged. Why each choice:
-``docs/design.md``.
+seeded by ``(seed, tag, b)``, so the result does not depend on how the rows were
+batched. No cluster is dropped or merged.
 """
 
 from __future__ import annotations
@@ -44,10 +41,6 @@ class ClusterStatistics:
     response_scenarios: np.ndarray  # float64 (S, K, M)
     cost_scenarios: np.ndarray  # float64 (S, K, M)
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.response.shape
-
     def save(self, path: str | Path) -> None:
         """Write all arrays to one ``.npz`` (no pickle)."""
         np.savez(path, **{f.name: getattr(self, f.name) for f in fields(self)})
@@ -58,16 +51,9 @@ class ClusterStatistics:
             return cls(**{f.name: z[f.name] for f in fields(cls)})
 
 
-# -- winsorizing -----------------------------------------------------------------------------
-
-
 def clip_band(values: np.ndarray, treatment: np.ndarray, n_arms: int, *, clip_z: float) -> np.ndarray:
-    """Per arm, ``median -+ clip_z`` robust sd of the arm's non-zero values.
-
-    Returns:
-        float64 ``(2, n_arms)``: lower and upper bounds; ``-inf, inf`` for an arm
-        without non-zero values.
-    """
+    """Per arm, ``median -+ clip_z`` robust sd of its non-zero values: float64 ``(2, n_arms)``
+    lower and upper bounds (``-inf, inf`` for an arm without non-zero values)."""
     band = np.empty((2, n_arms))
     band[0], band[1] = -np.inf, np.inf
     for arm in range(n_arms):
@@ -95,21 +81,12 @@ def clip_sample_rows(n: int, params: StatisticsParams, seed: int) -> np.ndarray 
 
 
 def winsorize_bands(treatment, response, cost, n_arms: int, *, params: StatisticsParams) -> np.ndarray | None:
-    """``(2, 2, M)`` bands of response and cost from (a sample of) honest rows; ``None`` unless winsorizing.
-
-    Args:
-        treatment, response, cost: the honest rows at :func:`clip_sample_rows`
-            (every honest row when there are at most ``clip_sample``).
-        n_arms: number of arms.
-        params: the ``statistics`` section.
-    """
+    """``(2, 2, M)`` bands of response and cost (``None`` unless winsorizing), from the
+    honest rows at :func:`clip_sample_rows`."""
     if params.estimator != "winsorize":
         return None
     return np.stack([clip_band(response, treatment, n_arms, clip_z=params.clip_z),
                      clip_band(cost, treatment, n_arms, clip_z=params.clip_z)])
-
-
-# -- sufficient statistics -------------------------------------------------------------------
 
 
 def _layout(m: int) -> dict[str, slice]:
@@ -156,11 +133,9 @@ def _segment_sums(bounds: np.ndarray, weights: np.ndarray, terms: np.ndarray) ->
 
 
 class StatisticsAccumulator:
-    """Additive sufficient statistics of the honest rows, fed in chunks of any size.
-
-    ``update`` may be called with the rows in chunks of any size, in row order;
-    :meth:`finalize` returns the same :class:`ClusterStatistics` (bit for bit) for
-    every way of cutting the same rows into chunks.
+    """Additive sufficient statistics of the honest rows, fed in row order in chunks of any
+    size: :meth:`finalize` gives the same :class:`ClusterStatistics` bit for bit however
+    the rows were cut.
 
     Args:
         k: number of clusters.
@@ -181,10 +156,8 @@ class StatisticsAccumulator:
 
     def update(self, labels, treatment, response, cost, ipw, pred_response, pred_cost) -> None:
         """Add honest rows: cluster, arm, outcomes, inverse-propensity weight, (n, M) predictions."""
-        chunk = (np.asarray(labels, dtype=np.int64), np.asarray(treatment, dtype=np.int64),
-                 np.asarray(response, dtype=np.float64), np.asarray(cost, dtype=np.float64),
-                 np.asarray(ipw, dtype=np.float64), np.asarray(pred_response, dtype=np.float64),
-                 np.asarray(pred_cost, dtype=np.float64))
+        chunk = [np.asarray(a, dtype=np.int64) for a in (labels, treatment)] + [
+            np.asarray(a, dtype=np.float64) for a in (response, cost, ipw, pred_response, pred_cost)]
         # The per-cluster products are small: one BLAS thread runs them 3-4x faster than two.
         with threadpool_limits(1, user_api="blas"):
             for block in self._blocks.push(*chunk):
@@ -254,17 +227,10 @@ class StatisticsAccumulator:
         # Arms that never cost anything in the trial (control) cost exactly 0, not the
         # network's small non-zero prediction.
         free = sums[0, :, cols["cost_positive"]].sum(axis=0) == 0
-        point, scen, se = est["cost"]
-        est["cost"] = (np.where(free, 0.0, point), np.where(free, 0.0, scen), np.where(free, 0.0, se))
-        return ClusterStatistics(
-            counts=counts,
-            response=est["response"][0],
-            cost=np.maximum(est["cost"][0], 0.0),
-            response_se=est["response"][2],
-            cost_se=est["cost"][2],
-            response_scenarios=est["response"][1],
-            cost_scenarios=np.maximum(est["cost"][1], 0.0),
-        )
+        response, response_scenarios, response_se = est["response"]
+        cost, cost_scenarios, cost_se = (np.where(free, 0.0, v) for v in est["cost"])
+        return ClusterStatistics(counts, response, np.maximum(cost, 0.0), response_se, cost_se,
+                                 response_scenarios, np.maximum(cost_scenarios, 0.0))
 
     def _sampling_variance(self, name: str) -> np.ndarray:
         """(K, M) variance of each cell's mean residual; ``inf`` for cells with fewer than 2 rows."""
@@ -287,25 +253,18 @@ class StatisticsAccumulator:
 
 
 def calibrated_prior(raw: np.ndarray, base: np.ndarray, weight: np.ndarray, *, fit_slope: bool = True) -> np.ndarray:
-    """Per arm and scenario, the line ``a + b * base`` that best predicts ``raw`` across clusters.
-
-    The prior of the Fay-Herriot model: how far the network's cluster means
-    (``base``) are borne out by the honest rows (``raw``), fitted by least squares
-    weighted by the cells' rows. ``b`` near 1: the network's differences between
-    clusters are real; ``b`` near 0: they are its own noise (a network trained on a
-    few thousand rows), and every cluster starts from the arm's mean instead.
-    ``b`` is kept in [0, 3].
+    """Per arm and scenario, the line ``a + b * base`` that best predicts ``raw`` across
+    clusters (weighted least squares, ``b`` in [0, 3]): the Fay-Herriot prior.
 
     Args:
         raw: (S + 1, K, M) unpooled estimates.
         base: (S + 1, K, M) the network's mean prediction per cell.
         weight: (K, M) weight of each cell in the fit (0: left out).
-        fit_slope: ``False`` fixes ``b = 1``: the network's differences between
-            clusters are kept and only their common offset is corrected.
+        fit_slope: ``False`` fixes ``b = 1`` (only the common offset is corrected).
 
     Returns:
-        (S + 1, K, M) the prior mean of every cell; the arms' weighted mean of ``raw``
-        where an arm has fewer than three weighted cells.
+        (S + 1, K, M) the prior mean of every cell; with a slope fitted, the arm's
+        weighted mean of ``raw`` where it has fewer than three weighted cells.
     """
     w = weight[None]
     total = np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
@@ -321,16 +280,11 @@ def calibrated_prior(raw: np.ndarray, base: np.ndarray, weight: np.ndarray, *, f
 
 
 def pooling_weights(raw: np.ndarray, prior: np.ndarray, se2: np.ndarray) -> np.ndarray:
-    """Empirical-Bayes weights ``tau2 / (tau2 + se2)`` of each cell's own estimate.
+    """Empirical-Bayes weights ``tau2 / (tau2 + se2)`` in [0, 1] of each cell's own estimate.
 
     Args:
-        raw: (K, M) each cell's unpooled estimate.
-        prior: (K, M) its prior mean (:func:`calibrated_prior`).
-        se2: (K, M) sampling variance of ``raw`` (``inf`` where a cell has < 2 rows).
-
-    Returns:
-        (K, M) weights in [0, 1]: 0 for cells without a usable variance, and for every
-        cell of an arm whose estimates spread around the prior no more than their noise.
+        raw, prior: (K, M) each cell's unpooled estimate and its prior mean.
+        se2: (K, M) sampling variance of ``raw`` (``inf`` where a cell has < 2 rows: weight 0).
     """
     usable = np.isfinite(se2)
     cells = np.maximum(usable.sum(axis=0), 1)
@@ -341,36 +295,18 @@ def pooling_weights(raw: np.ndarray, prior: np.ndarray, se2: np.ndarray) -> np.n
         lam = np.where(usable, tau2 / (tau2 + se2), 0.0)
     return np.nan_to_num(lam, nan=1.0)  # tau2 = se2 = 0: a noiseless cell keeps its own value
 
-def cluster_statistics(
-    labels: np.ndarray,
-    treatment: np.ndarray,
-    response: np.ndarray,
-    cost: np.ndarray,
-    ipw: np.ndarray,
-    pred_response: np.ndarray,
-    pred_cost: np.ndarray,
-    *,
-    k: int,
-    params: StatisticsParams,
-    seed: int,
-) -> ClusterStatistics:
-    """Estimate response and cost per (cluster, arm) on honest rows, with scenarios.
 
-    The in-memory form of :class:`StatisticsAccumulator`: one ``update`` with every
-    row, so it equals the streamed fit's statistics bit for bit on the same rows.
+def cluster_statistics(
+    labels: np.ndarray, treatment: np.ndarray, response: np.ndarray, cost: np.ndarray, ipw: np.ndarray,
+    pred_response: np.ndarray, pred_cost: np.ndarray, *, k: int, params: StatisticsParams, seed: int,
+) -> ClusterStatistics:
+    """:class:`StatisticsAccumulator` on in-memory honest rows, one ``update``.
 
     Args:
-        labels: (n,) cluster id of each honest row (as the serving model assigns it).
-        treatment: (n,) arm received.
-        response, cost: (n,) recorded outcomes.
-        ipw: (n,) inverse-propensity weights (1 for a uniform trial).
+        labels: (n,) cluster id of each row (as the serving model assigns it).
+        treatment, response, cost, ipw: (n,) arm received, outcomes, inverse-propensity weight.
         pred_response, pred_cost: (n, M) network predictions for these rows.
-        k: number of clusters.
-        params: the ``statistics`` section.
-        seed: random seed for bootstrap and median-of-means blocks.
-
-    Returns:
-        :class:`ClusterStatistics` with ``S = params.n_scenarios`` scenarios.
+        k, params, seed: as for the accumulator.
     """
     m = pred_response.shape[1]
     rows = clip_sample_rows(labels.shape[0], params, seed)

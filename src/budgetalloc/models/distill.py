@@ -3,10 +3,10 @@
 Serving is one forward pass of :class:`StudentNet` (``d -> hidden -> K``, one
 wide relu layer) and an ``argmax``: no representation network, no k-means, no
 solver on the hot path. Targets are the teacher's hard cluster labels, or soft
-targets from centroid distances; training is :func:`budgetalloc.models.nn.fit`.
+targets from centroid distances.
 
 Invariant: prediction uses a fixed batch shape (the last batch padded), so
-serving never recompiles; labels are int32. Why: ``docs/design.md``.
+serving never recompiles; labels are int32.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from budgetalloc.data.blocks import padded
 from budgetalloc.errors import DataError
 from budgetalloc.models import nn, weights
 from budgetalloc.params import DistillParams
-
-KIND = "student"
 
 
 class StudentNet(nnx.Module):
@@ -52,10 +50,16 @@ class StudentConfig:
     hidden: int
     n_clusters: int
 
+    def build(self, seed: int) -> StudentNet:
+        """A freshly initialised student of this shape."""
+        return StudentNet(self.n_features, hidden=self.hidden, n_clusters=self.n_clusters, rngs=nnx.Rngs(seed))
+
 
 class StudentModel(nn.TrainedNet):
     """A trained student (:class:`~budgetalloc.models.nn.TrainedNet`)."""
 
+    kind = "student"
+    config_cls = StudentConfig
     config: StudentConfig
 
     @property
@@ -64,15 +68,14 @@ class StudentModel(nn.TrainedNet):
         return self.config.n_clusters
 
 
-def hard_label_loss(module: StudentNet, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Weighted softmax cross-entropy on integer labels: ``(loss_sum, weight_sum)``."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(module(batch["x"]), batch["label"])
-    return jnp.sum(batch["weight"] * ce), jnp.sum(batch["weight"])
-
-
-def soft_label_loss(module: StudentNet, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Weighted softmax cross-entropy on target distributions: ``(loss_sum, weight_sum)``."""
-    ce = optax.softmax_cross_entropy(module(batch["x"]), batch["target"])
+def student_loss(module: StudentNet, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Weighted softmax cross-entropy ``(loss_sum, weight_sum)`` on integer ``label`` s, or on
+    ``target`` distributions when the batch has them."""
+    logits = module(batch["x"])
+    if "target" in batch:
+        ce = optax.softmax_cross_entropy(logits, batch["target"])
+    else:
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     return jnp.sum(batch["weight"] * ce), jnp.sum(batch["weight"])
 
 
@@ -82,10 +85,7 @@ def _student_data(X, labels, soft_targets, n_clusters: int) -> dict[str, np.ndar
         raise DataError(f"need X (n >= 2, d) and labels (n,), got {X.shape} and {labels.shape}")
     if labels.min() < 0 or labels.max() >= n_clusters or not np.isfinite(X).all():
         raise DataError(f"labels must lie in 0..{n_clusters - 1} and X must be finite")
-    data = {
-        "x": np.ascontiguousarray(X, dtype=np.float32),
-        "weight": np.ones(X.shape[0], np.float32),
-    }
+    data = {"x": np.ascontiguousarray(X, dtype=np.float32), "weight": np.ones(X.shape[0], np.float32)}
     if soft_targets is None:
         data["label"] = labels.astype(np.int32)
     else:
@@ -95,99 +95,47 @@ def _student_data(X, labels, soft_targets, n_clusters: int) -> dict[str, np.ndar
     return data
 
 
-def _build(config: StudentConfig, seed: int) -> StudentNet:
-    return StudentNet(
-        config.n_features, hidden=config.hidden, n_clusters=config.n_clusters, rngs=nnx.Rngs(seed)
-    )
-
-
 def train_student(
-    X: np.ndarray,
-    labels: np.ndarray,
-    *,
-    n_clusters: int,
-    params: DistillParams,
-    seed: int,
-    soft_targets: np.ndarray | None = None,
-    val_fraction: float = 0.1,
-    progress: nn.Progress | None = None,
+    X: np.ndarray, labels: np.ndarray, *, n_clusters: int, params: DistillParams, seed: int,
+    soft_targets: np.ndarray | None = None, val_fraction: float = 0.1, progress: nn.Progress | None = None,
 ) -> StudentModel:
-    """Distil the teacher's cluster assignment into a small classifier.
+    """Distil the teacher's cluster assignment into a small classifier (best validation epoch).
 
     Args:
         X: float32 ``(n, d)`` preprocessed features (the serving input).
-        labels: int ``(n,)`` teacher clusters in ``0..n_clusters-1`` (used for
-            validation agreement and as targets when ``soft_targets`` is None).
+        labels: int ``(n,)`` teacher clusters in ``0..n_clusters-1`` (the targets unless
+            ``soft_targets``, an ``(n, K)`` distribution per row, are given).
         n_clusters: ``K``.
         params: the ``distill`` section of params.yaml.
         seed: seeds the initialisation, the validation split and the shuffles.
-        soft_targets: optional ``(n, K)`` target distributions.
         val_fraction: share of rows held out for early stopping.
-        progress: called after every epoch with ``(epoch, {"train_loss", "val_loss"})``.
-
-    Returns:
-        The trained :class:`StudentModel` (weights of the best validation epoch).
+        progress: called after every epoch (:data:`budgetalloc.models.nn.Progress`).
 
     Raises:
         DataError: arrays of the wrong shape or labels out of range.
     """
     data = _student_data(X, labels, soft_targets, n_clusters)
-    config = StudentConfig(
-        n_features=data["x"].shape[1], hidden=params.hidden, n_clusters=n_clusters
-    )
-    loss_fn = hard_label_loss if soft_targets is None else soft_label_loss
-    graphdef, best, history = nn.fit(
-        _build(config, seed),
-        loss_fn,
-        data,
-        tx=optax.adam(params.learning_rate),
-        epochs=params.epochs,
-        batch_size=params.batch_size,
-        patience=params.patience,
-        val_fraction=val_fraction,
-        seed=seed,
-        progress=progress,
-    )
+    config = StudentConfig(n_features=data["x"].shape[1], hidden=params.hidden, n_clusters=n_clusters)
+    graphdef, best, history = nn.fit(config.build(seed), student_loss, data, tx=optax.adam(params.learning_rate),
+                                     params=params, val_fraction=val_fraction, seed=seed, progress=progress)
     return StudentModel(graphdef, best, config, history)
 
 
-def predict_clusters(
-    student: StudentModel, X: np.ndarray, *, batch_size: int = 262144
-) -> np.ndarray:
-    """The student's cluster for every row.
-
-    Args:
-        student: a trained student.
-        X: float32 ``(n, d)`` preprocessed features.
-        batch_size: rows per compiled call (the last batch is padded).
-
-    Returns:
-        int32 ``(n,)``.
-    """
-    return nn.batched_apply(
-        student.graphdef, student.params, X, method="classify", batch_size=batch_size
-    )
-
-
-def save_student(student: StudentModel, directory: str | Path) -> Path:
-    """Write the student model as ``weights.msgpack`` + ``config.json`` (no pickle).
-
-    Returns:
-        The directory.
-    """
-    return weights.save_model(directory, kind=KIND, net=student)
-
-
-def load_student(directory: str | Path) -> StudentModel:
-    """Read a model written by :func:`save_student`; predictions are bit-identical.
-
-    Raises:
-        PolicyError: files missing, edited, or not matching their configuration.
-    """
-    return weights.load_model(directory, kind=KIND, cls=StudentModel, config_cls=StudentConfig,
-                              build=lambda c: _build(c, 0))
+def predict_clusters(student: StudentModel, X: np.ndarray, *, batch_size: int = 262144) -> np.ndarray:
+    """The student's int32 cluster for every row of preprocessed ``X`` ``(n, d)``."""
+    return nn.batched_apply(student.graphdef, student.params, X, method="classify", batch_size=batch_size)
 
 
 def fixed_shape_clusters(student: StudentModel, X: np.ndarray, rows: int) -> np.ndarray:
     """The student's clusters for ``X`` (at most ``rows`` rows), always run as ``rows`` rows."""
     return predict_clusters(student, padded(X, rows), batch_size=rows)[: X.shape[0]]
+
+
+def save_student(student: StudentModel, directory: str | Path) -> Path:
+    """Write ``student`` into ``directory`` (:func:`budgetalloc.models.weights.save_model`)."""
+    return weights.save_model(student, directory)
+
+
+def load_student(directory: str | Path) -> StudentModel:
+    """Read what :func:`save_student` wrote, bit for bit (PolicyError if it is not intact)."""
+    return weights.load_model(StudentModel, directory)

@@ -1,16 +1,14 @@
 """The one training loop, batched inference and the trained-network type.
 
 Every network (the representation, the student, the neural baselines) is a Flax
-NNX module split once into ``(graphdef, params)``; ``params`` and the optax state
-travel as a pytree (:class:`TrainState`) through a pure ``train_step``, and an
-epoch is one jitted ``lax.scan`` over a ``(n_batches, batch_size)`` plan of row
+NNX module split once into ``(graphdef, params)``; an epoch is one jitted
+``lax.scan`` of a pure train step over a ``(n_batches, batch_size)`` plan of row
 indices drawn in numpy from the seed. :func:`fit` adds a validation split and
-early stopping; with several devices it trains data parallel on a ``"data"`` mesh
-(``BUDGETALLOC_DATA_PARALLEL=0``: one device, as on a one-device machine).
+early stopping, data parallel over several devices. Artifacts: :mod:`~budgetalloc.models.weights`.
 
 Invariants: fixed shapes (a last partial batch is padded with row 0 at weight 0,
 which counts for nothing), so nothing recompiles; the same seed gives the same
-weights bit for bit. Why: ``docs/design.md``. Artifacts: :mod:`budgetalloc.models.weights`.
+weights bit for bit.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +43,7 @@ def early_stop_message(epoch: int, epochs: int, metrics: dict) -> str | None:
     if STOPPED_EARLY not in metrics:
         return None
     return f"stopped early at epoch {epoch} of {epochs} (patience {int(metrics[STOPPED_EARLY])})"
+
 
 _MIN_IMPROVEMENT = 1e-4  # relative: smaller gains in validation loss do not reset patience
 INFERENCE_CHUNK = 4096  # rows per step inside a compiled batch: activations stay in cache
@@ -72,19 +71,20 @@ class FitHistory:
     @classmethod
     def from_dict(cls, raw: dict) -> FitHistory:
         """Rebuild from its JSON form (``dataclasses.asdict``)."""
-        return cls(
-            **{**raw, "train_loss": tuple(raw["train_loss"]), "val_loss": tuple(raw["val_loss"])}
-        )
+        return cls(**{**raw, "train_loss": tuple(raw["train_loss"]), "val_loss": tuple(raw["val_loss"])})
 
 
 @dataclass(frozen=True)
 class TrainedNet:
     """A trained network: the split module, the configuration that rebuilds it, its history.
 
-    ``config`` is a frozen dataclass with at least ``n_features``; saving and loading
-    are :func:`budgetalloc.models.weights.save_model` and ``load_model``.
+    A subclass names its artifact ``kind`` and its ``config_cls``: a frozen dataclass
+    of JSON-serialisable fields, at least ``n_features``, whose ``build(seed)`` makes
+    the module (saving and loading: :mod:`budgetalloc.models.weights`).
     """
 
+    kind: ClassVar[str]
+    config_cls: ClassVar[type]
     graphdef: nnx.GraphDef
     params: nnx.State
     config: Any
@@ -101,25 +101,16 @@ class TrainedNet:
         return self.config.n_features
 
 
-def split_rows(
-    n: int, val_fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """A random train/validation split of ``range(n)``; both parts non-empty.
-
-    Returns:
-        ``(train_idx, val_idx)``, each sorted int64.
-    """
+def split_rows(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random split of ``range(n)`` into sorted ``(train_idx, val_idx)``, both non-empty."""
     n_val = min(max(1, round(n * val_fraction)), n - 1)
     perm = rng.permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 def batch_plan(rows: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut ``rows`` into fixed-size batches, padding the last with row 0 at weight 0.
-
-    Returns:
-        ``idx`` int32 ``(n_batches, batch_size)`` and ``valid`` float32 of the same shape.
-    """
+    """Cut ``rows`` into batches: ``idx`` int32 ``(n_batches, batch_size)``, the last padded
+    with row 0, and ``valid`` float32 of the same shape (0 at the padding)."""
     n_batches = math.ceil(len(rows) / batch_size)
     idx = np.zeros(n_batches * batch_size, dtype=np.int32)
     valid = np.zeros(n_batches * batch_size, dtype=np.float32)
@@ -129,11 +120,7 @@ def batch_plan(rows: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarra
 
 
 def data_parallel_mesh() -> Mesh | None:
-    """A 1-D mesh over all devices with axis ``"data"``, for data-parallel training.
-
-    Returns:
-        None with one device, or when ``$BUDGETALLOC_DATA_PARALLEL`` is ``"0"``.
-    """
+    """A 1-D ``"data"`` mesh over all devices; None with one device or ``$BUDGETALLOC_DATA_PARALLEL=0``."""
     devices = jax.devices()
     if len(devices) < 2 or os.environ.get(DATA_PARALLEL_ENV, "1").strip() == "0":
         return None
@@ -162,38 +149,24 @@ def _gather(
     return batch
 
 
-def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation):
-    """The pure step ``train_step(state, batch) -> (state, (loss_sum, weight_sum))``."""
-
-    def objective(params, batch):
-        loss_sum, weight_sum = loss_fn(nnx.merge(graphdef, params), batch)
-        return loss_sum / jnp.maximum(weight_sum, 1e-12), (loss_sum, weight_sum)
-
-    def train_step(state: TrainState, batch):
-        grads, sums = jax.grad(objective, has_aux=True)(state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state), sums
-
-    return train_step
-
-
-def make_train_epoch(
-    graphdef: nnx.GraphDef,
-    loss_fn: LossFn,
-    tx: optax.GradientTransformation,
-    mesh: Mesh | None = None,
-):
+def make_train_epoch(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
+                     mesh: Mesh | None = None):
     """A jitted ``train_epoch(state, data, idx, valid) -> (state, mean loss)``: one scan.
 
     ``valid`` may be ``None`` when every batch is full (no padded rows). With a
     ``mesh``, each gathered batch is sharded along its rows and the outputs are
     replicated (data parallelism); without one, it runs on one device.
     """
-    train_step = make_train_step(graphdef, loss_fn, tx)
+
+    def objective(params, batch):
+        loss_sum, weight_sum = loss_fn(nnx.merge(graphdef, params), batch)
+        return loss_sum / jnp.maximum(weight_sum, 1e-12), (loss_sum, weight_sum)
 
     def train_epoch(state, data, idx, valid):
-        def body(carry, plan):
-            return train_step(carry, _gather(data, *plan, mesh))
+        def body(state: TrainState, plan):
+            grads, sums = jax.grad(objective, has_aux=True)(state.params, _gather(data, *plan, mesh))
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return TrainState(optax.apply_updates(state.params, updates), opt_state), sums
 
         state, (loss_sums, weight_sums) = jax.lax.scan(body, state, (idx, valid))
         return state, jnp.sum(loss_sums) / jnp.maximum(jnp.sum(weight_sums), 1e-12)
@@ -224,9 +197,7 @@ def fit(
     data: dict[str, np.ndarray],
     *,
     tx: optax.GradientTransformation,
-    epochs: int,
-    batch_size: int,
-    patience: int,
+    params: Any,
     val_fraction: float,
     seed: int,
     progress: Progress | None = None,
@@ -238,24 +209,21 @@ def fit(
         loss_fn: ``(module, batch) -> (loss_sum, weight_sum)``.
         data: equal-length arrays, one of them ``"weight"`` (row weights).
         tx: the optax optimiser.
-        epochs: the most passes over the training rows.
-        batch_size: rows per step (the last batch is padded at weight 0). With
-            several devices it is rounded up to a multiple of their number.
-        patience: epochs without a relative improvement of the validation loss
-            larger than 1e-4 before stopping.
+        params: a params section: at most ``epochs`` passes over the training rows,
+            ``batch_size`` rows a step (with several devices, rounded up to a multiple
+            of their number), stopping after ``patience`` epochs without a relative
+            improvement of the validation loss larger than 1e-4.
         val_fraction: share of rows held out for validation.
-        seed: seeds the split and the per-epoch shuffles (numpy Generator).
+        seed: seeds the split and the per-epoch shuffles.
         progress: called after every epoch with ``(epoch, {"train_loss", "val_loss"})``
             (plus :data:`STOPPED_EARLY` on the epoch it stops early).
 
     Returns:
-        ``(graphdef, params, history)`` with the parameters of the best validation epoch,
-        on one device.
-
-    With several devices (``jax.devices()``) training is data parallel over all of
-    them (see :func:`data_parallel_mesh`); ``BUDGETALLOC_DATA_PARALLEL=0`` in the
-    environment keeps it on one device, as on a one-device machine.
+        ``(graphdef, params, history)`` with the parameters of the best validation
+        epoch, on one device. With several devices training is data parallel
+        (:func:`data_parallel_mesh`).
     """
+    epochs, batch_size, patience = params.epochs, params.batch_size, params.patience
     rng = np.random.default_rng(seed)
     n = len(data["weight"])
     train_rows, val_rows = split_rows(n, val_fraction, rng)
@@ -264,14 +232,11 @@ def fit(
     train_batch = round_up_to_devices(min(batch_size, len(train_rows)), n_devices)
     val_batch = round_up_to_devices(min(max(batch_size, 8192), len(val_rows)), n_devices)
     device_data = _place({key: jnp.asarray(value) for key, value in data.items()}, mesh, P())
-    graphdef, params = nnx.split(module)
-    params = jax.tree.map(jnp.copy, params)  # the epoch donates its state: never the caller's
-    train_epoch, evaluate = (
-        make_train_epoch(graphdef, loss_fn, tx, mesh),
-        make_evaluate(graphdef, loss_fn, mesh),
-    )
+    graphdef, weights = nnx.split(module)
+    weights = jax.tree.map(jnp.copy, weights)  # the epoch donates its state: never the caller's
+    train_epoch, evaluate = make_train_epoch(graphdef, loss_fn, tx, mesh), make_evaluate(graphdef, loss_fn, mesh)
     val_plan = _place(batch_plan(val_rows, val_batch), mesh, P(None, "data"))
-    state = _place(TrainState(params, tx.init(params)), mesh, P())
+    state = _place(TrainState(weights, tx.init(weights)), mesh, P())
     best_params, best_loss, best_epoch = None, math.inf, 0
     train_hist: list[float] = []
     val_hist: list[float] = []
@@ -291,14 +256,8 @@ def fit(
             progress(epoch, {**metrics, STOPPED_EARLY: patience} if stop and epoch < epochs else metrics)
         if stop:
             break
-    history = FitHistory(
-        epochs_run=len(val_hist),
-        best_epoch=best_epoch,
-        best_val_loss=best_loss,
-        stopped_early=len(val_hist) < epochs,
-        train_loss=tuple(train_hist),
-        val_loss=tuple(val_hist),
-    )
+    history = FitHistory(epochs_run=len(val_hist), best_epoch=best_epoch, best_val_loss=best_loss,
+                         stopped_early=len(val_hist) < epochs, train_loss=tuple(train_hist), val_loss=tuple(val_hist))
     if mesh is not None:  # inference and saving run on one device
         best_params = jax.device_put(best_params, jax.devices()[0])
     return graphdef, best_params, history
@@ -327,20 +286,9 @@ def inference_batch_size(n: int, batch_size: int) -> int:
 def batched_apply(
     graphdef: nnx.GraphDef, params: nnx.State, X: np.ndarray, *, method: str, batch_size: int
 ) -> Any:
-    """Apply ``module.<method>`` to ``X`` in fixed-shape batches (last one padded).
-
-    Runs on one device (where ``params`` are; :func:`fit` returns them on the first),
-    even when several are present.
-
-    Args:
-        graphdef, params: the split module.
-        X: float32 ``(n, d)``.
-        method: name of a module method mapping ``(b, d)`` to arrays with leading ``b``.
-        batch_size: the largest batch.
-
-    Returns:
-        The method's output pytree for all ``n`` rows, as numpy arrays.
-    """
+    """Apply ``module.<method>`` (``(b, d)`` to arrays with leading ``b``) to float32 ``X``
+    ``(n, d)`` in fixed-shape batches of at most about ``batch_size`` rows (the last padded),
+    on the device that holds ``params``; returns the output pytree for all rows, in numpy."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     n = X.shape[0]
     size = inference_batch_size(n, batch_size)
@@ -355,7 +303,7 @@ def batched_apply(
 
 
 def _write(result: Any, out: Any, start: int, n: int) -> Any:
-    """Copy one batch's outputs into the preallocated ``result`` (allocated on first use)."""
+    """Copy one batch's outputs into ``result`` (allocated on first use)."""
     if result is None:
         result = jax.tree.map(lambda a: np.empty((n, *a.shape[1:]), a.dtype), out)
     rows = min(n - start, jax.tree.leaves(out)[0].shape[0])

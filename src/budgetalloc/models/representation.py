@@ -4,11 +4,9 @@
 (the representation clustered in stage 2) and ``2M`` towers on ``h``: response
 and cost under each of the ``M`` arms, applied as one ``einsum`` over a task axis.
 
-Invariants: a row is scored only on the towers of the arm it received (no
-gradient to the arms it did not); rows are weighted by their propensity weights;
-a continuous response and the cost are fitted robustly in scaled units and
-predictions come back in original units. Training is
-:func:`budgetalloc.models.nn.fit`. Why: ``docs/design.md``.
+Invariants: a row is scored only on the towers of the arm it received; rows are
+weighted by their propensity weights; a continuous response and the cost are
+fitted robustly in scaled units and predictions come back in original units.
 """
 
 from __future__ import annotations
@@ -25,8 +23,6 @@ from flax import nnx
 from budgetalloc.errors import DataError
 from budgetalloc.models import nn, weights
 from budgetalloc.params import TrainParams
-
-KIND = "representation"
 
 
 class TaskTowers(nnx.Module):
@@ -88,10 +84,17 @@ class RepresentationConfig:
     cost_center: float
     cost_scale: float
 
+    def build(self, seed: int, output_bias=None) -> MultiTaskNet:
+        """A freshly initialised network of this shape."""
+        return MultiTaskNet(self.n_features, hidden=self.hidden, head_hidden=self.head_hidden,
+                            n_arms=self.n_arms, rngs=nnx.Rngs(seed), output_bias=output_bias)
+
 
 class RepresentationModel(nn.TrainedNet):
     """A trained representation network (:class:`~budgetalloc.models.nn.TrainedNet`)."""
 
+    kind = "representation"
+    config_cls = RepresentationConfig
     config: RepresentationConfig
 
     @property
@@ -109,9 +112,7 @@ def robust_center_scale(values: np.ndarray) -> tuple[float, float]:
     return center, scale
 
 
-def _arm_means(
-    values: np.ndarray, treatment: np.ndarray, weight: np.ndarray, n_arms: int
-) -> np.ndarray:
+def _arm_means(values: np.ndarray, treatment: np.ndarray, weight: np.ndarray, n_arms: int) -> np.ndarray:
     sums = np.bincount(treatment, weights=weight * values, minlength=n_arms)
     counts = np.bincount(treatment, weights=weight, minlength=n_arms)
     overall = np.sum(weight * values) / max(np.sum(weight), 1e-12)
@@ -127,20 +128,11 @@ def _initial_bias(data: dict[str, np.ndarray], n_arms: int, binary: bool) -> np.
     return np.concatenate([response, _arm_means(data["cost"], arm, w, n_arms)])
 
 
-def multitask_loss(
-    module: MultiTaskNet, batch: dict[str, jax.Array], *, binary: bool, huber_delta: float
-) -> tuple[jax.Array, jax.Array]:
-    """Masked multi-task loss: each row scores only the towers of its own arm.
-
-    Args:
-        module: the network.
-        batch: ``x``, ``arm`` (int), ``response`` and ``cost`` (already scaled), ``weight``.
-        binary: sigmoid cross-entropy for the response instead of Huber.
-        huber_delta: Huber threshold in scaled units.
-
-    Returns:
-        ``(sum of weighted row losses, sum of weights)``.
-    """
+def multitask_loss(module: MultiTaskNet, batch: dict[str, jax.Array], *, binary: bool,
+                   huber_delta: float) -> tuple[jax.Array, jax.Array]:
+    """Masked multi-task loss ``(sum of weighted row losses, sum of weights)``: each row of
+    ``batch`` (``x``, int ``arm``, scaled ``response`` and ``cost``, ``weight``) scores only the
+    towers of its own arm; sigmoid cross-entropy for a ``binary`` response, else Huber."""
     response_out, cost_out = module(batch["x"])
     arm = batch["arm"][:, None]
     response_pred = jnp.take_along_axis(response_out, arm, axis=1)[:, 0]
@@ -158,12 +150,7 @@ def _check_inputs(X, treatment, response, cost, weight, n_arms: int) -> None:
     n = X.shape[0] if X.ndim == 2 else -1
     if X.ndim != 2 or n < 2:
         raise DataError(f"features must be a 2-D array of at least 2 rows, got shape {X.shape}")
-    for name, v in (
-        ("treatment", treatment),
-        ("response", response),
-        ("cost", cost),
-        ("weight", weight),
-    ):
+    for name, v in {"treatment": treatment, "response": response, "cost": cost, "weight": weight}.items():
         if v.shape != (n,):
             raise DataError(f"{name} has shape {v.shape}, expected ({n},)")
     if treatment.min() < 0 or treatment.max() >= n_arms:
@@ -174,57 +161,11 @@ def _check_inputs(X, treatment, response, cost, weight, n_arms: int) -> None:
         raise DataError("weights must be finite and >= 0")
 
 
-def _config_and_data(
-    X, treatment, response, cost, weight, *, n_arms: int, binary: bool, params: TrainParams
-) -> tuple[RepresentationConfig, dict[str, np.ndarray]]:
-    r_center, r_scale = (0.0, 1.0) if binary else robust_center_scale(response)
-    c_center, c_scale = robust_center_scale(cost)
-    config = RepresentationConfig(
-        n_features=X.shape[1],
-        hidden=params.hidden,
-        head_hidden=params.head_hidden,
-        n_arms=n_arms,
-        binary_response=binary,
-        response_center=r_center,
-        response_scale=r_scale,
-        cost_center=c_center,
-        cost_scale=c_scale,
-    )
-    data = {
-        "x": np.ascontiguousarray(X, dtype=np.float32),
-        "arm": treatment.astype(np.int32),
-        "response": ((response - r_center) / r_scale).astype(np.float32),
-        "cost": ((cost - c_center) / c_scale).astype(np.float32),
-        "weight": weight.astype(np.float32),
-    }
-    return config, data
-
-
-def _build(config: RepresentationConfig, seed: int, output_bias=None) -> MultiTaskNet:
-    return MultiTaskNet(
-        config.n_features,
-        hidden=config.hidden,
-        head_hidden=config.head_hidden,
-        n_arms=config.n_arms,
-        rngs=nnx.Rngs(seed),
-        output_bias=output_bias,
-    )
-
-
 def train_representation(
-    X: np.ndarray,
-    treatment: np.ndarray,
-    response: np.ndarray,
-    cost: np.ndarray,
-    weight: np.ndarray,
-    *,
-    n_arms: int,
-    binary_response: bool,
-    params: TrainParams,
-    seed: int,
-    progress: nn.Progress | None = None,
+    X: np.ndarray, treatment: np.ndarray, response: np.ndarray, cost: np.ndarray, weight: np.ndarray, *,
+    n_arms: int, binary_response: bool, params: TrainParams, seed: int, progress: nn.Progress | None = None,
 ) -> RepresentationModel:
-    """Train the multi-task network on an RCT.
+    """Train the multi-task network on an RCT (the weights of the best validation epoch).
 
     Args:
         X: float32 ``(n, d)`` preprocessed features, no NaN.
@@ -236,67 +177,47 @@ def train_representation(
         binary_response: cross-entropy on a logit instead of Huber on a value.
         params: the ``train`` section of params.yaml.
         seed: seeds the initialisation, the validation split and the shuffles.
-        progress: called after every epoch with ``(epoch, {"train_loss", "val_loss"})``.
-
-    Returns:
-        The trained :class:`RepresentationModel` (weights of the best validation epoch).
+        progress: called after every epoch (:data:`budgetalloc.models.nn.Progress`).
 
     Raises:
         DataError: arrays of the wrong shape, non-finite values or arms out of range.
     """
     X, treatment, response, cost, weight = map(np.asarray, (X, treatment, response, cost, weight))
     _check_inputs(X, treatment, response, cost, weight, n_arms)
-    config, data = _config_and_data(
-        X, treatment, response, cost, weight, n_arms=n_arms, binary=binary_response, params=params
+    r_center, r_scale = (0.0, 1.0) if binary_response else robust_center_scale(response)
+    c_center, c_scale = robust_center_scale(cost)
+    config = RepresentationConfig(
+        n_features=X.shape[1], hidden=params.hidden, head_hidden=params.head_hidden, n_arms=n_arms,
+        binary_response=binary_response, response_center=r_center, response_scale=r_scale,
+        cost_center=c_center, cost_scale=c_scale,
     )
-    module = _build(config, seed, _initial_bias(data, n_arms, binary_response))
+    data = {
+        "x": np.ascontiguousarray(X, dtype=np.float32),
+        "arm": treatment.astype(np.int32),
+        "response": ((response - r_center) / r_scale).astype(np.float32),
+        "cost": ((cost - c_center) / c_scale).astype(np.float32),
+        "weight": weight.astype(np.float32),
+    }
+    module = config.build(seed, _initial_bias(data, n_arms, binary_response))
 
     def loss_fn(m, batch):
         return multitask_loss(m, batch, binary=binary_response, huber_delta=params.huber_delta)
 
-    graphdef, best, history = nn.fit(
-        module,
-        loss_fn,
-        data,
-        tx=optax.adamw(params.learning_rate, weight_decay=params.weight_decay),
-        epochs=params.epochs,
-        batch_size=params.batch_size,
-        patience=params.patience,
-        val_fraction=params.val_fraction,
-        seed=seed,
-        progress=progress,
-    )
+    tx = optax.adamw(params.learning_rate, weight_decay=params.weight_decay)
+    graphdef, best, history = nn.fit(module, loss_fn, data, tx=tx, params=params,
+                                     val_fraction=params.val_fraction, seed=seed, progress=progress)
     return RepresentationModel(graphdef, best, config, history)
 
 
 def embed(model: RepresentationModel, X: np.ndarray, *, batch_size: int = 65536) -> np.ndarray:
-    """The hidden representation ``h(x)`` of every row.
-
-    Args:
-        model: a trained model.
-        X: float32 ``(n, d)`` preprocessed features.
-        batch_size: rows per compiled call (the last batch is padded).
-
-    Returns:
-        float32 ``(n, hidden)``.
-    """
+    """The hidden representation ``h(x)``, float32 ``(n, hidden)``, of preprocessed ``X`` ``(n, d)``."""
     return nn.batched_apply(model.graphdef, model.params, X, method="embed", batch_size=batch_size)
 
 
-def predict_outcomes(
-    model: RepresentationModel, X: np.ndarray, *, batch_size: int = 65536
-) -> tuple[np.ndarray, np.ndarray]:
-    """Expected response and cost of every row under every arm, in original units.
-
-    Args:
-        model: a trained model.
-        X: float32 ``(n, d)`` preprocessed features.
-        batch_size: rows per compiled call.
-
-    Returns:
-        ``(response, cost)``, float64 ``(n, M)`` each; the response is a probability
-        when it is binary; cost is clipped at 0 (costs are non-negative by contract).
-    """
+def predict_outcomes(model: RepresentationModel, X: np.ndarray, *,
+                     batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Expected ``(response, cost)`` of every row of ``X`` under every arm, float64 ``(n, M)``
+    each in original units: a probability for a binary response; cost clipped at 0."""
     response_out, cost_out = nn.batched_apply(
         model.graphdef, model.params, X, method="__call__", batch_size=batch_size
     )
@@ -310,63 +231,29 @@ def predict_outcomes(
 
 
 def save_representation(model: RepresentationModel, directory: str | Path) -> Path:
-    """Write the representation model as ``weights.msgpack`` + ``config.json`` (no pickle).
-
-    Returns:
-        The directory.
-    """
-    return weights.save_model(directory, kind=KIND, net=model)
+    """Write ``model`` into ``directory`` (:func:`budgetalloc.models.weights.save_model`)."""
+    return weights.save_model(model, directory)
 
 
 def load_representation(directory: str | Path) -> RepresentationModel:
-    """Read a model written by :func:`save_representation`; outputs are bit-identical.
-
-    Raises:
-        PolicyError: files missing, edited, or not matching their configuration.
-    """
-    return weights.load_model(directory, kind=KIND, cls=RepresentationModel,
-                              config_cls=RepresentationConfig, build=lambda c: _build(c, 0))
-
-
-def _decision_outputs(model: RepresentationModel):
-    """``h -> (uplift of every coupon arm, cost of every coupon arm)`` in original units."""
-    module, c, m = model.module, model.config, model.config.n_arms
-
-    def outputs(h: jax.Array) -> jax.Array:
-        out = module.towers(h[None])[0]
-        if c.binary_response:
-            response = jax.nn.sigmoid(out[:m])
-        else:
-            response = c.response_scale * out[:m]
-        cost = c.cost_scale * out[m:]
-        return jnp.concatenate([response[1:] - response[0], cost[1:]])
-
-    return outputs
+    """Read what :func:`save_representation` wrote, bit for bit (PolicyError if it is not intact)."""
+    return weights.load_model(RepresentationModel, directory)
 
 
 def task_metric(model: RepresentationModel, emb: np.ndarray, *, rank: int = 16, sample: int = 5000,
                 seed: int = 0) -> np.ndarray:
-    """A projection of ``h`` whose Euclidean distances follow what the task heads read from it.
+    """A float32 ``(hidden, rank)`` projection of ``h`` whose Euclidean distances follow, to
+    first order, what the task heads read from it (each arm's uplift and cost; ``docs/design.md``),
+    averaged over a seeded ``sample`` of the embeddings ``emb`` ``(n, hidden)``."""
+    module, c, m = model.module, model.config, model.config.n_arms
 
-    With ``J(h)`` the Jacobian of the decision outputs (each arm's uplift over control
-    and each arm's cost, every output divided by its spread across users) with respect
-    to ``h``, the metric is ``G = E[J^T J]``; the projection keeps its top ``rank``
-    eigenvectors scaled by the square roots of their eigenvalues, so that
-    ``|P^T (h - h')|^2 ~ |outputs(h) - outputs(h')|^2`` to first order.
+    def outputs(h: jax.Array) -> jax.Array:  # every coupon arm's uplift and cost, in original units
+        out = module.towers(h[None])[0]
+        response = jax.nn.sigmoid(out[:m]) if c.binary_response else c.response_scale * out[:m]
+        return jnp.concatenate([response[1:] - response[0], (c.cost_scale * out[m:])[1:]])
 
-    Args:
-        model: the trained network.
-        emb: ``(n, hidden)`` embeddings of training users (a seeded sample is used).
-        rank: number of metric directions kept.
-        sample: users averaged over.
-        seed: sampling seed.
-
-    Returns:
-        float32 ``(hidden, rank)`` projection.
-    """
     rng = np.random.default_rng(seed)
     rows = emb if emb.shape[0] <= sample else emb[np.sort(rng.choice(emb.shape[0], sample, replace=False))]
-    outputs = _decision_outputs(model)
     jac = np.asarray(jax.jit(jax.vmap(jax.jacrev(outputs)))(jnp.asarray(rows)), dtype=np.float64)
     values = np.asarray(jax.jit(jax.vmap(outputs))(jnp.asarray(rows)), dtype=np.float64)
     spread = values.std(axis=0)
