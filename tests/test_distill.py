@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from budgetalloc.errors import DataError, PolicyError
 from budgetalloc.models import nn
 from budgetalloc.models.distill import (
+    StudentConfig,
     load_student,
     predict_clusters,
     save_student,
+    student_loss,
     train_student,
 )
 from budgetalloc.params import DistillParams
@@ -116,3 +120,27 @@ def test_bad_labels_raise_data_error():
         train_student(X, labels + K, n_clusters=K, params=TINY, seed=0)
     with pytest.raises(DataError, match="soft_targets"):
         train_student(X, labels, n_clusters=K, params=TINY, seed=0, soft_targets=np.ones((100, 2)))
+
+
+def test_a_schedule_spans_every_step_of_the_run():
+    """A ``tx`` factory gets the run's step count; a learning rate of 0 leaves the weights as they were."""
+    X, labels, _ = _clustered(1000)
+    steps = []
+
+    def frozen(total):
+        steps.append(total)
+        return optax.sgd(0.0)
+
+    module = StudentConfig(n_features=8, hidden=16, n_clusters=K).build(0)
+    before = jax.tree.map(np.asarray, nnx.state(module, nnx.Param))
+    data = {"x": X, "label": labels.astype(np.int32), "weight": np.ones(len(X), np.float32)}
+    _, after, _ = nn.fit(module, student_loss, data, tx=frozen, params=DistillParams(epochs=3, batch_size=64),
+                         val_fraction=0.1, seed=0)
+    assert steps == [3 * 15]  # 900 training rows in batches of 64: 15 steps an epoch
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
+
+
+def test_cosine_schedule_trains_the_student():
+    X, labels, _ = _clustered(4000)
+    cosine = train_student(X, labels, n_clusters=K, params=TINY.model_copy(update={"schedule": "cosine"}), seed=1)
+    assert np.mean(predict_clusters(cosine, X) == labels) > 0.95

@@ -153,6 +153,9 @@ class DistillParams(_Section):
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(2048, ge=1)
     learning_rate: float = Field(3e-3, gt=0.0)
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: the learning rate decays to 0 along a cosine over the epochs"
+    )
     soft_temperature: float = Field(
         0.0, ge=0.0, description="0: hard labels; >0: soft targets from centroid distances"
     )

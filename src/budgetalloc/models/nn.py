@@ -196,7 +196,7 @@ def fit(
     loss_fn: LossFn,
     data: dict[str, np.ndarray],
     *,
-    tx: optax.GradientTransformation,
+    tx: optax.GradientTransformation | Callable[[int], optax.GradientTransformation],
     params: Any,
     val_fraction: float,
     seed: int,
@@ -208,7 +208,8 @@ def fit(
         module: the initialised network (left unchanged).
         loss_fn: ``(module, batch) -> (loss_sum, weight_sum)``.
         data: equal-length arrays, one of them ``"weight"`` (row weights).
-        tx: the optax optimiser.
+        tx: the optax optimiser, or a function of the number of steps of ``epochs``
+            epochs that returns it (a learning-rate schedule over the whole run).
         params: a params section: at most ``epochs`` passes over the training rows,
             ``batch_size`` rows a step (with several devices, rounded up to a multiple
             of their number), stopping after ``patience`` epochs without a relative
@@ -231,6 +232,8 @@ def fit(
     n_devices = 1 if mesh is None else mesh.size
     train_batch = round_up_to_devices(min(batch_size, len(train_rows)), n_devices)
     val_batch = round_up_to_devices(min(max(batch_size, 8192), len(val_rows)), n_devices)
+    if callable(tx):
+        tx = tx(epochs * math.ceil(len(train_rows) / train_batch))
     device_data = _place({key: jnp.asarray(value) for key, value in data.items()}, mesh, P())
     graphdef, weights = nnx.split(module)
     weights = jax.tree.map(jnp.copy, weights)  # the epoch donates its state: never the caller's
