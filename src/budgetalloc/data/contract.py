@@ -360,17 +360,18 @@ def _treatment(df: pd.DataFrame, source: str) -> np.ndarray:
     return values.astype(np.int32)
 
 
-def check_arm_counts(counts: np.ndarray, source: str) -> int:
+def check_arm_counts(counts: np.ndarray, source: str, n_arms: int | None = None) -> int:
     """The checks over all rows of a trial: control rows exist and no arm up to the last is empty.
 
     Args:
         counts: rows per arm, ``np.bincount`` of the whole treatment column.
         source: file name used in error messages.
+        n_arms: the arms every one of which must have rows (default: up to the highest present).
 
     Returns:
         The number of arms (the highest arm + 1).
     """
-    n_arms = int(np.flatnonzero(counts)[-1]) + 1
+    n_arms = int(np.flatnonzero(counts)[-1]) + 1 if n_arms is None else n_arms
     if counts[0] == 0:
         raise DataError(f"{source}: no control rows (arm 0) in column '{TREATMENT}'")
     if n_arms == 1:
