@@ -33,7 +33,10 @@ from budgetalloc.studies.simulate import simulate_population, simulate_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 500_000
-NOTE = ("`prepare` reads the raw trial whole (it validates and splits it); `train`, `cluster`, `distill` and `policy` read `prepared/fit.parquet` in batches and hold its seeded samples (each at most its cap, 1M rows by default).")
+NOTE = ("`prepare` reads the raw trial in batches (it checks each batch and writes its rows to both parts as it "
+        "reads); `train`, `cluster`, `distill` and `policy` read `prepared/fit.parquet` in batches and hold its "
+        "seeded samples (each at most its cap, 1M rows by default); `evaluate` reads the test part in batches. "
+        "Load: the 1-minute load average when the stage ended (the machine is shared).")
 
 
 def write_trial(path: Path, rows: int, world: SimulateParams) -> None:
@@ -55,7 +58,7 @@ def run_stage(cmd: str, cwd: Path) -> dict:
         proc = subprocess.Popen(shlex.split(cmd), cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     return {"rc": os.waitstatus_to_exitcode(status), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-            "wall_s": round(time.perf_counter() - start, 1)}
+            "wall_s": round(time.perf_counter() - start, 1), "load_1m": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
@@ -92,8 +95,9 @@ def main() -> None:
     lines = [f"# Peak memory per DVC stage process ({args.rows:,} trial rows, 40 features)", "",
              (f"`benchmarks/pipeline_memory.py --rows {args.rows} --epochs {args.epochs}`; population "
               f"{args.population:,} users; {os.cpu_count()} cores (shared). Peak RSS of each stage process "
-              "(`wait4` ru_maxrss)."), "", "| stage | peak RSS (MiB) | wall (s) |", "|---|---|---|"]
-    lines += [f"| `{name}` | {r['peak_rss_mib']:,.0f} | {r['wall_s']:,.0f} |" for name, r in results.items()]
+              "(`wait4` ru_maxrss)."), "", "| stage | peak RSS (MiB) | wall (s) | load |", "|---|---|---|---|"]
+    lines += [f"| `{name}` | {r['peak_rss_mib']:,.0f} | {r['wall_s']:,.0f} | {r['load_1m']:.1f} |"
+              for name, r in results.items()]
     lines += ["", NOTE]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
