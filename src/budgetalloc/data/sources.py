@@ -116,7 +116,7 @@ class Source:
             return self.text_ids()
         types = dict(self.types)
         wider = wider_kind(types[error.column])
-        if error.column in self.numeric and wider not in NUMERIC_KINDS:
+        if wider is None or error.column in self.numeric and wider not in NUMERIC_KINDS:
             raise error.error
         types[error.column] = wider
         return replace(self, types=tuple(types.items()))
