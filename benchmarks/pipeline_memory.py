@@ -3,9 +3,10 @@
 Simulates a trial with 40 features (in chunks, written as Parquet row groups), then
 runs every stage command of ``dvc.yaml`` in order, each as its own process in a
 scratch directory, and records its peak resident set size (``wait4``'s
-``ru_maxrss``) and wall time. Writes ``reports/pipeline_memory.json`` and ``.md``.
+``ru_maxrss``), wall time and the load average. Writes ``reports/pipeline_memory.json``
+and ``.md`` (the committed ones: 10M rows; ``reports/pipeline_memory_1m.*``: 1M rows).
 
-    .venv/bin/python benchmarks/pipeline_memory.py [--rows 2000000] [--epochs 1]
+    .venv/bin/python benchmarks/pipeline_memory.py [--rows 10000000] [--epochs 1] [--out reports/pipeline_memory_1m]
 
 ``--epochs`` caps the two networks' epochs so that a large trial fits in the time;
 the caps that bound memory (``train.max_rows``, ``distill.max_rows``,
@@ -34,8 +35,9 @@ from budgetalloc.studies.simulate import simulate_population, simulate_trial
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 500_000
 NOTE = ("`prepare` reads the raw trial in batches (it checks each batch and writes its rows to both parts as it "
-        "reads); `train`, `cluster`, `distill` and `policy` read `prepared/fit.parquet` in batches and hold its "
-        "seeded samples (each at most its cap, 1M rows by default); `evaluate` reads the test part in batches. "
+        "reads); `train`, `cluster`, `distill` and `policy` read `prepared/fit.parquet` in batches, and `train` and "
+        "`distill` hold the seeded samples their step learns from (each at most its cap, 1M rows by default); "
+        "`evaluate` reads the test part in batches. "
         "Load: the 1-minute load average when the stage ended (the machine is shared).")
 
 
