@@ -3,9 +3,10 @@
 Simulates a trial with 40 features (in chunks, written as Parquet row groups), then
 runs every stage command of ``dvc.yaml`` in order, each as its own process in a
 scratch directory, and records its peak resident set size (``wait4``'s
-``ru_maxrss``) and wall time. Writes ``reports/pipeline_memory.json`` and ``.md``.
+``ru_maxrss``), wall time and the load average. Writes ``reports/pipeline_memory.json``
+and ``.md`` (the committed ones: 10M rows; ``reports/pipeline_memory_1m.*``: 1M rows).
 
-    .venv/bin/python benchmarks/pipeline_memory.py [--rows 2000000] [--epochs 1]
+    .venv/bin/python benchmarks/pipeline_memory.py [--rows 10000000] [--epochs 1] [--out reports/pipeline_memory_1m]
 
 ``--epochs`` caps the two networks' epochs so that a large trial fits in the time;
 the caps that bound memory (``train.max_rows``, ``distill.max_rows``,
@@ -33,7 +34,11 @@ from budgetalloc.studies.simulate import simulate_population, simulate_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 500_000
-NOTE = ("`prepare` reads the raw trial whole (it validates and splits it); `train`, `cluster`, `distill` and `policy` read `prepared/fit.parquet` in batches and hold its seeded samples (each at most its cap, 1M rows by default).")
+NOTE = ("`prepare` reads the raw trial in batches (it checks each batch and writes its rows to both parts as it "
+        "reads); `train`, `cluster`, `distill` and `policy` read `prepared/fit.parquet` in batches, and `train` and "
+        "`distill` hold the seeded samples their step learns from (each at most its cap, 1M rows by default); "
+        "`evaluate` reads the test part in batches. "
+        "Load: the 1-minute load average when the stage ended (the machine is shared).")
 
 
 def write_trial(path: Path, rows: int, world: SimulateParams) -> None:
@@ -55,7 +60,7 @@ def run_stage(cmd: str, cwd: Path) -> dict:
         proc = subprocess.Popen(shlex.split(cmd), cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     return {"rc": os.waitstatus_to_exitcode(status), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-            "wall_s": round(time.perf_counter() - start, 1)}
+            "wall_s": round(time.perf_counter() - start, 1), "load_1m": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
@@ -92,8 +97,9 @@ def main() -> None:
     lines = [f"# Peak memory per DVC stage process ({args.rows:,} trial rows, 40 features)", "",
              (f"`benchmarks/pipeline_memory.py --rows {args.rows} --epochs {args.epochs}`; population "
               f"{args.population:,} users; {os.cpu_count()} cores (shared). Peak RSS of each stage process "
-              "(`wait4` ru_maxrss)."), "", "| stage | peak RSS (MiB) | wall (s) |", "|---|---|---|"]
-    lines += [f"| `{name}` | {r['peak_rss_mib']:,.0f} | {r['wall_s']:,.0f} |" for name, r in results.items()]
+              "(`wait4` ru_maxrss)."), "", "| stage | peak RSS (MiB) | wall (s) | load |", "|---|---|---|---|"]
+    lines += [f"| `{name}` | {r['peak_rss_mib']:,.0f} | {r['wall_s']:,.0f} | {r['load_1m']:.1f} |"
+              for name, r in results.items()]
     lines += ["", NOTE]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -4,6 +4,8 @@ key. Each is refused with one line naming the file, column (and row) before any 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -15,7 +17,7 @@ from test_reliability import error_line, one_error_line
 from typer.testing import CliRunner
 
 from budgetalloc.cli.app import app
-from budgetalloc.data.contract import Preprocessor
+from budgetalloc.data.contract import Z_LIMIT, Preprocessor
 from budgetalloc.errors import ParamsError
 from budgetalloc.params import load_params
 from budgetalloc.policy import load_policy
@@ -106,6 +108,24 @@ def test_preprocessing_is_unchanged_for_ordinary_values(rng):
     pre = Preprocessor.fit(X)
     expected = ((X - pre.means) / pre.scales).astype(np.float32)
     assert np.array_equal(pre.transform(X), expected)
+
+
+@pytest.mark.parametrize("shape", [(7, 1), (70_001, 17)])  # a row block and a one-column block beyond the first
+def test_the_preprocessor_in_blocks_is_the_whole_matrix_arithmetic(rng, shape):
+    X = (rng.normal(size=shape) * rng.exponential(size=shape[1]) * 1e4).astype(np.float32)
+    X[rng.random(shape) < 0.05] = np.nan
+    X[:, -1] = np.nan  # a column with no values at all
+    pre = Preprocessor.fit(X)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        medians = np.nan_to_num(np.nanmedian(X.astype(np.float64), axis=0), nan=0.0)
+    filled = np.where(np.isnan(X), medians, X).astype(np.float64)
+    scales = filled.std(axis=0)
+    for got, want in zip((pre.medians, pre.means, pre.scales),
+                         (medians, filled.mean(axis=0), np.where(scales > 1e-12, scales, 1.0)), strict=True):
+        assert np.array_equal(got, want)  # bit for bit
+    z = np.clip((np.where(np.isnan(X), medians.astype(np.float32), X) - pre.means) / pre.scales, -Z_LIMIT, Z_LIMIT)
+    assert np.array_equal(pre.transform(X), z.astype(np.float32))
 
 
 def _csv_bytes(header: bytes, frame: pd.DataFrame) -> bytes:

@@ -15,9 +15,10 @@ import yaml
 from typer.testing import CliRunner
 
 from budgetalloc.data.contract import load_trial, read_table
+from budgetalloc.data.split import split_trial_file
 from budgetalloc.errors import DataError, ParamsError
 from budgetalloc.fit.fit_stream import fit_policy
-from budgetalloc.params import load_params, params_to_dict
+from budgetalloc.params import load_params, params_from_dict, params_to_dict
 from budgetalloc.policy import load_policy, save_policy
 from budgetalloc.progress_line import parse_progress
 from budgetalloc.serve import dashboards
@@ -160,16 +161,21 @@ def test_allocate_stage_writes_the_allocation_and_its_report(stages_run, monkeyp
     assert summary["users_per_arm"] == {f"arm_{arm}": int(n) for arm, n in per_arm.items()}
 
 
-def test_prepare_splits_deterministically_and_keeps_every_column():
+def test_prepare_splits_deterministically_and_keeps_every_column(tmp_path):
     df = simulate_trial(SimulateParams(n_users=500, arm_shares=(0.4, 0.3, 0.1, 0.1, 0.1)), seed=0).frame
-    fit, test = prepare.split_trial(df, test_fraction=0.2, seed=7)
-    assert len(test) == 100 and len(fit) == 400 and list(fit.columns) == list(df.columns)
+    df.to_csv(tmp_path / "trial.csv", index=False)
+    p = params_from_dict({"seed": 5, "data": {"test_fraction": 0.2}})
+    parts = [tmp_path / "fit.parquet", tmp_path / "test.parquet"]
+    assert split_trial_file(tmp_path / "trial.csv", *parts, p) == (400, 100)
+    fit, test = (read_table(part) for part in parts)
+    assert list(fit.columns) == list(df.columns) and list(test.columns) == list(df.columns)
     assert set(fit["user_id"]).isdisjoint(test["user_id"])
     assert set(fit["user_id"]) | set(test["user_id"]) == set(df["user_id"])
-    again, _ = prepare.split_trial(df, test_fraction=0.2, seed=7)
-    pd.testing.assert_frame_equal(fit, again)
+    first = [sha(part) for part in parts]
+    split_trial_file(tmp_path / "trial.csv", *parts, p)
+    assert [sha(part) for part in parts] == first
     with pytest.raises(ParamsError, match="test_fraction"):
-        prepare.split_trial(df, test_fraction=0.0, seed=7)
+        split_trial_file(tmp_path / "trial.csv", *parts, params_from_dict({"data": {"test_fraction": 0.0}}))
 
 
 def test_stage_errors_are_one_line_and_exit_code_2(tmp_path):

@@ -428,6 +428,57 @@ def is_csv_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".csv"
 
 
+#: Rows per Parquet row group of a :class:`TableSink`: pyarrow's default, ``write_table``'s too.
+OUTPUT_ROW_GROUP = 1 << 20
+
+
+class TableSink:
+    """Rows appended in memory (``path`` None), to CSV by pandas, or to Parquet in fixed row groups.
+
+    Rows come as frames, or (Parquet) as Arrow tables of one schema. Row groups of
+    ``row_group_rows`` rows, each one contiguous table, give the bytes ``write_table``
+    gives for the whole table at that row group size; CSV the bytes of ``DataFrame.to_csv``.
+    Not atomic: give it a temporary.
+    """
+
+    def __init__(self, path: Path | None, row_group_rows: int = OUTPUT_ROW_GROUP) -> None:
+        self.path, self.rows, self.pending, self.held, self.out = path, row_group_rows, [], 0, None
+        self.csv = path is not None and is_csv_path(path)
+
+    def write(self, rows: pd.DataFrame | pa.Table) -> None:
+        if self.path is None or self.csv:
+            if self.csv:
+                self.out = self.out or open(self.path, "w", newline="")  # noqa: SIM115 - closed in close()
+                rows.to_csv(self.out, header=self.out.tell() == 0, index=False)
+            else:
+                self.pending.append(rows)
+            return
+        self.pending.append(rows if isinstance(rows, pa.Table) else pa.Table.from_pandas(rows, preserve_index=False))
+        self.held += len(rows)
+        if self.held >= self.rows:
+            self.flush(final=False)
+
+    def flush(self, *, final: bool) -> None:
+        pending = pa.concat_tables(self.pending)
+        whole = pending.num_rows if final else pending.num_rows - pending.num_rows % self.rows
+        rest = pending.slice(whole)  # views of the last pieces only: the others are let go once copied
+        table = pending.slice(0, whole).combine_chunks()
+        del pending
+        self.pending, self.held = ([rest] if rest.num_rows else []), rest.num_rows
+        self.out = self.out or pq.ParquetWriter(self.path, table.schema)
+        self.out.write_table(table, row_group_size=self.rows)
+
+    def close(self, *, complete: bool) -> pd.DataFrame | None:
+        """Write what is pending (``complete``) and close; in memory, the rows as one frame."""
+        if self.path is None:
+            return self.pending[0] if len(self.pending) == 1 else pd.concat(self.pending, ignore_index=True)
+        if complete and self.pending and not self.csv:
+            self.flush(final=True)
+        if self.out is not None:
+            self.out.close()
+        return None
+
+
 def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
     """Write ``df`` to Parquet atomically (no pandas index)."""
     with atomic_path(path) as tmp:

@@ -360,17 +360,18 @@ def _treatment(df: pd.DataFrame, source: str) -> np.ndarray:
     return values.astype(np.int32)
 
 
-def check_arm_counts(counts: np.ndarray, source: str) -> int:
+def check_arm_counts(counts: np.ndarray, source: str, n_arms: int | None = None) -> int:
     """The checks over all rows of a trial: control rows exist and no arm up to the last is empty.
 
     Args:
         counts: rows per arm, ``np.bincount`` of the whole treatment column.
         source: file name used in error messages.
+        n_arms: the arms every one of which must have rows (default: up to the highest present).
 
     Returns:
         The number of arms (the highest arm + 1).
     """
-    n_arms = int(np.flatnonzero(counts)[-1]) + 1
+    n_arms = int(np.flatnonzero(counts)[-1]) + 1 if n_arms is None else n_arms
     if counts[0] == 0:
         raise DataError(f"{source}: no control rows (arm 0) in column '{TREATMENT}'")
     if n_arms == 1:
@@ -551,6 +552,12 @@ def load_population(path: str | Path, feature_names: tuple[str, ...]) -> Populat
     return population_from_frame(read_table(path), feature_names, source=str(path))
 
 
+#: The preprocessor works on blocks of this many columns (fit) and rows (transform), so its
+#: float64 temporaries are a block's, not the matrix's; every value is the same.
+PREPROCESS_COLUMNS = 8
+PREPROCESS_ROWS = 65_536
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """Median imputation then standardisation, fitted on training rows."""
@@ -561,23 +568,25 @@ class Preprocessor:
 
     @classmethod
     def fit(cls, X: np.ndarray) -> Preprocessor:
-        """Learn medians, means and scales from ``X`` (NaN allowed; all-NaN columns get 0)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            medians = np.nanmedian(X.astype(np.float64), axis=0)
-        medians = np.where(np.isnan(medians), 0.0, medians)
-        filled = np.where(np.isnan(X), medians, X).astype(np.float64)
-        means = filled.mean(axis=0)
-        scales = filled.std(axis=0)
-        scales = np.where(scales > 1e-12, scales, 1.0)
-        return cls(medians=medians, means=means, scales=scales)
+        """Learn medians, means and scales from ``X`` (NaN allowed; all-NaN columns get 0).
+
+        Column by column (a block of ``PREPROCESS_COLUMNS`` at a time): each column's
+        median, mean and standard deviation are the whole matrix's reductions.
+        """
+        blocks = [_column_moments(X[:, j:j + PREPROCESS_COLUMNS]) for j in range(0, X.shape[1], PREPROCESS_COLUMNS)]
+        medians, means, scales = (np.concatenate(part) for part in zip(*blocks, strict=True))
+        return cls(medians=medians, means=means, scales=np.where(scales > 1e-12, scales, 1.0))
 
     def transform(self, X: np.ndarray) -> np.ndarray:
-        """Impute NaN with the stored medians and standardise; float32 out."""
-        filled = np.where(np.isnan(X), self.medians.astype(X.dtype), X)
-        z = (filled - self.means) / self.scales  # float64
-        np.clip(z, -Z_LIMIT, Z_LIMIT, out=z)  # the identity but for absurd outliers: float32 stays finite
-        return z.astype(np.float32)
+        """Impute NaN with the stored medians and standardise; float32 out (row blocks, each row on its own)."""
+        out = np.empty(X.shape, dtype=np.float32)
+        for i in range(0, X.shape[0], PREPROCESS_ROWS):
+            block = X[i:i + PREPROCESS_ROWS]
+            z = np.where(np.isnan(block), self.medians.astype(block.dtype), block) - self.means  # float64
+            z /= self.scales
+            np.clip(z, -Z_LIMIT, Z_LIMIT, out=z)  # the identity but for absurd outliers: float32 stays finite
+            out[i:i + PREPROCESS_ROWS] = z
+        return out
 
     def to_json(self) -> dict:
         return {k: getattr(self, k).tolist() for k in ("medians", "means", "scales")}
@@ -585,6 +594,16 @@ class Preprocessor:
     @classmethod
     def from_json(cls, raw: dict) -> Preprocessor:
         return cls(**{k: np.asarray(raw[k], dtype=np.float64) for k in ("medians", "means", "scales")})
+
+
+def _column_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Medians (0 where a column is all missing), means and standard deviations of the columns, in float64."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        medians = np.nanmedian(X.astype(np.float64), axis=0)
+    medians = np.where(np.isnan(medians), 0.0, medians)
+    filled = np.where(np.isnan(X), medians, X)  # float64
+    return medians, filled.mean(axis=0), filled.std(axis=0)
 
 
 def count_missing(X: np.ndarray) -> int:

@@ -7,14 +7,16 @@ Columns that are absent are left out rather than failing here, so the data
 contract's own checks (:mod:`budgetalloc.data.contract`) name them, and read errors are one
 line naming the file.
 
-CSV column types follow pyarrow's inference on the first block, as the in-memory
-reader's do, widened where a later block could need a wider type: integer (or
-empty) feature columns are read as float64. ``user_id`` is read as text and kept
-as int64 only where every id is an int64's canonical text
+CSV column types follow pyarrow's inference on the first block, widened where a
+later block could need a wider type (integer or empty columns are read as
+float64), or are given: a later block that a given type cannot hold raises
+:class:`NarrowType`, so the caller can read again with the next of ``CSV_KINDS``,
+as pyarrow's whole-file reader does. ``user_id`` is read as text and kept as int64
+only where every id is an int64's canonical text
 (:func:`budgetalloc.data.contract.parse_text_ids`); a later batch whose ids parse to
-another type than the first's raises :class:`IdsNotUniform`, so the caller can
-read the file again with the ids as text; a later block's non-numeric feature
-value gets the contract's message. Column names must be unique and UTF-8.
+another type than the first's raises :class:`IdsNotUniform` (read again with the
+ids as text); a later block's non-numeric value gets the contract's message.
+Column names must be unique and UTF-8. Batches are frames, or Arrow tables (``arrow``).
 """
 
 from __future__ import annotations
@@ -53,8 +55,32 @@ _CSV_ERROR = re.compile(r"In CSV column #(\d+).*invalid value '(.*)'")
 STREAM_BATCH_ROWS = 65_536
 
 
+#: The types pyarrow's CSV inference tries, in order: a column gets the first one that holds
+#: every value of the file. The first four are the numeric ones of the contract.
+CSV_KINDS = (pa.null(), pa.int64(), pa.bool_(), pa.float64(), pa.date32(), pa.time32("s"), pa.timestamp("s"),
+             pa.timestamp("ns"), pa.string(), pa.binary())
+NUMERIC_KINDS = CSV_KINDS[:4]
+
+
 class IdsNotUniform(Exception):
     """A later CSV block's user_id does not parse as the first block's type."""
+
+
+class NarrowType(Exception):
+    """A later CSV block has a value that the column's given type cannot hold.
+
+    ``error`` is what the reader reports otherwise (the contract's message for the value).
+    """
+
+    def __init__(self, column: str, error: Exception) -> None:
+        super().__init__(column)
+        self.column, self.error = column, error
+
+
+def wider_kind(kind: pa.DataType) -> pa.DataType | None:
+    """The next of ``CSV_KINDS`` after ``kind`` (text after a type pyarrow infers beyond them; none after binary)."""
+    rest = CSV_KINDS[CSV_KINDS.index(kind) + 1:] if kind in CSV_KINDS else CSV_KINDS[-2:]
+    return rest[0] if rest else None
 
 
 def is_parquet(path: Path) -> bool:
@@ -83,7 +109,7 @@ def parquet_file(path: Path, *, buffered: bool = False) -> pq.ParquetFile:
 
 
 def parquet_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
-                   row_groups: list[int] | None = None) -> Iterator[pd.DataFrame]:
+                   row_groups: list[int] | None = None, arrow: bool = False) -> Iterator[pd.DataFrame]:
     """Batches of exactly ``batch_rows`` rows (the last may be shorter) of the wanted columns.
 
     Columns that are absent are left out, so that the contract's own check names them.
@@ -93,12 +119,14 @@ def parquet_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
     try:
         for batch in source.iter_batches(batch_size=batch_rows, columns=columns,
                                          row_groups=row_groups):
-            yield batch.to_pandas()
+            yield pa.Table.from_batches([batch]) if arrow else batch.to_pandas()
     except (pa.ArrowException, OSError) as err:
         raise unreadable(path, "Parquet", err) from None
+    finally:
+        pa.default_memory_pool().release_unused()  # the pool keeps what a pass freed (about 180 MB at 40 columns)
 
 
-def _csv_header(path: Path) -> pa.Schema:
+def csv_header(path: Path) -> pa.Schema:
     """Column names (checked unique and UTF-8) and the types pyarrow infers from the first block."""
     try:
         check_column_names(csv_column_names(path), str(path))
@@ -125,8 +153,9 @@ def _csv_types(schema: pa.Schema, wanted: list[str]) -> dict[str, pa.DataType]:
     return types
 
 
-def _csv_failure(path: Path, schema: pa.Schema, err: pa.ArrowInvalid) -> Exception:
-    """The contract's error for a value a later block could not convert."""
+def _csv_failure(path: Path, schema: pa.Schema, err: pa.ArrowInvalid,
+                 given: dict[str, pa.DataType] | None) -> Exception:
+    """The contract's error for a value a later block could not convert (:class:`NarrowType` for a given type)."""
     match = _CSV_ERROR.search(str(err))
     if match is None or int(match.group(1)) >= len(schema.names):
         return unreadable(path, "CSV", err)
@@ -134,15 +163,17 @@ def _csv_failure(path: Path, schema: pa.Schema, err: pa.ArrowInvalid) -> Excepti
     if name == USER_ID:  # read as text: only bytes that are not UTF-8 fail
         return DataError(f"{path}: column '{USER_ID}' has a value that is not valid UTF-8 ({value!r})")
     # the contract words the message (the in-memory reader would have read the column as text)
-    return cell_error(name, value, str(path)) or unreadable(path, "CSV", err)
+    error = cell_error(name, value, str(path)) or unreadable(path, "CSV", err)
+    return NarrowType(name, error) if given is not None and name in given else error
 
 
-def csv_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
-               ids_as_text: bool = False) -> Iterator[pd.DataFrame]:
-    """Batches of exactly ``batch_rows`` rows (the last may be shorter) of a CSV file."""
-    schema = _csv_header(path)
+def csv_frames(path: Path, wanted: Iterable[str], *, batch_rows: int, ids_as_text: bool = False,
+               types: dict[str, pa.DataType] | None = None, arrow: bool = False) -> Iterator[pd.DataFrame]:
+    """Batches of exactly ``batch_rows`` rows (the last may be shorter) of a CSV file; ``types`` as given."""
+    schema = csv_header(path)
     columns = [c for c in wanted if c in schema.names]
-    convert = pacsv.ConvertOptions(include_columns=columns, column_types=_csv_types(schema, columns))
+    column_types = _csv_types(schema, columns) if types is None else {**types, USER_ID: pa.string()}
+    convert = pacsv.ConvertOptions(include_columns=columns, column_types=column_types)
     try:
         reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                                 convert_options=convert)
@@ -151,11 +182,13 @@ def csv_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
             if USER_ID in table.schema.names and not ids_as_text:
                 table = _with_batch_ids(table, id_type)
                 id_type = table.schema.field(USER_ID).type
-            yield table.to_pandas()
+            yield table if arrow else table.to_pandas()
     except pa.ArrowInvalid as err:
-        raise _csv_failure(path, schema, err) from None
+        raise _csv_failure(path, schema, err, types) from None
     except (pa.ArrowException, OSError) as err:
         raise unreadable(path, "CSV", err) from None
+    finally:
+        pa.default_memory_pool().release_unused()
 
 
 def _with_batch_ids(table: pa.Table, expected: pa.DataType | None) -> pa.Table:
@@ -199,15 +232,18 @@ def trial_frames(path: Path, feature_names: Iterable[str], *, batch_rows: int,
     return table_frames(path, [*RESERVED, *feature_names], batch_rows=batch_rows, ids_as_text=ids_as_text)
 
 
-def table_frames(path: Path, wanted: Iterable[str], *, batch_rows: int,
-                 ids_as_text: bool = False) -> Iterator[pd.DataFrame]:
-    """The wanted columns of a Parquet or CSV file (those it has) in batches of ``batch_rows``."""
+def table_frames(path: Path, wanted: Iterable[str], *, batch_rows: int, ids_as_text: bool = False,
+                 types: dict[str, pa.DataType] | None = None, arrow: bool = False) -> Iterator[pd.DataFrame]:
+    """The wanted columns of a Parquet or CSV file (those it has) in batches of ``batch_rows``.
+
+    ``types`` (CSV only) are the column types to read with; ``arrow`` yields Arrow tables.
+    """
     check_file(path)
     wanted = list(wanted)
     if is_parquet(path):
-        return parquet_frames(path, wanted, batch_rows=batch_rows)
+        return parquet_frames(path, wanted, batch_rows=batch_rows, arrow=arrow)
     if path.suffix.lower() in (".csv", ".txt", ""):
-        return csv_frames(path, wanted, batch_rows=batch_rows, ids_as_text=ids_as_text)
+        return csv_frames(path, wanted, batch_rows=batch_rows, ids_as_text=ids_as_text, types=types, arrow=arrow)
     raise unsupported_format(path)
 
 

@@ -7,6 +7,9 @@ Parquet or CSV file (:mod:`budgetalloc.data.readers` reads it, with their error
 wording and id handling), a partitioned Parquet dataset (a folder of parts, in name
 order). Invariants: the rows, their order and their ids do not depend on the kind,
 the partitioning or the batch size; ``first_row`` counts from the source's start.
+A CSV file may be read with the column types pyarrow's whole-file reader gives it
+(:meth:`Source.whole_file_types`, then :meth:`Source.again` after a later block
+that a type cannot hold), as a Parquet file is read with its own.
 """
 
 from __future__ import annotations
@@ -16,10 +19,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from budgetalloc.data.contract import check_file, csv_column_names
-from budgetalloc.data.readers import is_parquet, parquet_file, parquet_frames, table_frames
+from budgetalloc.data.contract import USER_ID, check_file, csv_column_names
+from budgetalloc.data.readers import (
+    NUMERIC_KINDS,
+    IdsNotUniform,
+    NarrowType,
+    csv_header,
+    is_parquet,
+    parquet_file,
+    parquet_frames,
+    table_frames,
+    wider_kind,
+)
 from budgetalloc.errors import DataError
+
+ColumnTypes = tuple[tuple[str, pa.DataType], ...]
 
 
 @dataclass(frozen=True)
@@ -31,17 +47,19 @@ class Partition:
     pieces: tuple = ()
     record: object = None  # a validated Population or Trial (in memory)
     ids_as_text: bool = False
+    types: ColumnTypes | None = None  # CSV: the types to read with (None: the readers' own)
 
-    def batches(self, wanted: list[str], batch_rows: int) -> Iterator:
-        """Frames of the wanted columns (those present), or the in-memory record whole."""
+    def batches(self, wanted: list[str], batch_rows: int, *, arrow: bool = False) -> Iterator:
+        """Frames (``arrow``: Arrow tables) of the wanted columns (those present), or the in-memory record whole."""
         if self.record is not None:
             yield self.record
             return
         for path, groups in self.pieces:
             if groups is None:
-                yield from table_frames(path, wanted, batch_rows=batch_rows, ids_as_text=self.ids_as_text)
+                yield from table_frames(path, wanted, batch_rows=batch_rows, ids_as_text=self.ids_as_text,
+                                        types=None if self.types is None else dict(self.types), arrow=arrow)
             else:
-                yield from parquet_frames(path, wanted, batch_rows=batch_rows, row_groups=list(groups))
+                yield from parquet_frames(path, wanted, batch_rows=batch_rows, row_groups=list(groups), arrow=arrow)
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,8 @@ class Source:
     files: tuple[Path, ...] = ()
     record: object = None
     ids_as_text: bool = False  # CSV: read the ids as text (a later block changed their type)
+    types: ColumnTypes | None = None  # CSV: each column's type (None: the readers' own)
+    numeric: frozenset[str] = frozenset()  # CSV columns the contract needs numeric (with ``types``)
 
     @property
     def n(self) -> int:
@@ -59,14 +79,47 @@ class Source:
             return self.record.n
         if self.is_parquet:
             return sum(parquet_file(f).metadata.num_rows for f in self.files)
-        return sum(len(b) for p in self.partitions() for b in p.batches([], 1 << 16))
+        return sum(len(b) for p in self.partitions() for b in p.batches([USER_ID], 1 << 16, arrow=True))
 
     @property
     def columns(self) -> list[str]:
+        """The columns a whole-file read's frame has (a Parquet file's pandas index columns are not among them)."""
         if self.record is not None:
             return ["user_id", *self.record.feature_names]
-        return list(parquet_file(self.files[0]).schema_arrow.names) if self.is_parquet else csv_column_names(
-            self.files[0])
+        if not self.is_parquet:
+            return csv_column_names(self.files[0])
+        schema = parquet_file(self.files[0]).schema_arrow
+        index = (schema.pandas_metadata or {}).get("index_columns", [])
+        return [c for c in schema.names if c not in index]
+
+    def whole_file_types(self, numeric: frozenset[str]) -> Source:
+        """CSV: read each column with the type pyarrow's whole-file reader gives it (Parquet: as it is).
+
+        The first block's inferred types to start with; :meth:`again` widens a column
+        that a later block does not fit. ``numeric`` columns start as float64 where the
+        first block is not numeric, so that the first bad value is the one reported.
+        """
+        if self.record is not None or self.is_parquet:
+            return self
+        schema = csv_header(self.files[0])
+        types = tuple((name, kind if name not in numeric or kind in NUMERIC_KINDS else pa.float64())
+                      for name, kind in zip(schema.names, schema.types))
+        return replace(self, types=types, numeric=numeric)
+
+    def again(self, error: IdsNotUniform | NarrowType) -> Source:
+        """The source to read again after ``error``: ids as text, or the column's type one kind wider.
+
+        Raises:
+            DataError: a numeric column's value that no numeric type holds (``error.error``).
+        """
+        if isinstance(error, IdsNotUniform):
+            return self.text_ids()
+        types = dict(self.types)
+        wider = wider_kind(types[error.column])
+        if wider is None or error.column in self.numeric and wider not in NUMERIC_KINDS:
+            raise error.error
+        types[error.column] = wider
+        return replace(self, types=tuple(types.items()))
 
     @property
     def is_parquet(self) -> bool:
@@ -85,7 +138,8 @@ class Source:
         if self.record is not None:
             return [Partition(self.name, 0, record=self.record)]
         if count is None or not self.is_parquet:
-            return [Partition(self.name, 0, tuple((f, None) for f in self.files), ids_as_text=self.ids_as_text)]
+            return [Partition(self.name, 0, tuple((f, None) for f in self.files), ids_as_text=self.ids_as_text,
+                              types=self.types)]
         groups = [(f, g, m.row_group(g).num_rows) for f in self.files
                   for m in [parquet_file(f).metadata] for g in range(m.num_row_groups) if m.row_group(g).num_rows]
         if not groups:

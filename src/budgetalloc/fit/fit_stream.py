@@ -36,6 +36,7 @@ from budgetalloc.fit.pipeline import (
     train_student_stage,
 )
 from budgetalloc.fit.trial_scan import (
+    HELD,
     HOLDOUT,
     HONEST,
     NETWORK,
@@ -172,18 +173,19 @@ def statistics_pass(trial: RowSource, roles: np.ndarray, scan: Scan, pre: Prepro
     return acc.finalize()
 
 
-def scan_source(trial: RowSource, params: Params, reporter: Reporter) -> tuple[np.ndarray, Scan]:
-    """Every row's roles and pass 1 (:func:`scan_trial`) over a row source."""
+def scan_source(trial: RowSource, params: Params, reporter: Reporter,
+                held_roles: int = HELD) -> tuple[np.ndarray, Scan]:
+    """Every row's roles and pass 1 (:func:`scan_trial`) over a row source, holding the samples of ``held_roles``."""
     reporter.stage("reading")
     roles = row_roles(trial.n, params)
-    return roles, scan_trial(trial, roles)
+    return roles, scan_trial(trial, roles, held_roles)
 
 
-def scan_file(path: str | Path, params: Params, reporter: Reporter, *,
-              batch_rows: int = STREAM_BATCH_ROWS) -> tuple[TrialFile, np.ndarray, Scan]:
-    """Open a Parquet trial and run :func:`scan_source` on it."""
+def scan_file(path: str | Path, params: Params, reporter: Reporter, *, batch_rows: int = STREAM_BATCH_ROWS,
+              held_roles: int = HELD) -> tuple[TrialFile, np.ndarray, Scan]:
+    """Open a Parquet trial and run :func:`scan_source` on it (a stage holds only the samples its step uses)."""
     trial = open_trial(path, params, batch_rows=batch_rows)
-    return (trial, *scan_source(trial, params, reporter))
+    return (trial, *scan_source(trial, params, reporter, held_roles))
 
 
 def train_rows(roles: np.ndarray) -> int:

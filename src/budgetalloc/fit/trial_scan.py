@@ -237,18 +237,18 @@ class Scan:
     """What pass 1 keeps."""
 
     facts: TrialFacts
-    held: Rows  # the samples: preprocessor, network, student
+    held: Rows  # the samples (of ``scan_trial``'s ``held_roles``): preprocessor, network, student
     clip: Rows  # the winsorize bands' sample (outcomes only)
 
 
-def scan_trial(trial: RowSource, roles: np.ndarray) -> Scan:
-    """Pass 1: check every batch, keep the samples; then the checks over all rows.
+def scan_trial(trial: RowSource, roles: np.ndarray, held_roles: int = HELD) -> Scan:
+    """Pass 1: check every batch, keep the samples (those of ``held_roles``); then the checks over all rows.
 
     Raises:
         DataError: the first contract violation, as one line naming file, column and value.
     """
     d = len(trial.feature_names)
-    held = Rows.empty(roles[(roles & HELD) != 0], d, trial.has_propensity)
+    held = Rows.empty(roles[(roles & held_roles) != 0], d, trial.has_propensity)
     clip = Rows.empty(roles[(roles & CLIP) != 0], None, False)
     keys = np.empty(trial.n if trial.needs_id_keys else 0, dtype=np.uint64)
     counts = np.zeros(MAX_ARMS, dtype=np.int64)
@@ -263,7 +263,7 @@ def scan_trial(trial: RowSource, roles: np.ndarray) -> Scan:
         binary = binary and bool(np.isin(cols.response, (0.0, 1.0)).all())
         missing += count_missing(cols.X)
         r = roles[start:end]
-        at_held = held.fill(at_held, cols, (r & HELD) != 0)
+        at_held = held.fill(at_held, cols, (r & held_roles) != 0)
         at_clip = clip.fill(at_clip, cols, (r & CLIP) != 0)
     if end != trial.n:
         raise DataError(f"{trial.source}: the file changed while it was read ({trial.n} rows in its metadata)")

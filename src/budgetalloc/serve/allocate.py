@@ -32,7 +32,7 @@ from budgetalloc.data.readers import (
 )
 from budgetalloc.data.sources import Partition, Source, file_source, memory_source
 from budgetalloc.errors import BudgetallocError, DataError
-from budgetalloc.files import atomic_path, is_csv_path
+from budgetalloc.files import OUTPUT_ROW_GROUP, TableSink, atomic_path, is_csv_path
 from budgetalloc.method.program import AllocationProgram, ProgramSolution
 from budgetalloc.models.distill import predict_clusters
 from budgetalloc.models.nn import inference_batch_size
@@ -40,7 +40,6 @@ from budgetalloc.policy import Policy, load_policy
 from budgetalloc.serve.executor import Runner, injected_failure, inline
 
 ALLOCATION_COLUMNS = (USER_ID, "cluster", "treatment", "expected_response", "expected_cost")
-OUTPUT_ROW_GROUP = 1 << 20  # pyarrow's default row group: write_table's too, so the bytes match
 _INT16_MAX = np.iinfo(np.int16).max
 
 
@@ -204,50 +203,6 @@ def classify_source(policy: Policy, source: Source, rows: int, *, run: Runner = 
         return classify_source(policy, source.text_ids(), rows, run=run, ref=ref, partitions=partitions, fn=fn)
 
 
-# -- the one table sink ---------------------------------------------------------------------
-
-
-class TableSink:
-    """Frames appended in memory (``path`` None), to CSV by pandas, or to Parquet in fixed row groups.
-
-    Parquet row groups of ``OUTPUT_ROW_GROUP`` rows, each one contiguous table, give the
-    bytes ``write_table`` gives for the whole frame; CSV the bytes of ``DataFrame.to_csv``.
-    """
-
-    def __init__(self, path: Path | None, row_group_rows: int = OUTPUT_ROW_GROUP) -> None:
-        self.path, self.rows, self.pending, self.held, self.out = path, row_group_rows, [], 0, None
-        self.csv = path is not None and is_csv_path(path)
-
-    def write(self, frame: pd.DataFrame) -> None:
-        if self.path is None or self.csv:
-            if self.csv:
-                self.out = self.out or open(self.path, "w", newline="")  # noqa: SIM115 - closed in close()
-                frame.to_csv(self.out, header=self.out.tell() == 0, index=False)
-            else:
-                self.pending.append(frame)
-            return
-        self.pending.append(pa.Table.from_pandas(frame, preserve_index=False))
-        self.held += len(frame)
-        if self.held >= self.rows:
-            self.flush(final=False)
-
-    def flush(self, *, final: bool) -> None:
-        table = pa.concat_tables(self.pending).combine_chunks()
-        self.out = self.out or pq.ParquetWriter(self.path, table.schema)
-        whole = table.num_rows if final else table.num_rows - table.num_rows % self.rows
-        if whole:
-            self.out.write_table(table.slice(0, whole), row_group_size=self.rows)
-        rest = table.slice(whole)
-        self.pending, self.held = ([rest] if rest.num_rows else []), rest.num_rows
-
-    def close(self, *, complete: bool) -> pd.DataFrame | None:
-        if self.path is None:
-            return self.pending[0] if len(self.pending) == 1 else pd.concat(self.pending, ignore_index=True)
-        if complete and self.pending and not self.csv:
-            self.flush(final=True)
-        if self.out is not None:
-            self.out.close()
-        return None
 
 
 # -- the operation ---------------------------------------------------------------------------

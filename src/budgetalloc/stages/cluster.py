@@ -29,8 +29,7 @@ def main(
     """Fit k-means on the train rows; count every row's cluster."""
     p = stage_params(params)
     reporter = StageReporter()
-    trial, roles, scan = scan_file(data, p, reporter)
-    scan.held = None
+    trial, roles, scan = scan_file(data, p, reporter, held_roles=0)  # no samples: only the checks and facts
     pre, net = read_preprocessor(preprocess), load_representation(model)
     clusters = cluster_pass(trial, roles, pre, net, scan.facts, p, reporter)
     *_, sizes = teacher_pass(trial, roles, pre, net, clusters, p, soft_targets=False)

@@ -15,6 +15,7 @@ import typer
 
 from budgetalloc.files import atomic_directory, write_json
 from budgetalloc.fit.fit_stream import scan_file, student_pass, student_step
+from budgetalloc.fit.trial_scan import STUDENT
 from budgetalloc.method.clustering import load_clusters
 from budgetalloc.models.distill import save_student
 from budgetalloc.models.representation import load_representation
@@ -33,7 +34,7 @@ def main(
     """Train the student on its sample of the non-holdout rows; measure its agreement on the holdout."""
     p = stage_params(params)
     reporter = StageReporter()
-    trial, roles, scan = scan_file(data, p, reporter)
+    trial, roles, scan = scan_file(data, p, reporter, held_roles=STUDENT)
     pre = read_preprocessor(preprocess)
     student, teacher_holdout = student_step(trial, roles, scan, pre, load_representation(model),
                                             load_clusters(clusters), p, reporter)

@@ -99,8 +99,7 @@ def main(
     """Estimate the cluster statistics, solve the budget table, write the policy."""
     p = stage_params(params)
     reporter = StageReporter()
-    trial, roles, scan = scan_file(data, p, reporter)
-    scan.held = None
+    trial, roles, scan = scan_file(data, p, reporter, held_roles=0)  # no samples: only the checks and facts
     pre, net, student_model = read_preprocessor(preprocess), load_representation(model), load_student(student)
     stats, n_users, _, table = budget_step(trial, roles, scan, pre, net, student_model, None, p, reporter)
     n_train = train_rows(roles)

@@ -14,6 +14,7 @@ import typer
 
 from budgetalloc.files import atomic_directory, write_json
 from budgetalloc.fit.fit_stream import representation_step, scan_file, train_rows
+from budgetalloc.fit.trial_scan import NETWORK, PREPROCESS
 from budgetalloc.models.representation import save_representation
 from budgetalloc.stages import PARAMS_FILE, StageReporter, run, stage_params
 
@@ -28,7 +29,7 @@ def main(
     """Fit the preprocessor on its sample and the network on the train rows."""
     p = stage_params(params)
     reporter = StageReporter()
-    trial, roles, scan = scan_file(data, p, reporter)
+    trial, roles, scan = scan_file(data, p, reporter, held_roles=PREPROCESS | NETWORK)
     pre, net = representation_step(roles, scan, p, reporter)
     write_json(pre.to_json(), preprocess)
     with atomic_directory(model) as tmp:
