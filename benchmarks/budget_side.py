@@ -15,7 +15,7 @@ from budgetalloc.data.readers import STREAM_BATCH_ROWS
 from budgetalloc.data.sampling import split_mask
 from budgetalloc.fit import fit_stream as S
 from budgetalloc.fit import pipeline as P
-from budgetalloc.fit.trial_scan import HONEST, MemoryTrial
+from budgetalloc.fit.trial_scan import HONEST, memory_trial
 from budgetalloc.method.program import AllocationProgram
 from budgetalloc.method.statistics import cluster_statistics
 from budgetalloc.models.distill import predict_clusters
@@ -35,7 +35,7 @@ def fit_parts(name: str):
     case = next(c for c in default_cases(n_users=ROWS, quick=False) if c.name == name)
     trial, _, pop = draw_case(case, 0, 1000, 100_000)
     rep = P.Reporter()
-    source = MemoryTrial(trial, STREAM_BATCH_ROWS)
+    source = memory_trial(trial, STREAM_BATCH_ROWS)
     roles, scan = S.scan_source(source, PARAMS, rep)
     pre, model = S.representation_step(roles, scan, PARAMS, rep)
     clusters = S.cluster_pass(source, roles, pre, model, scan.facts, PARAMS, rep)

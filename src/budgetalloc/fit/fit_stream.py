@@ -42,11 +42,10 @@ from budgetalloc.fit.trial_scan import (
     NETWORK,
     PREPROCESS,
     STUDENT,
-    MemoryTrial,
-    RowSource,
     Scan,
     TrialFacts,
-    TrialFile,
+    TrialRows,
+    memory_trial,
     open_trial,
     row_roles,
     scan_trial,
@@ -71,7 +70,7 @@ def _embedded(model: RepresentationModel, Z: np.ndarray, size: int) -> np.ndarra
     return embed(model, padded(Z, size), batch_size=size)[: Z.shape[0]]
 
 
-def _features(trial: RowSource, roles: np.ndarray, pre: Preprocessor, *, train_only: bool = False):
+def _features(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, *, train_only: bool = False):
     """``(Z, roles)`` of every batch's rows (only the train rows' with ``train_only``), in row order."""
     start = 0
     for X in trial.features():
@@ -84,7 +83,7 @@ def _features(trial: RowSource, roles: np.ndarray, pre: Preprocessor, *, train_o
         start = end
 
 
-def cluster_pass(trial: RowSource, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
+def cluster_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
                  facts: TrialFacts, params: Params, reporter: Reporter) -> ClusterModel:
     """Pass 2: k-means on the train rows' embeddings."""
     reporter.stage("clustering")
@@ -100,7 +99,7 @@ def cluster_pass(trial: RowSource, roles: np.ndarray, pre: Preprocessor, model: 
                                 metric=cluster_metric(model, params))
 
 
-def teacher_pass(trial: RowSource, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
+def teacher_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
                  clusters: ClusterModel, params: Params, *, soft_targets: bool = True):
     """Pass 3: every row's teacher cluster.
 
@@ -132,7 +131,7 @@ def teacher_pass(trial: RowSource, roles: np.ndarray, pre: Preprocessor, model: 
     return np.concatenate(student), (np.concatenate(soft) if soft else None), np.concatenate(holdout), sizes
 
 
-def student_pass(trial: RowSource, roles: np.ndarray, pre: Preprocessor, student,
+def student_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, student,
                  teacher_holdout: np.ndarray | None) -> tuple[np.ndarray, float | None]:
     """Every row's student cluster: the rows per cluster, and the agreement with ``teacher_holdout``."""
     size = inference_batch_size(trial.n, STUDENT_BATCH)
@@ -148,7 +147,7 @@ def student_pass(trial: RowSource, roles: np.ndarray, pre: Preprocessor, student
     return sizes, (None if teacher_holdout is None else agree / max(seen, 1))
 
 
-def statistics_pass(trial: RowSource, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
+def statistics_pass(trial: TrialRows, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
                     params: Params) -> ClusterStatistics:
     """Pass 4: statistics on the honest rows grouped by the student."""
     facts = scan.facts
@@ -173,7 +172,7 @@ def statistics_pass(trial: RowSource, roles: np.ndarray, scan: Scan, pre: Prepro
     return acc.finalize()
 
 
-def scan_source(trial: RowSource, params: Params, reporter: Reporter,
+def scan_source(trial: TrialRows, params: Params, reporter: Reporter,
                 held_roles: int = HELD) -> tuple[np.ndarray, Scan]:
     """Every row's roles and pass 1 (:func:`scan_trial`) over a row source, holding the samples of ``held_roles``."""
     reporter.stage("reading")
@@ -182,7 +181,7 @@ def scan_source(trial: RowSource, params: Params, reporter: Reporter,
 
 
 def scan_file(path: str | Path, params: Params, reporter: Reporter, *, batch_rows: int = STREAM_BATCH_ROWS,
-              held_roles: int = HELD) -> tuple[TrialFile, np.ndarray, Scan]:
+              held_roles: int = HELD) -> tuple[TrialRows, np.ndarray, Scan]:
     """Open a Parquet trial and run :func:`scan_source` on it (a stage holds only the samples its step uses)."""
     trial = open_trial(path, params, batch_rows=batch_rows)
     return (trial, *scan_source(trial, params, reporter, held_roles))
@@ -212,7 +211,7 @@ def representation_step(roles: np.ndarray, scan: Scan, params: Params,
     return pre, model
 
 
-def student_step(trial: RowSource, roles: np.ndarray, scan: Scan, pre: Preprocessor, model: RepresentationModel,
+def student_step(trial: TrialRows, roles: np.ndarray, scan: Scan, pre: Preprocessor, model: RepresentationModel,
                  clusters: ClusterModel, params: Params, reporter: Reporter):
     """Pass 3 and the student trained on its sample; returns the student and the holdout's teacher clusters."""
     reporter.stage("distillation")
@@ -223,7 +222,7 @@ def student_step(trial: RowSource, roles: np.ndarray, scan: Scan, pre: Preproces
     return student, teacher_holdout
 
 
-def budget_step(trial: RowSource, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
+def budget_step(trial: TrialRows, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
                 teacher_holdout: np.ndarray | None, params: Params, reporter: Reporter):
     """Pass 4, the student's cluster sizes (and agreement), the budget table: ``(stats, sizes, agreement, table)``."""
     reporter.stage("statistics")
@@ -232,7 +231,7 @@ def budget_step(trial: RowSource, roles: np.ndarray, scan: Scan, pre: Preprocess
     return stats, sizes, agreement, program_stage(stats, sizes, params, reporter)
 
 
-def fit_source(trial: RowSource, params: Params, reporter: Reporter | None = None, *,
+def fit_source(trial: TrialRows, params: Params, reporter: Reporter | None = None, *,
                fit_path: str) -> Policy:
     """Every pass over ``trial`` in one process; the policy's ``summary.fit_path`` is ``fit_path``."""
     reporter = reporter or Reporter()
@@ -270,7 +269,7 @@ def fit_policy(trial: Trial, params: Params, reporter: Reporter | None = None, *
         ``summary["fit_path"] == "in memory"``: the same bytes as :func:`fit_policy_file`
         on the same rows otherwise.
     """
-    return fit_source(MemoryTrial(trial, batch_rows), params, reporter, fit_path="in memory")
+    return fit_source(memory_trial(trial, batch_rows), params, reporter, fit_path="in memory")
 
 
 def fit_policy_file(path: str | Path, params: Params, reporter: Reporter | None = None, *,

@@ -15,14 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
-import pandas as pd
 
 from budgetalloc.data.contract import (
     MAX_ARMS,
     PROPENSITY,
+    RESERVED,
     Trial,
     TrialColumns,
     check_arm_counts,
@@ -32,15 +31,9 @@ from budgetalloc.data.contract import (
     feature_matrix,
     trial_columns,
 )
-from budgetalloc.data.readers import (
-    check_unique_file_ids,
-    id_keys,
-    is_parquet,
-    parquet_file,
-    table_frames,
-    trial_frames,
-)
+from budgetalloc.data.readers import check_unique_file_ids, id_keys, is_parquet, parquet_file
 from budgetalloc.data.sampling import PREPROCESS_SAMPLE, seeded_sample
+from budgetalloc.data.sources import Source, file_source, memory_source
 from budgetalloc.errors import DataError
 from budgetalloc.fit.pipeline import holdout_mask, honest_mask, network_rows, student_sample
 from budgetalloc.method.statistics import clip_sample_rows
@@ -52,88 +45,59 @@ HELD = PREPROCESS | NETWORK | STUDENT  # rows whose features pass 1 keeps
 
 
 @dataclass(frozen=True)
-class TrialFile:
-    """A Parquet trial: its rows (from the metadata), features (from the schema) and batch size."""
+class TrialRows:
+    """A trial as the fit reads it: a :class:`~budgetalloc.data.sources.Source` (a Parquet file, or a
+    validated :class:`~budgetalloc.data.contract.Trial` in memory) in batches of ``batch_rows``.
 
-    path: Path
+    Both kinds yield the same rows, so every pass gives the same result over either (a
+    Trial's propensity is its own column, or each arm's share: the same weights).
+    """
+
+    source: Source
     n: int
     feature_names: tuple[str, ...]
     has_propensity: bool
     batch_rows: int
-    #: pass 1 collects every row's id key for :meth:`check_ids`
-    needs_id_keys: ClassVar[bool] = True
 
     @property
-    def source(self) -> str:
-        return str(self.path)
+    def name(self) -> str:
+        return self.source.name
 
-    def frames(self) -> Iterator[tuple[int, pd.DataFrame]]:
-        """``(first row, batch)`` over the trial's columns, in file order."""
+    @property
+    def needs_id_keys(self) -> bool:
+        """Pass 1 keeps every row's id key for :meth:`check_ids` (a Trial's ids were checked when it was built)."""
+        return self.source.record is None
+
+    def _batches(self, wanted: list[str]) -> Iterator:
+        for batch in self.source.partitions()[0].batches(wanted, self.batch_rows):
+            if isinstance(batch, Trial):
+                yield from (batch.subset(slice(i, i + self.batch_rows)) for i in range(0, batch.n, self.batch_rows))
+            else:
+                yield batch
+
+    def checked(self) -> Iterator[tuple[int, TrialColumns | Trial]]:
+        """``(first row, columns)`` of every batch, through the contract's row-wise checks."""
         start = 0
-        for frame in trial_frames(self.path, self.feature_names, batch_rows=self.batch_rows):
-            yield start, frame
-            start += len(frame)
-
-    def checked(self) -> Iterator[tuple[int, TrialColumns]]:
-        """``(first row, TrialColumns)`` of every batch, through the contract's row-wise checks."""
-        for start, frame in self.frames():
-            yield start, trial_columns(frame, features=self.feature_names, source=self.source, first_row=start)
+        for batch in self._batches([*RESERVED, *self.feature_names]):
+            cols = batch if isinstance(batch, Trial) else trial_columns(
+                batch, features=self.feature_names, source=self.name, first_row=start)
+            yield start, cols
+            start += cols.treatment.shape[0]
 
     def features(self) -> Iterator[np.ndarray]:
-        """The feature matrix of every batch, in file order (only the feature columns are read)."""
-        for frame in table_frames(self.path, self.feature_names, batch_rows=self.batch_rows):
-            yield feature_matrix(frame, self.feature_names, self.source)
+        """The feature matrix of every batch, in row order (only the feature columns are read)."""
+        for batch in self._batches(list(self.feature_names)):
+            yield batch.X if isinstance(batch, Trial) else feature_matrix(batch, self.feature_names, self.name)
 
     def check_ids(self, keys: np.ndarray) -> None:
         """Ids unique over the whole file, from every row's key (:func:`check_unique_file_ids`)."""
-        check_unique_file_ids(self.path, keys, batch_rows=self.batch_rows)
+        if self.needs_id_keys:
+            check_unique_file_ids(self.source.files[0], keys, batch_rows=self.batch_rows)
 
 
-@dataclass(frozen=True)
-class MemoryTrial:
-    """A validated in-memory :class:`~budgetalloc.data.contract.Trial` as a row source, in batches of ``batch_rows``.
-
-    It yields what a :class:`TrialFile` of the same rows yields, so every pass gives
-    the same result over either (the propensity column is the trial's own, which is
-    each arm's share where the table had none: the same weights).
-    """
-
-    trial: Trial
-    batch_rows: int
-    has_propensity: bool = True
-    needs_id_keys: ClassVar[bool] = False  # the Trial's ids are checked already
-
-    @property
-    def n(self) -> int:
-        return self.trial.n
-
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        return self.trial.feature_names
-
-    @property
-    def source(self) -> str:
-        return self.trial.source
-
-    def _blocks(self) -> Iterator[tuple[int, slice]]:
-        for start in range(0, self.n, self.batch_rows):
-            yield start, slice(start, start + self.batch_rows)
-
-    def checked(self) -> Iterator[tuple[int, TrialColumns]]:
-        t = self.trial
-        for start, rows in self._blocks():
-            yield start, TrialColumns(t.user_id[rows], t.treatment[rows], t.response[rows], t.cost[rows],
-                                      t.X[rows], t.feature_names, t.propensity[rows])
-
-    def features(self) -> Iterator[np.ndarray]:
-        for _, rows in self._blocks():
-            yield self.trial.X[rows]
-
-    def check_ids(self, keys: np.ndarray) -> None:
-        """Nothing to do: the ids were checked when the :class:`Trial` was built."""
-
-
-RowSource = TrialFile | MemoryTrial
+def memory_trial(trial: Trial, batch_rows: int) -> TrialRows:
+    """A validated in-memory trial as the fit's row source."""
+    return TrialRows(memory_source(trial), trial.n, trial.feature_names, True, batch_rows)
 
 
 def parquet_rows(path: str | Path) -> int | None:
@@ -143,8 +107,8 @@ def parquet_rows(path: str | Path) -> int | None:
     return parquet_file(path).metadata.num_rows if is_parquet(path) else None
 
 
-def open_trial(path: str | Path, params: Params, *, batch_rows: int) -> TrialFile:
-    """The :class:`TrialFile` of a Parquet trial, with the contract's checks on its columns.
+def open_trial(path: str | Path, params: Params, *, batch_rows: int) -> TrialRows:
+    """A Parquet trial as the fit's row source, with the contract's checks on its columns.
 
     Raises:
         DataError: not a readable Parquet file, no rows, or missing feature columns.
@@ -157,7 +121,7 @@ def open_trial(path: str | Path, params: Params, *, batch_rows: int) -> TrialFil
         raise DataError(f"{path}: table has no rows")
     empty = parquet_file(path).schema_arrow.empty_table().to_pandas()
     names = feature_columns(empty, params.data.features, str(path))
-    return TrialFile(path, n, names, PROPENSITY in empty.columns, batch_rows)
+    return TrialRows(file_source(path), n, names, PROPENSITY in empty.columns, batch_rows)
 
 
 def row_roles(n: int, params: Params) -> np.ndarray:
@@ -241,7 +205,7 @@ class Scan:
     clip: Rows  # the winsorize bands' sample (outcomes only)
 
 
-def scan_trial(trial: RowSource, roles: np.ndarray, held_roles: int = HELD) -> Scan:
+def scan_trial(trial: TrialRows, roles: np.ndarray, held_roles: int = HELD) -> Scan:
     """Pass 1: check every batch, keep the samples (those of ``held_roles``); then the checks over all rows.
 
     Raises:
@@ -266,8 +230,8 @@ def scan_trial(trial: RowSource, roles: np.ndarray, held_roles: int = HELD) -> S
         at_held = held.fill(at_held, cols, (r & held_roles) != 0)
         at_clip = clip.fill(at_clip, cols, (r & CLIP) != 0)
     if end != trial.n:
-        raise DataError(f"{trial.source}: the file changed while it was read ({trial.n} rows in its metadata)")
-    n_arms = check_arm_counts(counts, trial.source)
+        raise DataError(f"{trial.name}: the file changed while it was read ({trial.n} rows in its metadata)")
+    n_arms = check_arm_counts(counts, trial.name)
     trial.check_ids(keys)
     facts = TrialFacts(trial.n, n_arms, trial.feature_names, binary, counts[:n_arms], missing)
     return Scan(facts, held, clip)
