@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from budgetalloc.data.contract import COST, RESPONSE, TREATMENT, USER_ID, check_column_names
 from budgetalloc.errors import DataError
-from budgetalloc.files import atomic_path
+from budgetalloc.files import TableSink, atomic_path
 
 BLOCK_BYTES = 4 << 20  # Arrow reads up to 32 blocks ahead: at most ~128 MB in flight
 ROW_GROUP_ROWS = 1 << 18
@@ -339,37 +339,6 @@ class _Tally:
             raise DataError(f"{source}: arm {int(empty[0])} has no rows in column '{TREATMENT}'")
 
 
-class _Sink:
-    """Incremental Parquet (or CSV) writer that buffers blocks into row groups."""
-
-    def __init__(self, path: Path, as_csv: bool, row_group_rows: int = ROW_GROUP_ROWS) -> None:
-        self.path, self.as_csv, self.row_group_rows = path, as_csv, row_group_rows
-        self.writer, self.pending = None, []
-
-    def write(self, table: pa.Table) -> None:
-        self.pending.append(table)
-        if sum(t.num_rows for t in self.pending) >= self.row_group_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        table = pa.concat_tables(self.pending)
-        self.pending = []
-        if self.writer is None:
-            self.writer = (pacsv.CSVWriter(self.path, table.schema) if self.as_csv
-                           else pq.ParquetWriter(self.path, table.schema))
-        if self.as_csv:
-            self.writer.write_table(table)
-        else:
-            self.writer.write_table(table, row_group_size=table.num_rows)
-
-    def close(self) -> None:
-        """Close the file; blocks not yet flushed are dropped (used on errors too)."""
-        if self.writer is not None:
-            self.writer.close()
-
-
 def import_dataset(dataset: str, src: str | Path, out: str | Path, options: ImportOptions | None = None,
                    *, block_bytes: int = BLOCK_BYTES, row_group_rows: int = ROW_GROUP_ROWS) -> ImportSummary:
     """Map a local public dataset file into a trial file, streaming and atomically.
@@ -380,7 +349,7 @@ def import_dataset(dataset: str, src: str | Path, out: str | Path, options: Impo
         out: trial file to write: Parquet, or CSV when the suffix is ``.csv``.
         options: response/cost choices (see :class:`ImportOptions`).
         block_bytes: CSV block size read at a time (Arrow reads up to 32 ahead).
-        row_group_rows: blocks are buffered into Parquet row groups of this many rows.
+        row_group_rows: Parquet row groups of this many rows.
 
     Returns:
         An :class:`ImportSummary`.
@@ -397,18 +366,18 @@ def import_dataset(dataset: str, src: str | Path, out: str | Path, options: Impo
     mapper, tally, start = MAPPERS[dataset], _Tally(n_arms), 0
     batches = read_batches(src, LAYOUTS[dataset], block_bytes=block_bytes)  # checks the header now
     with atomic_path(out) as tmp:
-        sink = _Sink(tmp, out.suffix.lower() == ".csv", row_group_rows)
+        sink, complete = TableSink(tmp, row_group_rows), False
         try:
             for batch in batches:
                 if batch.num_rows == 0:
                     continue
                 cols = mapper(batch, start, opts, str(src))
                 tally.add(cols)
-                sink.write(pa.table(cols))
+                sink.write(pd.DataFrame(cols))
                 start += batch.num_rows
-            sink.flush()
+            complete = True
         finally:
-            sink.close()
+            sink.close(complete=complete)
         tally.check(str(src))
     return ImportSummary(dataset, out, start, tuple(int(r) for r in tally.rows),
                          tuple(tally.response / tally.rows), tuple(tally.cost / tally.rows),
