@@ -22,7 +22,6 @@ from budgetalloc.commands import fit_path
 from budgetalloc.data.contract import load_trial
 from budgetalloc.errors import DataError
 from budgetalloc.fit.fit_stream import fit_policy, fit_policy_file
-from budgetalloc.fit.pipeline import holdout_mask, honest_mask, network_rows, student_sample
 from budgetalloc.fit.trial_scan import (
     CLIP,
     HOLDOUT,
@@ -30,7 +29,11 @@ from budgetalloc.fit.trial_scan import (
     NETWORK,
     PREPROCESS,
     STUDENT,
+    holdout_mask,
+    honest_mask,
+    network_rows,
     row_roles,
+    student_sample,
 )
 from budgetalloc.method.statistics import clip_sample_rows
 from budgetalloc.params import SimulateParams, params_from_dict

@@ -1,6 +1,6 @@
 """The streamed ``prepare`` split: the same parts as the whole-table split, in bounded memory.
 
-The reference is the whole-file reader and ``split_rows`` (what ``prepare`` did before it
+The reference is the whole-file reader and ``split_mask`` (what ``prepare`` did before it
 read in batches); batches here are a few dozen rows and CSV blocks a few kilobytes, so
 every check that spans batches or blocks is exercised.
 """
@@ -27,7 +27,6 @@ from budgetalloc.data.sampling import split_mask
 from budgetalloc.data.split import TEST_SEED_OFFSET, split_trial_file
 from budgetalloc.errors import DataError
 from budgetalloc.files import write_parquet
-from budgetalloc.fit.pipeline import split_rows
 from budgetalloc.params import params_from_dict
 from budgetalloc.stages import prepare, stage_app
 from budgetalloc.studies.simulate import SimulateParams, simulate_trial
@@ -45,11 +44,11 @@ def trial_frame(n: int = 600, seed: int = 0) -> pd.DataFrame:
 
 
 def whole_split(path: Path, p) -> list[pd.DataFrame]:
-    """The parts as the whole-table split wrote them: read whole, validated, ``split_rows``, ``write_parquet``."""
+    """The parts as the whole-table split wrote them: read whole, validated, ``split_mask``, ``write_parquet``."""
     df = read_table(path)
     trial_from_frame(df, features=p.data.features, source=str(path))
-    rows = split_rows(len(df), honest_fraction=p.data.test_fraction, seed=p.seed + TEST_SEED_OFFSET)
-    return [df.iloc[r].reset_index(drop=True) for r in rows]
+    test = split_mask(len(df), fraction=p.data.test_fraction, seed=p.seed + TEST_SEED_OFFSET)
+    return [df[rows].reset_index(drop=True) for rows in (~test, test)]
 
 
 def ids_in(path: Path) -> pa.DataType:
@@ -146,7 +145,7 @@ def test_the_parts_of_a_plain_trial_are_the_bytes_write_parquet_wrote(tmp_path):
         assert sha(got) == sha(tmp_path / "want.parquet")
 
 
-def test_the_test_part_is_split_rows_second_part(tmp_path):
+def test_the_test_part_is_the_split_mask(tmp_path):
     df = trial_frame(n=1000)
     p = params()
     fit, test = split(_csv(df, tmp_path / "t.csv"), tmp_path, p, batch_rows=77)

@@ -15,12 +15,8 @@ TRAIN_SAMPLE, STUDENT_SAMPLE, PREPROCESS_SAMPLE, CLIP_SAMPLE = 1, 2, 3, 4
 
 
 def split_mask(n: int, *, fraction: float, seed: int) -> np.ndarray:
-    """A seeded bool mask marking ``round(n * fraction)`` of ``n`` rows.
-
-    The permutation is the one :func:`budgetalloc.fit.pipeline.split_rows` cuts: the
-    marked rows are its second part. Memory: the permutation, 8 bytes a row, while
-    it is cut.
-    """
+    """A seeded bool mask marking ``round(n * fraction)`` of ``n`` rows: the first ones of a seeded
+    permutation (8 bytes a row while it is cut)."""
     perm = np.random.default_rng(seed).permutation(n)
     mask = np.zeros(n, dtype=bool)
     mask[perm[: round(n * fraction)]] = True

@@ -1,7 +1,7 @@
 """A trial file's seeded fit and test parts, written as it is read in batches.
 
-The test part is the rows ``fit.pipeline.split_rows`` gives as its second part for the
-row count (``data.test_fraction``, ``seed + 2``: independent of the honest split, ``seed``,
+The test part is the rows ``sampling.split_mask`` marks for the row count
+(``data.test_fraction``, ``seed + 2``: independent of the honest split, ``seed``,
 and the student's holdout, ``seed + 1``). The trial is read once (a CSV is counted
 first); each batch gets the contract's row-wise checks and its rows go to both parts'
 temporaries; then the checks over all rows (ids unique, arms, every arm in both parts)

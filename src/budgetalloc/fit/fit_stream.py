@@ -27,13 +27,8 @@ from budgetalloc.fit.pipeline import (
     Reporter,
     assemble_policy,
     cluster_k,
-    cluster_metric,
     fit_summary,
-    missing_note,
-    network_rows_note,
     program_stage,
-    train_network,
-    train_student_stage,
 )
 from budgetalloc.fit.trial_scan import (
     HELD,
@@ -58,9 +53,15 @@ from budgetalloc.method.clustering import (
     fit_clusters_batches,
 )
 from budgetalloc.method.statistics import ClusterStatistics, StatisticsAccumulator, winsorize_bands
-from budgetalloc.models.distill import fixed_shape_clusters
+from budgetalloc.models.distill import fixed_shape_clusters, train_student
 from budgetalloc.models.nn import inference_batch_size
-from budgetalloc.models.representation import RepresentationModel, embed, predict_outcomes
+from budgetalloc.models.representation import (
+    RepresentationModel,
+    embed,
+    predict_outcomes,
+    task_metric,
+    train_representation,
+)
 from budgetalloc.params import Params
 from budgetalloc.policy import Policy
 
@@ -95,8 +96,11 @@ def cluster_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: 
         train_rows = ((Z,) for Z, _ in _features(trial, roles, pre, train_only=True))
         return (_embedded(model, Z, size) for (Z,) in fixed_blocks(train_rows, size))
 
+    def metric(rows):  # cluster.metric "task": distances in the metric the task heads induce
+        return task_metric(model, rows, rank=params.cluster.metric_rank, seed=params.seed)
+
     return fit_clusters_batches(batches, n_rows=n_train, k=k, params=params.cluster, seed=params.seed,
-                                metric=cluster_metric(model, params))
+                                metric=metric if params.cluster.metric == "task" else None)
 
 
 def teacher_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
@@ -199,15 +203,16 @@ def representation_step(roles: np.ndarray, scan: Scan, params: Params,
     reporter.stage("representation")
     pre = Preprocessor.fit(held.X[held.having(PREPROCESS)])
     if facts.missing:
-        reporter.note(missing_note(facts.missing))
-    n_train = train_rows(roles)
-    net = held.having(NETWORK)
+        reporter.note(f"{facts.missing} missing feature values imputed with training medians")
+    n_train, net = train_rows(roles), held.having(NETWORK)
     if np.count_nonzero(net) < n_train:
-        reporter.note(network_rows_note(int(np.count_nonzero(net)), n_train))
-    model = train_network(pre.transform(held.X[net]), held.treatment[net], held.response[net], held.cost[net],
-                          facts.ipw(held.treatment[net], None if held.propensity is None else held.propensity[net]),
-                          n_arms=facts.n_arms, binary_response=facts.binary_response, params=params,
-                          reporter=reporter)
+        reporter.note(f"train.max_rows: the network learns from a seeded sample of {np.count_nonzero(net)} "
+                      f"of the {n_train} train rows")
+    model = train_representation(
+        pre.transform(held.X[net]), held.treatment[net], held.response[net], held.cost[net],
+        facts.ipw(held.treatment[net], None if held.propensity is None else held.propensity[net]),
+        n_arms=facts.n_arms, binary_response=facts.binary_response, params=params.train, seed=params.seed,
+        progress=reporter.epoch_callback("representation", params.train.epochs))
     return pre, model
 
 
@@ -217,8 +222,9 @@ def student_step(trial: TrialRows, roles: np.ndarray, scan: Scan, pre: Preproces
     reporter.stage("distillation")
     labels, soft, teacher_holdout, _ = teacher_pass(trial, roles, pre, model, clusters, params)
     chosen = scan.held.having(STUDENT)
-    student = train_student_stage(pre.transform(scan.held.X[chosen]), labels, soft, n_clusters=clusters.k,
-                                  params=params, reporter=reporter)
+    student = train_student(pre.transform(scan.held.X[chosen]), labels, n_clusters=clusters.k, params=params.distill,
+                            seed=params.seed, soft_targets=soft,
+                            progress=reporter.epoch_callback("distillation", params.distill.epochs))
     return student, teacher_holdout
 
 

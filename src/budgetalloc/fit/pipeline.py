@@ -13,12 +13,10 @@ from collections.abc import Callable
 import numpy as np
 
 from budgetalloc.data.contract import Preprocessor, Trial
-from budgetalloc.data.sampling import STUDENT_SAMPLE, TRAIN_SAMPLE, capped, split_mask
 from budgetalloc.method.clustering import effective_k
 from budgetalloc.method.program import AllocationProgram, solve_budget_table
 from budgetalloc.method.statistics import ClusterStatistics
-from budgetalloc.models.distill import StudentModel, train_student
-from budgetalloc.models.representation import RepresentationModel, task_metric, train_representation
+from budgetalloc.models.distill import StudentModel
 from budgetalloc.params import Params
 from budgetalloc.policy import Policy
 
@@ -52,53 +50,6 @@ class Reporter:
         return lambda epoch, metrics: self.epoch(stage, epoch, total, metrics)
 
 
-def split_rows(n: int, *, honest_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, honest) row indices, each sorted (the honest rows: :func:`~budgetalloc.data.sampling.split_mask`)."""
-    honest = split_mask(n, fraction=honest_fraction, seed=seed)
-    return np.flatnonzero(~honest), np.flatnonzero(honest)
-
-
-def honest_mask(n: int, params: Params) -> np.ndarray:
-    """Which of ``n`` trial rows are honest: ``data.honest_fraction``, ``seed``."""
-    return split_mask(n, fraction=params.data.honest_fraction, seed=params.seed)
-
-
-def holdout_mask(n: int, params: Params) -> np.ndarray:
-    """Which of ``n`` trial rows the student never sees: ``distill.holdout_fraction``, ``seed + 1``."""
-    return split_mask(n, fraction=params.distill.holdout_fraction, seed=params.seed + 1)
-
-
-def student_sample(rows: np.ndarray, params: Params) -> np.ndarray:
-    """The rows the student learns from: a seeded sample of at most ``distill.max_rows`` of ``rows``."""
-    return capped(rows, params.distill.max_rows, (params.seed, STUDENT_SAMPLE))
-
-
-def network_rows(train_idx: np.ndarray, params: Params) -> np.ndarray:
-    """The train rows the network learns from: a seeded sample of at most ``train.max_rows``."""
-    return capped(train_idx, params.train.max_rows, (params.seed, TRAIN_SAMPLE))
-
-
-def missing_note(missing: int) -> str:
-    return f"{missing} missing feature values imputed with training medians"
-
-
-def network_rows_note(rows: int, train_rows: int) -> str:
-    return f"train.max_rows: the network learns from a seeded sample of {rows} of the {train_rows} train rows"
-
-
-def train_network(Z, treatment, response, cost, ipw, *, n_arms: int, binary_response: bool, params: Params,
-                  reporter: Reporter) -> RepresentationModel:
-    """The multi-task network on the (preprocessed) rows given."""
-    return train_representation(
-        Z, treatment, response, cost, ipw,
-        n_arms=n_arms,
-        binary_response=binary_response,
-        params=params.train,
-        seed=params.seed,
-        progress=reporter.epoch_callback("representation", params.train.epochs),
-    )
-
-
 def cluster_k(*, n_honest: int, n_arms: int, params: Params, reporter: Reporter) -> int:
     """K for the honest rows available (:func:`~budgetalloc.method.clustering.effective_k`), with a note when lowered."""
     k = effective_k(params.cluster.k, n_honest, n_arms, rows_per_cell=MIN_HONEST_ROWS_PER_CELL)
@@ -108,27 +59,6 @@ def cluster_k(*, n_honest: int, n_arms: int, params: Params, reporter: Reporter)
             f"about {MIN_HONEST_ROWS_PER_CELL} rows per (cluster, arm) cell at K={k}"
         )
     return k
-
-
-def cluster_metric(model: RepresentationModel, params: Params):
-    """The ``metric`` argument of :func:`~budgetalloc.method.clustering.fit_clusters` for ``cluster.metric``."""
-    if params.cluster.metric != "task":
-        return None
-    return lambda rows: task_metric(model, rows, rank=params.cluster.metric_rank, seed=params.seed)
-
-
-def train_student_stage(Z_train, labels_train, soft: np.ndarray | None, *, n_clusters: int, params: Params,
-                        reporter: Reporter) -> StudentModel:
-    """The student on the teacher's clusters (and soft targets, if any) of the rows given."""
-    return train_student(
-        Z_train,
-        labels_train,
-        n_clusters=n_clusters,
-        params=params.distill,
-        seed=params.seed,
-        soft_targets=soft,
-        progress=reporter.epoch_callback("distillation", params.distill.epochs),
-    )
 
 
 def budget_scale(n_users: np.ndarray, stats: ClusterStatistics) -> float:

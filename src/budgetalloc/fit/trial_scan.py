@@ -32,10 +32,16 @@ from budgetalloc.data.contract import (
     trial_columns,
 )
 from budgetalloc.data.readers import check_unique_file_ids, id_keys, is_parquet, parquet_file
-from budgetalloc.data.sampling import PREPROCESS_SAMPLE, seeded_sample
+from budgetalloc.data.sampling import (
+    PREPROCESS_SAMPLE,
+    STUDENT_SAMPLE,
+    TRAIN_SAMPLE,
+    capped,
+    seeded_sample,
+    split_mask,
+)
 from budgetalloc.data.sources import Source, file_source, memory_source
 from budgetalloc.errors import DataError
-from budgetalloc.fit.pipeline import holdout_mask, honest_mask, network_rows, student_sample
 from budgetalloc.method.statistics import clip_sample_rows
 from budgetalloc.params import Params
 
@@ -122,6 +128,26 @@ def open_trial(path: str | Path, params: Params, *, batch_rows: int) -> TrialRow
     empty = parquet_file(path).schema_arrow.empty_table().to_pandas()
     names = feature_columns(empty, params.data.features, str(path))
     return TrialRows(file_source(path), n, names, PROPENSITY in empty.columns, batch_rows)
+
+
+def honest_mask(n: int, params: Params) -> np.ndarray:
+    """Which of ``n`` trial rows are honest: ``data.honest_fraction``, ``seed``."""
+    return split_mask(n, fraction=params.data.honest_fraction, seed=params.seed)
+
+
+def holdout_mask(n: int, params: Params) -> np.ndarray:
+    """Which of ``n`` trial rows the student never sees: ``distill.holdout_fraction``, ``seed + 1``."""
+    return split_mask(n, fraction=params.distill.holdout_fraction, seed=params.seed + 1)
+
+
+def student_sample(rows: np.ndarray, params: Params) -> np.ndarray:
+    """The rows the student learns from: a seeded sample of at most ``distill.max_rows`` of ``rows``."""
+    return capped(rows, params.distill.max_rows, (params.seed, STUDENT_SAMPLE))
+
+
+def network_rows(train_idx: np.ndarray, params: Params) -> np.ndarray:
+    """The train rows the network learns from: a seeded sample of at most ``train.max_rows``."""
+    return capped(train_idx, params.train.max_rows, (params.seed, TRAIN_SAMPLE))
 
 
 def row_roles(n: int, params: Params) -> np.ndarray:
