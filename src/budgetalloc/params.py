@@ -150,11 +150,11 @@ class DistillParams(_Section):
     """The student classifier used for serving (stage 5)."""
 
     hidden: int = Field(256, ge=4)
-    epochs: int = Field(50, ge=1)
+    epochs: int = Field(20, ge=1)
     batch_size: int = Field(2048, ge=1)
-    learning_rate: float = Field(3e-3, gt=0.0)
+    learning_rate: float = Field(1e-2, gt=0.0)
     schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="cosine: the learning rate decays to 0 along a cosine over the epochs"
+        "cosine", description="cosine: the learning rate decays to 0 along a cosine over the epochs"
     )
     soft_temperature: float = Field(
         0.0, ge=0.0, description="0: hard labels; >0: soft targets from centroid distances"
