@@ -52,6 +52,34 @@ def markdown_image(png: bytes, alt: str) -> str:
     return f"![{alt}]({data_uri(png)})"
 
 
+def curve_frame(table: list[dict], users: int | None = None) -> pd.DataFrame:
+    """A budget table as a curve: level, budget, expected response and spend, per user (or totals for
+    ``users`` users, with the budget per user too), and the solver status."""
+    scale = users or 1
+    cols = {"level": [r["level"] for r in table],
+            "budget": [r["budget_per_user"] * scale for r in table],
+            "expected_response": [r["expected_response_per_user"] * scale for r in table],
+            "expected_spend": [r["expected_cost_per_user"] * scale for r in table]}
+    if users:
+        cols["budget_per_user"] = [r["budget_per_user"] for r in table]
+    return pd.DataFrame(cols | {"status": [r["status"] for r in table]})
+
+
+def cluster_frame(stats, sizes: np.ndarray, counts: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per cluster: size, estimated response and cost under every arm; with the program's (K, M)
+    ``counts``, the arm most users get and the users given each arm, else the honest rows."""
+    k, m = stats.response.shape
+    cols = {"cluster": np.arange(k), "size": np.asarray(sizes, dtype=np.int64)}
+    if counts is None:
+        cols["honest_rows"] = stats.counts.sum(axis=1)
+    cols.update({f"response_arm_{j}": stats.response[:, j] for j in range(m)})
+    cols.update({f"cost_arm_{j}": stats.cost[:, j] for j in range(m)})
+    if counts is not None:
+        cols["chosen_arm"] = np.argmax(counts, axis=1)
+        cols.update({f"users_arm_{j}": counts[:, j] for j in range(m)})
+    return pd.DataFrame(cols)
+
+
 def budget_curve_png(curve: pd.DataFrame, *, title: str, unit: str) -> bytes:
     """Expected response and expected spend against the budget (columns ``budget``,
     ``expected_response``, ``expected_spend``), side by side; ``unit`` labels the axes."""

@@ -14,55 +14,24 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import pandas as pd
 import typer
 
 from budgetalloc.commands import run_allocate
 from budgetalloc.files import atomic_files, write_json, write_table
 from budgetalloc.fit.pipeline import Reporter, program_stage
-from budgetalloc.policy import Policy, load_policy
+from budgetalloc.policy import load_policy
 from budgetalloc.serve.allocate import Allocation
-from budgetalloc.serve.dashboards import budget_curve_png, clusters_png, write_png
+from budgetalloc.serve.dashboards import (
+    budget_curve_png,
+    cluster_frame,
+    clusters_png,
+    curve_frame,
+    write_png,
+)
 from budgetalloc.stages import PARAMS_FILE, run, stage_params
 
-AnyAllocation = Allocation  # in memory or written to a file: the same type
 
-
-def population_curve_frame(policy: Policy, n_users: np.ndarray) -> pd.DataFrame:
-    """Totals for this population at the policy's budget levels: budget, expected response and spend."""
-    table = program_stage(policy.statistics, n_users, policy.params, Reporter())
-    total = int(n_users.sum())
-    return pd.DataFrame(
-        {
-            "level": [row["level"] for row in table],
-            "budget": [row["budget_per_user"] * total for row in table],
-            "expected_response": [row["expected_response_per_user"] * total for row in table],
-            "expected_spend": [row["expected_cost_per_user"] * total for row in table],
-            "budget_per_user": [row["budget_per_user"] for row in table],
-            "status": [row["status"] for row in table],
-        }
-    )
-
-
-def allocation_clusters_frame(policy: Policy, allocation: AnyAllocation) -> pd.DataFrame:
-    """One row per cluster: users, per-arm estimates, users given each arm, and the arm most of them get.
-
-    The users per (cluster, arm) are the program's counts, which the allocation's
-    rows follow exactly (arms are taken in file order up to them), so the rows are
-    not read back.
-    """
-    s = policy.statistics
-    k, m = s.response.shape
-    counts = np.asarray(allocation.solution.counts, dtype=np.int64)
-    cols: dict[str, np.ndarray] = {"cluster": np.arange(k), "size": counts.sum(axis=1)}
-    cols.update({f"response_arm_{j}": s.response[:, j] for j in range(m)})
-    cols.update({f"cost_arm_{j}": s.cost[:, j] for j in range(m)})
-    cols["chosen_arm"] = np.argmax(counts, axis=1)
-    cols.update({f"users_arm_{j}": counts[:, j] for j in range(m)})
-    return pd.DataFrame(cols)
-
-
-def allocation_summary(allocation: AnyAllocation, users: Path) -> dict:
+def allocation_summary(allocation: Allocation, users: Path) -> dict:
     """The scenario's totals: budget, expected spend and response, users per arm, solver status.
 
     Users per arm lists the arms given to at least one user.
@@ -98,7 +67,9 @@ def main(
     summary = allocation_summary(allocation, users)
     with atomic_files(reports) as tmp:
         write_json(summary, tmp / "summary.json")
-        curve, clusters = population_curve_frame(fitted, n_users), allocation_clusters_frame(fitted, allocation)
+        table = program_stage(fitted.statistics, n_users, fitted.params, Reporter())
+        counts = np.asarray(allocation.solution.counts, dtype=np.int64)
+        curve, clusters = curve_frame(table, int(n_users.sum())), cluster_frame(fitted.statistics, counts.sum(axis=1), counts)
         write_table(curve, tmp / "budget_curve.csv")
         write_table(clusters, tmp / "clusters.csv")
         name = f"{users.name} ({summary['users']} users), budget {summary['budget']:.6g}"

@@ -17,19 +17,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import pandas as pd
 import typer
 
 from budgetalloc.files import write_table
 from budgetalloc.fit.fit_stream import budget_step, scan_file, train_rows
 from budgetalloc.fit.pipeline import assemble_policy, fit_summary
-from budgetalloc.method.statistics import ClusterStatistics
 from budgetalloc.models.distill import load_student
 from budgetalloc.models.representation import load_representation
 from budgetalloc.params import AllocateParams, Params
 from budgetalloc.policy import save_policy
-from budgetalloc.serve.dashboards import budget_curve_png, chosen_arms, clusters_png, write_png
+from budgetalloc.serve.dashboards import (
+    budget_curve_png,
+    chosen_arms,
+    cluster_frame,
+    clusters_png,
+    curve_frame,
+    write_png,
+)
 from budgetalloc.stages import (
     PARAMS_FILE,
     StageReporter,
@@ -43,32 +48,6 @@ from budgetalloc.stages import (
 def policy_params(params: Params) -> Params:
     """``params`` with the scenario keys (``allocate.budget``, ``allocate.users``) at their defaults."""
     return params.model_copy(update={"allocate": AllocateParams(batch_size=params.allocate.batch_size)})
-
-
-def budget_curve_frame(table: list[dict]) -> pd.DataFrame:
-    """The budget table as a curve, per user: level, budget, expected response and spend, status."""
-    return pd.DataFrame(
-        {
-            "level": [row["level"] for row in table],
-            "budget": [row["budget_per_user"] for row in table],
-            "expected_response": [row["expected_response_per_user"] for row in table],
-            "expected_spend": [row["expected_cost_per_user"] for row in table],
-            "status": [row["status"] for row in table],
-        }
-    )
-
-
-def cluster_frame(stats: ClusterStatistics, sizes: np.ndarray) -> pd.DataFrame:
-    """One row per cluster: size, honest rows, estimated response and cost under every arm."""
-    k, m = stats.response.shape
-    cols: dict[str, np.ndarray] = {
-        "cluster": np.arange(k),
-        "size": np.asarray(sizes, dtype=np.int64),
-        "honest_rows": stats.counts.sum(axis=1),
-    }
-    cols.update({f"response_arm_{j}": stats.response[:, j] for j in range(m)})
-    cols.update({f"cost_arm_{j}": stats.cost[:, j] for j in range(m)})
-    return pd.DataFrame(cols)
 
 
 def write_pictures(curve: pd.DataFrame, clusters: pd.DataFrame, table: list[dict], curve_plot: Path,
@@ -117,10 +96,10 @@ def main(
     policy = assemble_policy(scan.facts, policy_params(p), preprocessor=pre, student=student_model,
                              statistics=stats, budget_table=table, summary=summary)
     save_policy(policy, out)
-    curve_frame, cluster_table = budget_curve_frame(table), cluster_frame(stats, n_users)
-    write_table(curve_frame, curve)
+    curve_table, cluster_table = curve_frame(table), cluster_frame(stats, n_users)
+    write_table(curve_table, curve)
     write_table(cluster_table, clusters)
-    write_pictures(curve_frame, cluster_table, table, curve_plot, clusters_plot)
+    write_pictures(curve_table, cluster_table, table, curve_plot, clusters_plot)
     print(f"policy: K={policy.k}, {len(table)} budget levels -> {out}")
 
 
