@@ -154,16 +154,18 @@ def evaluate(
     data: Annotated[Path, typer.Option("--data", help="held-out RCT trial file")],
     out: Annotated[Path, typer.Option("--out", help="directory for metrics.json and curve.png")],
 ) -> None:
-    """Evaluate a policy on a held-out trial: IPS cost curve with CIs, AUCC, plot."""
+    """Evaluate a policy on a held-out trial: IPS cost curve with CIs, multi-arm Qini curve, AUCC, plot."""
     from budgetalloc.commands import run_evaluate
 
     metrics = run_evaluate(policy_dir=policy, data=data, out=out)
-    table = Table(title=f"Policy on {metrics['n_test']} held-out users (AUCC {metrics['aucc']:.4f})")
-    for col in ("budget", "spend/user", "95% CI", "response/user", "95% CI", "solver"):
+    table = Table(title=f"Policy on {metrics['n_test']} held-out users (AUCC {metrics['aucc']:.4f}, "
+                        f"Qini mean gain {metrics['qini_mean_gain']:.4g})")
+    for col in ("budget", "spend/user", "95% CI", "response/user", "95% CI", "gain over control", "solver"):
         table.add_column(col, justify="right")
     for r in metrics["curve"]:
         table.add_row(f"{r['budget']:.6g}", f"{r['cost']:.4g}", f"{r['cost_lo']:.4g}..{r['cost_hi']:.4g}",
-                      f"{r['response']:.4g}", f"{r['response_lo']:.4g}..{r['response_hi']:.4g}", r["status"])
+                      f"{r['response']:.4g}", f"{r['response_lo']:.4g}..{r['response_hi']:.4g}",
+                      f"{r['qini_gain']:.4g} ± {1.96 * r['qini_gain_se']:.2g}", r["status"])
     console.print(table)
     console.print(f"wrote {out / 'metrics.json'} and {out / 'curve.png'}")
 
