@@ -13,11 +13,13 @@ separate processes, the largest sum of RSS over the process tree sampled every
 share the machine. Writes ``reports/scale.json`` and ``reports/scale.md``.
 
     python benchmarks/scale.py [--workdir /tmp/budgetalloc-scale] [--steps data,fit,allocate,in_memory,program,dask]
+                               [--baseline-src OTHER_CHECKOUT/src]
 
 ``fit_paths`` fits the same Parquet trial (``--fit-rows`` x 40, 1M by default) twice
 through the CLI, streamed (``fit --stream``) and whole in memory (``--no-stream``),
 and checks that the two policies hold the same bytes (all but the summary's
-``fit_path`` and the manifest that hashes it).
+``fit_path`` and the manifest that hashes it). ``--baseline-src`` runs each fit first
+with another checkout's code (before / after in one run, on the same load).
 
 ``in_memory`` runs the previous whole-file path at 1M users (``in_memory_10m`` adds
 10M: about 15 GiB) and checks that the streaming output has the same bytes.
@@ -51,6 +53,7 @@ from budgetalloc.studies.simulate import simulate_population, simulate_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "budgetalloc.cli.app"]
+ENTRY = [sys.executable, "-c", "from budgetalloc.cli import main; main()"]  # the console script, any layout
 CHUNK_ROWS = 1 << 20  # rows simulated at once; also the population's row group
 
 
@@ -132,13 +135,13 @@ def _rss(proc: psutil.Process) -> int:
         return 0
 
 
-def measured(cmd: list[str], *, cwd: Path) -> dict:
+def measured(cmd: list[str], *, cwd: Path, env: dict | None = None) -> dict:
     """Run ``cmd``; wall time, the kernel's peak RSS of its largest process, sampled tree RSS, load."""
     timing = cwd / ".time"
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(timing), *cmd], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     sampler = TreeSampler(proc.pid)
     output, _ = proc.communicate()
     wall = time.perf_counter() - start
@@ -199,16 +202,33 @@ def same_policy(a: Path, b: Path) -> bool:
     return True
 
 
-def step_fit_paths(work: Path, trial: Path) -> dict:
-    """``budgetalloc fit`` on one Parquet trial, streamed and in memory (default params)."""
-    out = {}
+def step_fit_paths(work: Path, trial: Path, baseline: Path | None = None) -> dict:
+    """``budgetalloc fit`` on one Parquet trial, streamed and in memory (default params).
+
+    With ``baseline`` (the ``src`` folder of another checkout), each fit runs first with
+    that code on the import path, then with this one: before and after in the same run.
+    """
+    out: dict = {"baseline": {"source": baseline_name(baseline)}} if baseline else {}
     for name, flag in (("streamed", "--stream"), ("in_memory", "--no-stream")):
-        result = measured([*CLI, "fit", "--data", str(trial), "--out", f"policy-{name}", flag], cwd=work)
+        if baseline:
+            env = os.environ | {"PYTHONPATH": str(baseline)}
+            result = measured([*ENTRY, "fit", "--data", str(trial), "--out", f"baseline-{name}", flag],
+                              cwd=work, env=env)
+            out["baseline"][name] = result | {"rows": json.loads(
+                (work / f"baseline-{name}" / "summary.json").read_text())["rows"]}
+        result = measured([*ENTRY, "fit", "--data", str(trial), "--out", f"policy-{name}", flag], cwd=work)
         summary = json.loads((work / f"policy-{name}" / "summary.json").read_text())
         out[name] = result | {"rows": summary["rows"], "fit_path": summary["fit_path"], "k": summary["k"],
                               "student_agreement": summary["student_agreement"]}
     out["identical_policy"] = same_policy(work / "policy-streamed", work / "policy-in_memory")
     return out
+
+
+def baseline_name(src: Path) -> str:
+    """The commit of the checkout that holds ``src``, or the folder when it is no git checkout."""
+    found = subprocess.run(["git", "-C", str(src), "log", "-1", "--format=%h %s"], check=False,
+                           capture_output=True, text=True)
+    return found.stdout.strip()[:80] if found.returncode == 0 else str(src)
 
 
 def step_allocate(work: Path, users: Path, n_users: int, *, extra: list[str] = (), out: str) -> dict:
@@ -334,6 +354,9 @@ def markdown(results: dict) -> str:
         if r is not None:
             how = "streamed (--stream)" if name == "streamed" else "whole in memory (--no-stream)"
             lines.append(_row(f"fit from Parquet, {how}, {r['rows']:,} trial rows x 40", r))
+            before = results["fit_paths"].get("baseline", {}).get(name)
+            if before is not None:
+                lines.append(_row(f"same, before: {results['fit_paths']['baseline']['source']}", before))
     for name, r in _by_users(results.get("allocate", {})):
         lines.append(_row(f"allocate {name} ({r['users']:,} users x 40)", r))
     for name, r in _by_users(results.get("in_memory", {})):
@@ -376,6 +399,8 @@ def main(
              "previous whole-file path at 10M users (about 15 GiB); 'report' only rewrites the report")] = "data,fit,allocate,in_memory,program,dask",
     reports: Annotated[Path, typer.Option(help="where scale.json and scale.md go")] = ROOT / "reports",
     fit_rows: Annotated[int, typer.Option(help="trial rows of the fit_paths step (x 40 features)")] = 1_000_000,
+    baseline_src: Annotated[Path | None, typer.Option(
+        help="fit_paths: also fit with this src folder of another checkout first (before / after)")] = None,
 ) -> None:
     """Run the scale benchmark steps and write ``reports/scale.json`` and ``reports/scale.md``."""
     chosen = set(steps.split(","))
@@ -396,7 +421,7 @@ def main(
     if "fit_paths" in chosen:
         source = trial if fit_rows == 1_000_000 else workdir / f"trial-{fit_rows}.parquet"
         write_trial(source, fit_rows, 40, seed=0)
-        results["fit_paths"] = step_fit_paths(workdir, source)
+        results["fit_paths"] = step_fit_paths(workdir, source, baseline_src)
         print("fit_paths", results["fit_paths"])
     if "allocate" in chosen:
         results["allocate"] = {
