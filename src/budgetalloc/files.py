@@ -27,7 +27,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -435,19 +435,21 @@ OUTPUT_ROW_GROUP = 1 << 20
 class TableSink:
     """Rows appended in memory (``path`` None), to CSV by pandas, or to Parquet in fixed row groups.
 
-    Rows come as frames, or (Parquet) as Arrow tables of one schema. Row groups of
+    Rows come as frames, or as Arrow tables of one schema. Row groups of
     ``row_group_rows`` rows, each one contiguous table, give the bytes ``write_table``
     gives for the whole table at that row group size; CSV the bytes of ``DataFrame.to_csv``.
-    Not atomic: give it a temporary.
+    Not atomic: :func:`table_sink` gives it a temporary and the format of the output.
     """
 
-    def __init__(self, path: Path | None, row_group_rows: int = OUTPUT_ROW_GROUP) -> None:
+    def __init__(self, path: Path | None, row_group_rows: int = OUTPUT_ROW_GROUP, *,
+                 csv: bool = False) -> None:
         self.path, self.rows, self.pending, self.held, self.out = path, row_group_rows, [], 0, None
-        self.csv = path is not None and is_csv_path(path)
+        self.csv, self.frame = csv, None
 
     def write(self, rows: pd.DataFrame | pa.Table) -> None:
         if self.path is None or self.csv:
             if self.csv:
+                rows = rows.to_pandas() if isinstance(rows, pa.Table) else rows
                 self.out = self.out or open(self.path, "w", newline="")  # noqa: SIM115 - closed in close()
                 rows.to_csv(self.out, header=self.out.tell() == 0, index=False)
             else:
@@ -468,15 +470,40 @@ class TableSink:
         self.out = self.out or pq.ParquetWriter(self.path, table.schema)
         self.out.write_table(table, row_group_size=self.rows)
 
-    def close(self, *, complete: bool) -> pd.DataFrame | None:
-        """Write what is pending (``complete``) and close; in memory, the rows as one frame."""
+    def close(self, *, complete: bool) -> None:
+        """Write what is pending (``complete``) and close; in memory, keep the rows as ``frame``."""
         if self.path is None:
-            return self.pending[0] if len(self.pending) == 1 else pd.concat(self.pending, ignore_index=True)
+            if complete:
+                one = len(self.pending) == 1
+                self.frame = self.pending[0] if one else pd.concat(self.pending, ignore_index=True)
+            return
         if complete and self.pending and not self.csv:
             self.flush(final=True)
         if self.out is not None:
             self.out.close()
-        return None
+
+
+@contextmanager
+def table_sinks(*outs: str | Path | None,
+                rows: int = OUTPUT_ROW_GROUP) -> Iterator[tuple[TableSink, ...]]:
+    """A :class:`TableSink` per output (None: in memory), all in place once the block ends.
+
+    Each format follows its output's suffix (CSV for ``.csv``, Parquet otherwise),
+    not its temporary's. Every sink is closed before the first rename; on an error
+    nothing is written.
+    """
+    with ExitStack() as stack:
+        temps = [None if out is None else stack.enter_context(atomic_path(out)) for out in outs]
+        sinks = tuple(TableSink(tmp, rows, csv=tmp is not None and is_csv_path(out))
+                      for tmp, out in zip(temps, outs))
+        try:
+            yield sinks
+        except BaseException:
+            for sink in sinks:
+                sink.close(complete=False)
+            raise
+        for sink in sinks:
+            sink.close(complete=True)
 
 
 def write_parquet(df: pd.DataFrame, path: str | Path) -> None:

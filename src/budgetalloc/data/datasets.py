@@ -29,7 +29,7 @@ import pyarrow.csv as pacsv
 
 from budgetalloc.data.contract import COST, RESPONSE, TREATMENT, USER_ID, check_column_names
 from budgetalloc.errors import DataError
-from budgetalloc.files import TableSink, atomic_path
+from budgetalloc.files import table_sinks
 
 BLOCK_BYTES = 4 << 20  # Arrow reads up to 32 blocks ahead: at most ~128 MB in flight
 ROW_GROUP_ROWS = 1 << 18
@@ -365,19 +365,14 @@ def import_dataset(dataset: str, src: str | Path, out: str | Path, options: Impo
     n_arms = {"criteo": 2, "hillstrom": 3, "mt-lift": len(opts.arm_costs)}[dataset]
     mapper, tally, start = MAPPERS[dataset], _Tally(n_arms), 0
     batches = read_batches(src, LAYOUTS[dataset], block_bytes=block_bytes)  # checks the header now
-    with atomic_path(out) as tmp:
-        sink, complete = TableSink(tmp, row_group_rows), False
-        try:
-            for batch in batches:
-                if batch.num_rows == 0:
-                    continue
-                cols = mapper(batch, start, opts, str(src))
-                tally.add(cols)
-                sink.write(pd.DataFrame(cols))
-                start += batch.num_rows
-            complete = True
-        finally:
-            sink.close(complete=complete)
+    with table_sinks(out, rows=row_group_rows) as (sink,):
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            cols = mapper(batch, start, opts, str(src))
+            tally.add(cols)
+            sink.write(pd.DataFrame(cols))
+            start += batch.num_rows
         tally.check(str(src))
     return ImportSummary(dataset, out, start, tuple(int(r) for r in tally.rows),
                          tuple(tally.response / tally.rows), tuple(tally.cost / tally.rows),

@@ -32,7 +32,7 @@ from budgetalloc.data.readers import (
 )
 from budgetalloc.data.sources import Partition, Source, file_source, memory_source
 from budgetalloc.errors import BudgetallocError, DataError
-from budgetalloc.files import OUTPUT_ROW_GROUP, TableSink, atomic_path, is_csv_path
+from budgetalloc.files import OUTPUT_ROW_GROUP, is_csv_path, table_sinks
 from budgetalloc.method.program import AllocationProgram, ProgramSolution
 from budgetalloc.models.distill import predict_clusters
 from budgetalloc.models.nn import inference_batch_size
@@ -235,23 +235,19 @@ def allocate(policy: Policy, source: Source, budget, out: str | Path | None = No
     ids = [c for p in parts for c in p.ids]
     check_unique_ids(np.concatenate([id_keys(c) for c in ids]), lambda: ids, source.name)
     solution = program_for(policy).solve(sizes, budget)
-    sink, spend, offsets, complete = TableSink(None if out is None else Path(out), row_group_rows), 0.0, None, False
-    with atomic_path(out) if out is not None else nullcontext() as tmp:
-        sink.path = tmp
-        try:
-            for part in parts:  # offsets run on across partitions: the prefix sums of their sizes
-                for ids, clusters in zip(part.ids, part.clusters):
-                    clusters = clusters.astype(np.int32)
-                    arms, offsets = arms_in_file_order(clusters, solution.counts, offsets)
-                    frame = allocation_frame(policy, ids_as_numpy(ids), clusters, arms)
-                    spend += float(frame["expected_cost"].sum())
-                    sink.write(frame)
-            check_spend(spend, budget)
-            complete = True
-        finally:
-            held = sink.close(complete=complete)
+    spend, offsets = 0.0, None
+    with table_sinks(out, rows=row_group_rows) as (sink,):
+        for part in parts:  # offsets run on across partitions: the prefix sums of their sizes
+            for ids, clusters in zip(part.ids, part.clusters):
+                clusters = clusters.astype(np.int32)
+                arms, offsets = arms_in_file_order(clusters, solution.counts, offsets)
+                frame = allocation_frame(policy, ids_as_numpy(ids), clusters, arms)
+                spend += float(frame["expected_cost"].sum())
+                sink.write(frame)
+        check_spend(spend, budget)
     return Allocation(solution=solution, budget=budget, unspent=unspent_budget(policy, sizes, budget),
-                      cluster_sizes=sizes, spend=spend, path=None if out is None else Path(out), held=held,
+                      cluster_sizes=sizes, spend=spend, path=None if out is None else Path(out),
+                      held=sink.frame,
                       run_counts={"classify": tuple(p.run_count for p in parts)})
 
 
