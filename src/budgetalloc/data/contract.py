@@ -13,7 +13,7 @@ training medians it stores (and the count is reported), then standardises.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,6 +42,7 @@ MIN_PROPENSITY = 1e-6
 #: Standardised features are clipped to this many standard deviations (float32 stays finite).
 Z_LIMIT = 1e6
 _CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,18})$"
+CSV_SUFFIXES = (".csv", ".txt", "")
 
 
 @dataclass(frozen=True)
@@ -71,19 +72,8 @@ class Trial:
 
     def subset(self, index: np.ndarray) -> Trial:
         """The rows at ``index`` (a bool mask or integer array) as a new Trial."""
-        return Trial(
-            user_id=self.user_id[index],
-            X=self.X[index],
-            treatment=self.treatment[index],
-            response=self.response[index],
-            cost=self.cost[index],
-            propensity=self.propensity[index],
-            feature_names=self.feature_names,
-            n_arms=self.n_arms,
-            arm_shares=self.arm_shares,
-            binary_response=self.binary_response,
-            source=self.source,
-        )
+        rows = ("user_id", "X", "treatment", "response", "cost", "propensity")
+        return replace(self, **{name: getattr(self, name)[index] for name in rows})
 
 
 @dataclass(frozen=True)
@@ -131,23 +121,26 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def _read_arrow(path: Path) -> pa.Table:
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    suffix = path.suffix.lower()
+    parquet = is_parquet(path)
+    if not parquet and path.suffix.lower() not in CSV_SUFFIXES:
+        raise unsupported_format(path)
     try:
-        if magic == b"PAR1" or suffix in (".parquet", ".pq"):
+        if parquet:
             table = pq.read_table(path)
             check_column_names(table.schema.names, str(path))
             return table
-        if suffix in (".csv", ".txt", ""):
-            names = csv_column_names(path)
-            check_column_names(names, str(path))
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={USER_ID: pa.string()}))
-            return with_parsed_ids(table)
+        check_column_names(csv_column_names(path), str(path))
+        table = pacsv.read_csv(path, convert_options=ids_as_text())
+        return with_parsed_ids(table)
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as err:
-        kind = "Parquet" if magic == b"PAR1" or suffix in (".parquet", ".pq") else "CSV"
-        raise unreadable(path, kind, err) from None
-    raise unsupported_format(path)
+        raise unreadable(path, "Parquet" if parquet else "CSV", err) from None
+
+
+def is_parquet(path: Path) -> bool:
+    """Parquet by magic bytes or suffix (else CSV, by a suffix in ``CSV_SUFFIXES``)."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    return magic == b"PAR1" or path.suffix.lower() in (".parquet", ".pq")
 
 
 def unreadable(path: Path, kind: str, err: Exception) -> DataError:
@@ -174,11 +167,16 @@ def csv_column_names(path: Path) -> list[str]:
         raise DataError(f"{path}: the header is not valid UTF-8 (byte {header[err.start:err.start + 1]!r} at "
                         f"offset {err.start}); save the file as UTF-8") from None
     reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 20),
-                            convert_options=pacsv.ConvertOptions(column_types={USER_ID: pa.string()}))
+                            convert_options=ids_as_text())
     try:
         return list(reader.schema.names)
     finally:
         reader.close()
+
+
+def ids_as_text() -> pacsv.ConvertOptions:
+    """CSV conversion options that read ``user_id`` as text (for :func:`parse_text_ids`)."""
+    return pacsv.ConvertOptions(column_types={USER_ID: pa.string()})
 
 
 def check_column_names(names: list[str], source: str) -> None:
@@ -217,6 +215,15 @@ def with_parsed_ids(table: pa.Table) -> pa.Table:
 def _case_variant(name: str, columns) -> str | None:
     """A column that differs from the reserved ``name`` only in case or spaces, if any."""
     return next((c for c in columns if isinstance(c, str) and c != name and c.strip().lower() == name), None)
+
+
+def _require(df: pd.DataFrame, names, source: str) -> None:
+    """Every reserved column of ``names`` is present, or an error naming the first missing one."""
+    for name in names:
+        if name not in df.columns:
+            variant = _case_variant(name, df.columns)
+            hint = f" (found {variant!r}: names are case-sensitive)" if variant is not None else ""
+            raise DataError(f"{source}: missing column '{name}'{hint}")
 
 
 def feature_columns(df: pd.DataFrame, features: tuple[str, ...] | None, source: str) -> tuple[str, ...]:
@@ -304,10 +311,7 @@ def user_ids(df: pd.DataFrame, source: str, first_row: int = 0) -> np.ndarray:
             type that would not come out as it went in (floats, booleans, dates,
             bytes), or repeats an id (naming the first repeat in row order).
     """
-    if USER_ID not in df.columns:
-        variant = _case_variant(USER_ID, df.columns)
-        hint = f" (found {variant!r}: names are case-sensitive)" if variant is not None else ""
-        raise DataError(f"{source}: missing column '{USER_ID}'{hint}")
+    _require(df, (USER_ID,), source)
     ids = df[USER_ID]
     missing = ids.isna().to_numpy()
     if missing.any():
@@ -446,11 +450,7 @@ def trial_columns(df: pd.DataFrame, *, features: tuple[str, ...] | None = None, 
         The :class:`TrialColumns`. A reader of batches checks the rest over all rows:
         ids unique across batches, :func:`check_arm_counts`, :func:`arm_propensity`.
     """
-    for name in TRIAL_COLUMNS:
-        if name not in df.columns:
-            variant = _case_variant(name, df.columns)
-            hint = f" (found {variant!r}: names are case-sensitive)" if variant is not None else ""
-            raise DataError(f"{source}: missing column '{name}'{hint}")
+    _require(df, TRIAL_COLUMNS, source)
     ids = user_ids(df, source, first_row)
     t = _treatment(df, source)
     if whole:
@@ -505,20 +505,11 @@ def trial_from_frame(
         raise DataError(f"{source}: table has no rows")
     cols = trial_columns(df, features=features, source=source, whole=True)
     counts = np.bincount(cols.treatment)
-    shares = counts / cols.treatment.shape[0]
-    return Trial(
-        user_id=cols.user_id,
-        X=cols.X,
-        treatment=cols.treatment,
-        response=cols.response,
-        cost=cols.cost,
-        propensity=arm_propensity(cols.treatment, counts) if cols.propensity is None else cols.propensity,
-        feature_names=cols.feature_names,
-        n_arms=len(counts),
-        arm_shares=tuple(float(s) for s in shares),
-        binary_response=bool(np.isin(cols.response, (0.0, 1.0)).all()),
-        source=source,
-    )
+    if cols.propensity is None:
+        cols = cols._replace(propensity=arm_propensity(cols.treatment, counts))
+    shares = tuple(float(s) for s in counts / cols.treatment.shape[0])
+    return Trial(**cols._asdict(), n_arms=len(counts), arm_shares=shares,
+                 binary_response=bool(np.isin(cols.response, (0.0, 1.0)).all()), source=source)
 
 
 def load_trial(path: str | Path, *, features: tuple[str, ...] | None = None) -> Trial:
@@ -604,11 +595,6 @@ def _column_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     medians = np.where(np.isnan(medians), 0.0, medians)
     filled = np.where(np.isnan(X), medians, X)  # float64
     return medians, filled.mean(axis=0), filled.std(axis=0)
-
-
-def count_missing(X: np.ndarray) -> int:
-    """Number of missing feature values (these get imputed)."""
-    return int(np.isnan(X).sum())
 
 
 def arm_summary(trial: Trial) -> pd.DataFrame:

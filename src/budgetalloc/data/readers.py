@@ -22,11 +22,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from budgetalloc.data.contract import (
+    CSV_SUFFIXES,
     USER_ID,
     cell_error,
     check_column_names,
     check_file,
     csv_column_names,
+    ids_as_text,
+    is_parquet,
     parse_text_ids,
     unreadable,
     unsupported_format,
@@ -68,13 +71,6 @@ def wider_kind(kind: pa.DataType) -> pa.DataType | None:
     return rest[0] if rest else None
 
 
-def is_parquet(path: Path) -> bool:
-    """Parquet by magic bytes or suffix, as :func:`budgetalloc.data.contract.read_table` decides."""
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    return magic == b"PAR1" or path.suffix.lower() in (".parquet", ".pq")
-
-
 def parquet_file(path: Path, *, buffered: bool = False) -> pq.ParquetFile:
     """Open a Parquet file, with one-line errors; ``buffered`` reads column chunks piecewise."""
     try:
@@ -111,7 +107,7 @@ def csv_header(path: Path) -> pa.Schema:
     try:
         check_column_names(csv_column_names(path), str(path))
         reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                                convert_options=pacsv.ConvertOptions(column_types={USER_ID: pa.string()}))
+                                convert_options=ids_as_text())
     except (pa.ArrowException, OSError) as err:
         raise unreadable(path, "CSV", err) from None
     schema = reader.schema
@@ -210,7 +206,7 @@ def table_frames(path: Path, wanted: Iterable[str], *, batch_rows: int, ids_as_t
     wanted = list(wanted)
     if is_parquet(path):
         return parquet_frames(path, wanted, batch_rows=batch_rows, arrow=arrow)
-    if path.suffix.lower() in (".csv", ".txt", ""):
+    if path.suffix.lower() in CSV_SUFFIXES:
         return csv_frames(path, wanted, batch_rows=batch_rows, ids_as_text=ids_as_text, types=types, arrow=arrow)
     raise unsupported_format(path)
 

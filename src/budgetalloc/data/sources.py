@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from budgetalloc.data.contract import USER_ID, check_file, csv_column_names
+from budgetalloc.data.contract import USER_ID, check_file, csv_column_names, is_parquet
 from budgetalloc.data.readers import (
     NUMERIC_KINDS,
     IdsNotUniform,
     NarrowType,
     csv_header,
-    is_parquet,
     parquet_file,
     parquet_frames,
     table_frames,
