@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
 
 from budgetalloc.data.contract import arm_summary, load_trial, trial_from_frame
-from budgetalloc.files import atomic_path, check_distinct, is_csv_path, probe_writable, write_frame
+from budgetalloc.files import check_distinct, probe_writable, write_tables
 from budgetalloc.params import load_params, with_overrides
 from budgetalloc.studies.simulate import simulate_population, simulate_trial, truth_frame
 
@@ -38,15 +37,8 @@ def run_simulate(
         frames.append(pop.frame)
         if truth is not None:
             frames.append(truth_frame(pop))
-    write_all(dict(zip(targets, frames)))
+    write_tables(dict(zip(targets, frames)))
     return arm_summary(trial_from_frame(world.frame, source=str(out)))
-
-
-def write_all(frames: dict[Path, pd.DataFrame]) -> None:
-    """Write several tables so that all appear, or none: each is renamed into place only once all are written."""
-    with ExitStack() as stack:
-        for path, frame in frames.items():
-            write_frame(frame, stack.enter_context(atomic_path(path)), as_csv=is_csv_path(path))
 
 
 def fit_path(data: Path, params, stream: bool | None) -> str:

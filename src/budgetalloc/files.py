@@ -415,14 +415,6 @@ def atomic_files(directory: str | Path) -> Iterator[Path]:
 # -- writers -------------------------------------------------------------------------------
 
 
-def write_frame(df: pd.DataFrame, path: Path, *, as_csv: bool) -> None:
-    """Write ``df`` to ``path`` as CSV or Parquet (no index, not atomic: give it a temporary)."""
-    if as_csv:
-        df.to_csv(path, index=False)
-    else:
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
-
-
 def is_csv_path(path: str | Path) -> bool:
     """Outputs are CSV by suffix, Parquet otherwise."""
     return Path(path).suffix.lower() == ".csv"
@@ -506,16 +498,23 @@ def table_sinks(*outs: str | Path | None,
             sink.close(complete=True)
 
 
-def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
-    """Write ``df`` to Parquet atomically (no pandas index)."""
-    with atomic_path(path) as tmp:
-        write_frame(df, tmp, as_csv=False)
+def write_tables(frames: dict[Path, pd.DataFrame]) -> None:
+    """Write tables (Parquet, or CSV by suffix; no index) so that all appear or none.
+
+    Each is renamed into place only once all are written.
+    """
+    with ExitStack() as stack:
+        for path, df in frames.items():
+            tmp = stack.enter_context(atomic_path(path))
+            if is_csv_path(path):
+                df.to_csv(tmp, index=False)
+            else:
+                pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> None:
     """Write ``df`` atomically as Parquet, or CSV when the suffix is ``.csv``."""
-    with atomic_path(path) as tmp:
-        write_frame(df, tmp, as_csv=is_csv_path(path))
+    write_tables({path: df})
 
 
 def write_json(obj, path: str | Path) -> None:
