@@ -92,19 +92,16 @@ def check_budget(budget) -> float:
     return value
 
 
-def compiled_rows(batch_size: int) -> int:
-    """Rows per compiled student call (and per read batch) for a requested batch size."""
-    return inference_batch_size(batch_size, batch_size)
+def pass_rows(policy: Policy, source: Source, batch_size: int | None = None) -> int:
+    """Rows per read batch and compiled student call of a pass over ``source``: ``batch_size``,
+    else the policy's ``allocate.batch_size`` in memory or ``STREAM_BATCH_ROWS`` from a file."""
+    default = STREAM_BATCH_ROWS if source.record is None else policy.params.allocate.batch_size
+    return inference_batch_size(batch_size or default, batch_size or default)
 
 
 def classify(policy: Policy, X: np.ndarray, rows: int) -> np.ndarray:
     """Cluster id per row: impute, standardise, one student forward pass of ``rows``-row calls."""
     return predict_clusters(policy.student, policy.preprocessor.transform(X), batch_size=rows)
-
-
-def population_clusters(policy: Policy, X: np.ndarray, *, batch_size: int) -> np.ndarray:
-    """Cluster id per user (:func:`classify`)."""
-    return classify(policy, X, batch_size)
 
 
 def program_for(policy: Policy) -> AllocationProgram:
@@ -203,8 +200,6 @@ def classify_source(policy: Policy, source: Source, rows: int, *, run: Runner = 
         return classify_source(policy, source.text_ids(), rows, run=run, ref=ref, partitions=partitions, fn=fn)
 
 
-
-
 # -- the operation ---------------------------------------------------------------------------
 
 
@@ -226,8 +221,7 @@ def allocate(policy: Policy, source: Source, budget, out: str | Path | None = No
         BudgetallocError: a bad budget, or the final spend check fails.
     """
     budget = check_budget(budget)
-    rows = compiled_rows(batch_size or (policy.params.allocate.batch_size if source.record is not None
-                                        else STREAM_BATCH_ROWS))
+    rows = pass_rows(policy, source, batch_size)
     parts, _ = classify_source(policy, source, rows, run=run, ref=ref, partitions=partitions)
     sizes = sum((p.sizes for p in parts), np.zeros(policy.k, dtype=np.int64))
     if not sizes.sum():
@@ -247,8 +241,7 @@ def allocate(policy: Policy, source: Source, budget, out: str | Path | None = No
         check_spend(spend, budget)
     return Allocation(solution=solution, budget=budget, unspent=unspent_budget(policy, sizes, budget),
                       cluster_sizes=sizes, spend=spend, path=None if out is None else Path(out),
-                      held=sink.frame,
-                      run_counts={"classify": tuple(p.run_count for p in parts)})
+                      held=sink.frame, run_counts={"classify": tuple(p.run_count for p in parts)})
 
 
 def allocate_population(policy: Policy, population: Population, budget: float, *,

@@ -28,7 +28,7 @@ from budgetalloc.files import atomic_files
 from budgetalloc.fit.fit_stream import fit_policy
 from budgetalloc.method.lagrangian import lagrangian_allocation
 from budgetalloc.params import Params, SimulateParams
-from budgetalloc.serve.allocate import arms_in_file_order, population_clusters, program_for
+from budgetalloc.serve.allocate import arms_in_file_order, classify, program_for
 from budgetalloc.serve.evaluate import cluster_roi
 from budgetalloc.serve.metrics import ips_value, matched_capture, multi_arm_aucc
 from budgetalloc.studies.baselines import BASELINES, make_baseline
@@ -93,7 +93,7 @@ class HRCMethod:
         return self
 
     def _clusters(self, X: np.ndarray) -> np.ndarray:
-        return population_clusters(self.policy_, X, batch_size=self.policy_.params.allocate.batch_size)
+        return classify(self.policy_, X, self.policy_.params.allocate.batch_size)
 
     def allocator(self, X: np.ndarray) -> Allocator:
         """Budget -> arms for these users: the student runs once, the program per budget."""
