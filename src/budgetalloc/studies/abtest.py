@@ -124,16 +124,8 @@ def _numeric(df: pd.DataFrame, name: str, source: str) -> np.ndarray:
 
 
 def split_groups(df: pd.DataFrame, control_group: str | None, source: str) -> tuple[str, str, np.ndarray]:
-    """Control and treatment names and a per-row ``is_treatment`` mask.
-
-    Args:
-        df: the table (must have ``group``).
-        control_group: the baseline's name; default the first value in sorted order.
-        source: file name for errors.
-
-    Returns:
-        ``(control, treatment, is_treatment)``.
-    """
+    """``(control, treatment, is_treatment)``: the two groups' names (control: ``control_group``,
+    default the first in sorted order) and a per-row mask of the treatment group."""
     col = df[GROUP]
     if col.isna().any():
         raise DataError(f"{source}: column '{GROUP}' has a missing value at row "
@@ -295,13 +287,6 @@ def conversion_and_basket(pop: World, world: str) -> tuple[np.ndarray, np.ndarra
     return pop.true_response / basket[:, None], basket
 
 
-def realised_outcomes(pop: World, world: str, arms: np.ndarray, rng: np.random.Generator):
-    """Orders, GMV and cost per user drawn from the simulator's truth for the given arms."""
-    p, basket = conversion_and_basket(pop, world)
-    orders, gmv = draw_orders(rng, p[np.arange(arms.shape[0]), arms], basket, world)
-    return orders, gmv, orders * pop.coupon_values[arms]
-
-
 def simulate_ab(policy_a: str, policy_b: str, *, budget_per_user: float, users: int = 100_000,
                 seed: int = 0, world: str | None = None) -> tuple[pd.DataFrame, dict]:
     """Run a simulated live A/B test of two policies under the same budget per user.
@@ -335,13 +320,13 @@ def simulate_ab(policy_a: str, policy_b: str, *, budget_per_user: float, users: 
     arms = np.zeros(users, dtype=np.int64)
     for label, idx in halves.items():
         arms[idx] = policy_arms(policies[label], pop.frame.iloc[idx], budget_per_user * len(idx))
-    orders, gmv, cost = realised_outcomes(pop, world, arms, rng)
+    p, basket = conversion_and_basket(pop, world)
+    idx = np.arange(users)
+    orders, gmv = draw_orders(rng, p[idx, arms], basket, world)  # outcomes drawn from the truth
     labels = np.full(users, "A", dtype=object)
     labels[halves["B"]] = "B"
     table = pd.DataFrame({USER_ID: pop.frame[USER_ID].to_numpy(), GROUP: labels, "treatment": arms,
-                          ORDERS: orders, GMV: gmv, COST: cost})
-    p, basket = conversion_and_basket(pop, world)
-    idx = np.arange(users)
+                          ORDERS: orders, GMV: gmv, COST: orders * pop.coupon_values[arms]})
     truth = {"orders": p[idx, arms], "gmv": (p * basket[:, None])[idx, arms], "cost": pop.true_cost[idx, arms]}
     per_group = {}
     for label, rows in halves.items():
