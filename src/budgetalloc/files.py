@@ -1,19 +1,13 @@
-"""Atomic writes: an output is either complete and in place, or absent.
+"""Atomic writes: an output is either complete and in place, or absent; and the one table sink.
 
-Every file and directory the project writes goes to a temporary sibling first and
-is renamed into place with ``os.replace`` (atomic on one filesystem), so a crash,
-a kill or an error mid-way never leaves a half-written artifact where a reader
-(or DVC) would take it for a finished one. Invariants:
-
-* Output paths are literal names: a temporary of ``NAME`` is ``.NAME.XXXXXXXX.tmp``
-  (``.old``, ``.parts``), matched by string comparison, never as a glob pattern.
-* Each temporary is ``flock``-ed by the run that made it, for as long as it lives.
-  Clean-up of temporaries a killed run left removes only unlocked ones, so two
-  runs writing one target never delete each other's work: the last rename wins.
-* A failed write leaves nothing: its temporary, and the directories it created
-  for the output, are removed. An ``OSError`` names the output, not a temporary.
-* New files get the umask's mode (``0666 & ~umask``, directories ``0777``), or the
-  mode of the file they replace.
+Every output goes to a temporary sibling renamed into place with ``os.replace``.
+Invariants: output paths are literal names (a temporary of ``NAME`` is
+``.NAME.XXXXXXXX.tmp``, ``.old`` or ``.parts``, matched as a string, never a glob);
+each temporary is ``flock``-ed by its run while it lives and clean-up removes only
+unlocked ones, so concurrent runs never delete each other's work (the last rename
+wins); a failed write leaves nothing (its temporary and the directories it created
+go) and its ``OSError`` names the output; new files get ``0666 & ~umask``
+(directories ``0777``), or the mode of the file they replace.
 """
 
 from __future__ import annotations

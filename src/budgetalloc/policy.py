@@ -1,23 +1,12 @@
 """The policy artifact: one directory with everything serving needs, verified on load.
 
-Layout (``FORMAT_VERSION`` 2)::
-
-    POLICY_DIR/
-      manifest.json      kind, format version, feature names, arms, sha256 of every
-                         file, and ``manifest_sha256``: the hash of the rest of itself
-      params.yaml        the params the policy was fitted with
-      preprocess.json    imputation medians, means and scales, in feature order
-      student/           the distilled classifier's weights and config (no pickle)
-      statistics.npz     per-(cluster, arm) estimates and bootstrap scenarios
-      budget_table.json  per-user budget level -> expected response, spend, arm shares
-      summary.json       fit diagnostics (agreement, K, sizes, notes)
-
-The directory is written to a temporary sibling and renamed into place, so a
-crash never leaves a half-written policy; it replaces only a policy (never a
-user's directory or file). Loading recomputes every hash (the manifest's own
-included), follows no entry outside the directory, then checks every value that
-decides an allocation (shapes, finite, scales > 0, costs >= 0), and refuses a
-missing, truncated, edited or foreign file with a one-line message naming it.
+``manifest.json`` (kind, ``FORMAT_VERSION``, features, arms, K, the SHA-256 of every
+file and of itself) beside ``params.yaml``, ``preprocess.json``, ``student/``,
+``statistics.npz``, ``budget_table.json`` and ``summary.json`` (docs/design.md). The
+directory is written atomically and replaces only a policy. Loading recomputes every
+hash, follows no entry outside the directory, checks every value that decides an
+allocation (shapes, finite, scales > 0, costs >= 0), and refuses a missing,
+truncated, edited or foreign file with one line naming it.
 """
 
 from __future__ import annotations

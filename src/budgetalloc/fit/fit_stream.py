@@ -1,15 +1,13 @@
 """The fit, written once as passes over a row source: a Parquet trial read in batches, or arrays.
 
-Passes: 1 check every batch and keep the seeded samples (:mod:`budgetalloc.fit.trial_scan`);
-then the preprocessor and the network on the samples; 2 k-means on the train rows'
-embeddings (:func:`cluster_pass`); 3 every row's teacher cluster (:func:`teacher_pass`),
-the student on its sample; 4 the statistics of the honest rows grouped by the student
-(:func:`statistics_pass`) and the student's cluster sizes (:func:`student_pass`); then the
-budget table. :func:`fit_policy` (arrays) and :func:`fit_policy_file` (a file) run
-them in one process, the DVC stages one boundary each. Invariants: nothing per row
-is held but a role byte (and, from a file, an id key in pass 1); forward passes, sums and draws
-follow fixed blocks from row 0, so the policy does not depend on the batching or the
-source (``summary.fit_path`` aside). Rationale: docs/scale.md.
+Passes: 1 checks every batch and keeps the samples (:mod:`budgetalloc.fit.trial_scan`),
+the preprocessor and network learn from them; 2 k-means on the train rows' embeddings;
+3 every row's teacher cluster, the student learns its sample's; 4 the statistics of the
+honest rows grouped by the student and its cluster sizes; then the budget table. One
+process runs them all (:func:`fit_policy`, :func:`fit_policy_file`), a DVC stage one
+boundary. Invariants: per row only a role byte is held (and an id key in pass 1);
+passes follow fixed blocks from row 0, so the policy does not depend on the batching
+or the source (``summary.fit_path`` aside). Rationale: docs/scale.md.
 """
 
 from __future__ import annotations

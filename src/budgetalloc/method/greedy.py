@@ -1,15 +1,12 @@
 """Budget checks, repair and greedy allocation in numpy: the integer program's safety net.
 
-Every allocation the program returns is checked by :class:`SpendRule` (the point
-spend and the scenario rule, exactly). Three moves turn any point into a good
-feasible one: :func:`repair_allocation` (down to cheaper arms until the rule holds),
-:func:`fill_allocation` (upgrades while the budget allows) and
-:func:`greedy_allocation` (fill from the cheapest arms: the fallback).
-
-An allocation is a ``(K, M)`` int64 count matrix whose rows sum to the cluster
-sizes; in the whole-cluster variant a cluster moves as one block of ``N[k]`` users.
-Moves run in a fixed, lexicographically tie-broken order: every function here is
-deterministic.
+Every allocation the program returns is checked exactly by :class:`SpendRule`; three
+moves turn any point into a good feasible one: :func:`repair_allocation` (down to
+cheaper arms until the rule holds), :func:`fill_allocation` (upgrades while the budget
+allows) and :func:`greedy_allocation` (fill from the cheapest arms: the fallback). An
+allocation is a ``(K, M)`` int64 count matrix whose rows sum to the cluster sizes (a
+whole cluster moves as one in that variant). Moves run in a fixed, tie-broken order:
+every function here is deterministic.
 """
 
 from __future__ import annotations

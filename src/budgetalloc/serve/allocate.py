@@ -39,7 +39,6 @@ from budgetalloc.models.nn import inference_batch_size
 from budgetalloc.policy import Policy, load_policy
 from budgetalloc.serve.executor import Runner, injected_failure, inline
 
-ALLOCATION_COLUMNS = (USER_ID, "cluster", "treatment", "expected_response", "expected_cost")
 _INT16_MAX = np.iinfo(np.int16).max
 
 

@@ -33,7 +33,6 @@ class World:
     true_response: np.ndarray  # (n, M) expected response per arm
     true_cost: np.ndarray  # (n, M) expected cost per arm
     coupon_values: np.ndarray  # (M,)
-    segment: np.ndarray  # (n,) latent segment, for diagnostics only
 
 
 def coupon_values(n_arms: int, world: str) -> np.ndarray:
@@ -146,7 +145,7 @@ def simulate_trial(params: SimulateParams, *, seed: int, n_users: int | None = N
     frame[COST] = cost
     if params.arm_shares is not None:
         frame[PROPENSITY] = prop
-    return World(frame, r, c, v, latent_segment(X))
+    return World(frame, r, c, v)
 
 
 def simulate_population(params: SimulateParams, *, seed: int, n_users: int, id_offset: int = 10**9) -> World:
@@ -155,7 +154,7 @@ def simulate_population(params: SimulateParams, *, seed: int, n_users: int, id_o
     X = _features(rng, n_users, params.n_features)
     r, c, _ = true_outcomes(X, params.world, params.n_arms)
     frame = _frame(np.arange(id_offset, id_offset + n_users, dtype=np.int64), _observed(rng, X, params))
-    return World(frame, r, c, coupon_values(params.n_arms, params.world), latent_segment(X))
+    return World(frame, r, c, coupon_values(params.n_arms, params.world))
 
 
 def truth_frame(world: World) -> pd.DataFrame:
