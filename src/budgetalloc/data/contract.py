@@ -7,7 +7,8 @@ four. Both may be Parquet or CSV. Every violation raises :class:`DataError` with
 one line naming the file and the column or value; nothing is coerced silently.
 
 Missing feature values are allowed: :class:`Preprocessor` imputes them with the
-training medians it stores (and the count is reported), then standardises.
+training medians it stores (and the count is reported), then standardises. In every
+check ``source`` names the file in messages and ``first_row`` is a batch's first row.
 """
 
 from __future__ import annotations
@@ -101,17 +102,8 @@ def check_file(path: Path) -> None:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a Parquet or CSV file into a DataFrame, with one-line errors.
-
-    Args:
-        path: a ``.parquet``/``.pq`` or ``.csv`` file (other suffixes are sniffed).
-
-    Returns:
-        The table.
-
-    Raises:
-        DataError: missing file, unreadable content, or no rows.
-    """
+    """A Parquet or CSV file (by magic bytes or suffix) as a DataFrame; DataError if it is
+    missing, unreadable or has no rows."""
     path = Path(path)
     check_file(path)
     table = _read_arrow(path)
@@ -247,20 +239,9 @@ def feature_columns(df: pd.DataFrame, features: tuple[str, ...] | None, source: 
 
 
 def feature_matrix(df: pd.DataFrame, names: tuple[str, ...], source: str) -> np.ndarray:
-    """The named feature columns as a float32 matrix, checked against the contract.
-
-    Args:
-        df: the table.
-        names: feature column names, in the order of the matrix's columns.
-        source: file name used in error messages.
-
-    Returns:
-        ``(len(df), len(names))`` float32; missing values stay NaN.
-
-    Raises:
-        DataError: a non-numeric column (naming its first bad value), an infinite
-            value, or a value beyond float32 range.
-    """
+    """The ``names`` columns as a ``(len(df), len(names))`` float32 matrix (missing values stay
+    NaN); DataError for a non-numeric column (naming its first bad value), an infinite
+    value, or one beyond float32 range."""
     out = np.empty((len(df), len(names)), dtype=np.float32)
     for j, name in enumerate(names):
         col = _null_as_float(df[name])
@@ -296,11 +277,6 @@ def _first_non_numeric(col: pd.Series):
 
 def user_ids(df: pd.DataFrame, source: str, first_row: int = 0) -> np.ndarray:
     """The ``user_id`` column, checked present, complete, unique and of a type that round-trips.
-
-    Args:
-        df: the table.
-        source: file name used in error messages.
-        first_row: the batch's first row in the file (for messages).
 
     Returns:
         The ids as integers of the column's own width (``int8`` .. ``uint64``, so
@@ -365,16 +341,8 @@ def _treatment(df: pd.DataFrame, source: str) -> np.ndarray:
 
 
 def check_arm_counts(counts: np.ndarray, source: str, n_arms: int | None = None) -> int:
-    """The checks over all rows of a trial: control rows exist and no arm up to the last is empty.
-
-    Args:
-        counts: rows per arm, ``np.bincount`` of the whole treatment column.
-        source: file name used in error messages.
-        n_arms: the arms every one of which must have rows (default: up to the highest present).
-
-    Returns:
-        The number of arms (the highest arm + 1).
-    """
+    """The checks over all rows of a trial, from its rows per arm ``counts``: control rows exist and
+    no arm below ``n_arms`` (default: the highest present + 1) is empty. Returns the arms."""
     n_arms = int(np.flatnonzero(counts)[-1]) + 1 if n_arms is None else n_arms
     if counts[0] == 0:
         raise DataError(f"{source}: no control rows (arm 0) in column '{TREATMENT}'")
@@ -438,17 +406,11 @@ class TrialColumns(NamedTuple):
 
 def trial_columns(df: pd.DataFrame, *, features: tuple[str, ...] | None = None, source: str = "<memory>",
                   first_row: int = 0, whole: bool = False) -> TrialColumns:
-    """The trial contract's checks that hold row by row, so they apply to each batch of a file.
+    """The trial contract's checks that hold row by row, so they apply to each batch of a file
+    (``whole``: ``df`` is the whole table, check its arms too).
 
-    Args:
-        df: the table, or a batch of it (at least one row).
-        features, source: as for :func:`trial_from_frame`.
-        first_row: the batch's first row in the file (messages count rows from the file's start).
-        whole: ``df`` is the whole table: check its arms too, where :func:`trial_from_frame` does.
-
-    Returns:
-        The :class:`TrialColumns`. A reader of batches checks the rest over all rows:
-        ids unique across batches, :func:`check_arm_counts`, :func:`arm_propensity`.
+    A reader of batches checks the rest over all rows: ids unique across batches,
+    :func:`check_arm_counts`, :func:`arm_propensity`.
     """
     _require(df, TRIAL_COLUMNS, source)
     ids = user_ids(df, source, first_row)
@@ -488,19 +450,8 @@ def cell_error(name: str, value, source: str) -> DataError | None:
 def trial_from_frame(
     df: pd.DataFrame, *, features: tuple[str, ...] | None = None, source: str = "<memory>"
 ) -> Trial:
-    """Validate a trial DataFrame against the contract.
-
-    Args:
-        df: the table.
-        features: feature column names; default every non-reserved column.
-        source: file name used in error messages.
-
-    Returns:
-        A :class:`Trial`.
-
-    Raises:
-        DataError: on the first violation, naming the column and value.
-    """
+    """Validate a trial DataFrame against the contract (``features``: default every non-reserved
+    column); DataError on the first violation, naming the column and value."""
     if len(df) == 0:
         raise DataError(f"{source}: table has no rows")
     cols = trial_columns(df, features=features, source=source, whole=True)
@@ -520,17 +471,8 @@ def load_trial(path: str | Path, *, features: tuple[str, ...] | None = None) -> 
 def population_from_frame(
     df: pd.DataFrame, feature_names: tuple[str, ...], *, source: str = "<memory>", first_row: int = 0
 ) -> Population:
-    """Validate a population table; extra columns are ignored.
-
-    Args:
-        df: the table.
-        feature_names: the policy's features, in its order.
-        source: file name used in error messages.
-        first_row: the batch's first row in the file (messages count rows from the file's start).
-
-    Returns:
-        A :class:`Population` whose ``X`` follows ``feature_names``.
-    """
+    """Validate a population table (extra columns are ignored) into a :class:`Population` whose
+    ``X`` follows ``feature_names``, the policy's features in its order."""
     if len(df) == 0:
         raise DataError(f"{source}: table has no rows")
     ids = user_ids(df, source, first_row)

@@ -256,41 +256,23 @@ def fit_source(trial: TrialRows, params: Params, reporter: Reporter | None = Non
 
 def fit_policy(trial: Trial, params: Params, reporter: Reporter | None = None, *,
                batch_rows: int = STREAM_BATCH_ROWS) -> Policy:
-    """Fit a policy on a validated in-memory trial: the passes over its arrays in batches.
+    """Fit a policy (not yet saved) on a validated in-memory trial: the passes over its arrays in
+    batches of ``batch_rows`` (the result does not depend on it); ``reporter`` shows progress.
 
     The student learns the teacher's clusters from every row except a seeded
     ``distill.holdout_fraction`` kept to measure its agreement: cluster labels come
     from features alone, so using the honest rows' features here leaks no outcome.
-
-    Args:
-        trial: a validated randomized trial.
-        params: all params (each pass reads its own section).
-        reporter: progress sink; silent by default.
-        batch_rows: rows per batch (any size: the result does not depend on it).
-
-    Returns:
-        The policy (not yet saved; see :func:`budgetalloc.policy.save_policy`), with
-        ``summary["fit_path"] == "in memory"``: the same bytes as :func:`fit_policy_file`
-        on the same rows otherwise.
+    The policy has the bytes :func:`fit_policy_file` gives on the same rows, but for
+    ``summary["fit_path"] == "in memory"``.
     """
     return fit_source(memory_trial(trial, batch_rows), params, reporter, fit_path="in memory")
 
 
 def fit_policy_file(path: str | Path, params: Params, reporter: Reporter | None = None, *,
                     batch_rows: int = STREAM_BATCH_ROWS) -> Policy:
-    """Fit a policy on a Parquet trial read in batches, in bounded memory.
-
-    Args:
-        path: the trial (Parquet).
-        params: all params; ``train.max_rows``, ``distill.max_rows``,
-            ``data.preprocess_sample`` and ``statistics.clip_sample`` bound what is
-            held in memory.
-        reporter: progress sink; silent by default.
-        batch_rows: rows per batch read (any size: the result does not depend on it).
-
-    Returns:
-        The policy (not yet saved; see :func:`budgetalloc.policy.save_policy`), with
-        ``summary["fit_path"] == "streamed"``.
+    """:func:`fit_policy` on a Parquet trial read in batches of ``batch_rows``, in memory bounded by
+    ``train.max_rows``, ``distill.max_rows``, ``data.preprocess_sample`` and
+    ``statistics.clip_sample``; ``summary["fit_path"] == "streamed"``.
 
     Raises:
         DataError: the file is not a readable Parquet trial, or breaks the contract.
