@@ -140,15 +140,7 @@ def remove_stale(target: Path, suffixes: tuple[str, ...] = TEMP_SUFFIXES) -> Non
         except OSError:
             os.close(fd)
             continue  # a live run's
-        try:
-            if is_dir:
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                os.unlink(entry.path)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _discard(Path(entry.path), fd)
 
 
 def _discard(path: Path, fd: int | None) -> None:
