@@ -334,15 +334,6 @@ def _check_known(kind: str, names, known) -> None:
         raise BudgetallocError(f"unknown {kind} '{unknown[0]}' (choose from {', '.join(known)})")
 
 
-def select_cases(cases: list[Case], names) -> list[Case]:
-    """The cases named (in the order given), or a one-line error naming an unknown one."""
-    if not names:
-        return cases
-    known = {c.name: c for c in cases}
-    _check_known("case", names, known)
-    return [known[n] for n in names]
-
-
 def run_benchmark(out_dir, params: Params, *, quick: bool, seed: int = 0, methods=METHODS,
                   size: BenchmarkSize | None = None, cases: list[Case] | None = None,
                   case_names=None, log: Callable[[str], None] = print) -> pd.DataFrame:
@@ -364,7 +355,11 @@ def run_benchmark(out_dir, params: Params, *, quick: bool, seed: int = 0, method
     """
     _check_known("method", methods, METHODS)
     size = size or (QUICK if quick else FULL)
-    cases = select_cases(cases or default_cases(n_users=size.n_train, quick=quick), case_names)
+    cases = cases or default_cases(n_users=size.n_train, quick=quick)
+    if case_names:
+        known = {c.name: c for c in cases}
+        _check_known("case", case_names, known)
+        cases = [known[n] for n in case_names]
     started = time.time()
     rows, paths = [], []
     for case in cases:
