@@ -503,7 +503,12 @@ def write_table(df: pd.DataFrame, path: str | Path) -> None:
     write_tables({path: df})
 
 
+def json_text(obj) -> str:
+    """``obj`` as the project writes JSON: indented, keys sorted, a final newline."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(obj, path: str | Path) -> None:
-    """Write ``obj`` as indented, key-sorted JSON atomically."""
+    """Write ``obj`` as :func:`json_text` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json_text(obj))

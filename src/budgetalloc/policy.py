@@ -25,7 +25,7 @@ from flax import nnx
 
 from budgetalloc.data.contract import Preprocessor
 from budgetalloc.errors import BudgetallocError, PolicyError
-from budgetalloc.files import atomic_directory
+from budgetalloc.files import atomic_directory, json_text
 from budgetalloc.method.statistics import ClusterStatistics
 from budgetalloc.models.distill import StudentModel, load_student, save_student
 from budgetalloc.params import Params, params_from_dict, params_to_dict, parse_yaml
@@ -65,27 +65,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _dump_json(obj, path: Path) -> None:
-    path.write_text(_json_text(obj))
-
-
-def _json_text(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
-
-
 def _write_contents(policy: Policy, root: Path) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params_to_dict(policy.params), sort_keys=True))
-    _dump_json(policy.preprocessor.to_json(), root / "preprocess.json")
+    (root / "preprocess.json").write_text(json_text(policy.preprocessor.to_json()))
     save_student(policy.student, root / "student")
     policy.statistics.save(root / "statistics.npz")
-    _dump_json(policy.budget_table, root / "budget_table.json")
-    _dump_json(policy.summary, root / "summary.json")
+    (root / "budget_table.json").write_text(json_text(policy.budget_table))
+    (root / "summary.json").write_text(json_text(policy.summary))
 
 
 def _manifest_digest(manifest: dict) -> str:
     """SHA-256 of the manifest's written form without its own digest."""
     body = {k: v for k, v in manifest.items() if k != SELF_HASH}
-    return hashlib.sha256(_json_text(body).encode()).hexdigest()
+    return hashlib.sha256(json_text(body).encode()).hexdigest()
 
 
 def save_policy(policy: Policy, directory: str | Path) -> Path:
@@ -112,7 +104,7 @@ def save_policy(policy: Policy, directory: str | Path) -> Path:
             "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files},
         }
         manifest[SELF_HASH] = _manifest_digest(manifest)
-        _dump_json(manifest, tmp / MANIFEST)
+        (tmp / MANIFEST).write_text(json_text(manifest))
     return directory
 
 
@@ -194,7 +186,7 @@ def _read_manifest(directory: Path) -> dict:
                           "(fit the policy again)")
     if SELF_HASH not in manifest:
         raise PolicyError(f"{path}: no '{SELF_HASH}' (edited, or written by an older budgetalloc)")
-    if manifest[SELF_HASH] != _manifest_digest(manifest) or text != _json_text(manifest):
+    if manifest[SELF_HASH] != _manifest_digest(manifest) or text != json_text(manifest):
         raise PolicyError(f"{path}: does not match its own hash (edited or truncated)")
     if manifest.get("kind") != POLICY_KIND:
         raise PolicyError(f"{path}: not a budgetalloc policy manifest")
