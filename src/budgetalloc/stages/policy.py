@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
 
 from budgetalloc.files import write_table
@@ -25,7 +24,7 @@ from budgetalloc.fit.fit_stream import budget_step, scan_file, train_rows
 from budgetalloc.fit.pipeline import assemble_policy, fit_summary
 from budgetalloc.models.distill import load_student
 from budgetalloc.models.representation import load_representation
-from budgetalloc.params import AllocateParams, Params
+from budgetalloc.params import AllocateParams
 from budgetalloc.policy import save_policy
 from budgetalloc.serve.dashboards import (
     budget_curve_png,
@@ -43,21 +42,6 @@ from budgetalloc.stages import (
     run,
     stage_params,
 )
-
-
-def policy_params(params: Params) -> Params:
-    """``params`` with the scenario keys (``allocate.budget``, ``allocate.users``) at their defaults."""
-    return params.model_copy(update={"allocate": AllocateParams(batch_size=params.allocate.batch_size)})
-
-
-def write_pictures(curve: pd.DataFrame, clusters: pd.DataFrame, table: list[dict], curve_plot: Path,
-                   clusters_plot: Path) -> None:
-    """The budget curve and the clusters (chosen arm at the middle budget level) as PNG."""
-    write_png(budget_curve_png(curve, title="Budget curve of the fitted policy (fit trial)", unit="per user"),
-              curve_plot)
-    row, arms = chosen_arms(table)
-    title = f"Clusters at budget {row['budget_per_user']:.3g} per user (level {row['level']:g})"
-    write_png(clusters_png(clusters.assign(chosen_arm=arms), title=title), clusters_plot)
 
 
 def main(
@@ -93,13 +77,18 @@ def main(
         table=table,
         notes=read_json(train_report)["notes"] + read_json(cluster_report)["notes"],
     )
-    policy = assemble_policy(scan.facts, policy_params(p), preprocessor=pre, student=student_model,
+    scenario_free = p.model_copy(update={"allocate": AllocateParams(batch_size=p.allocate.batch_size)})
+    policy = assemble_policy(scan.facts, scenario_free, preprocessor=pre, student=student_model,
                              statistics=stats, budget_table=table, summary=summary)
     save_policy(policy, out)
     curve_table, cluster_table = curve_frame(table), cluster_frame(stats, n_users)
     write_table(curve_table, curve)
     write_table(cluster_table, clusters)
-    write_pictures(curve_table, cluster_table, table, curve_plot, clusters_plot)
+    write_png(budget_curve_png(curve_table, title="Budget curve of the fitted policy (fit trial)",
+                               unit="per user"), curve_plot)
+    row, arms = chosen_arms(table)  # the clusters' arms at the middle budget level
+    title = f"Clusters at budget {row['budget_per_user']:.3g} per user (level {row['level']:g})"
+    write_png(clusters_png(cluster_table.assign(chosen_arm=arms), title=title), clusters_plot)
     print(f"policy: K={policy.k}, {len(table)} budget levels -> {out}")
 
 
