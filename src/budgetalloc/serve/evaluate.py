@@ -240,18 +240,14 @@ def source_outcomes(policy: Policy, source: Source, *, batch_size: int | None = 
     arm_counts = sum(p.arm_counts for p in parts)
     n_arms = check_arm_counts(arm_counts, source.name)
     check_unique_ids(np.concatenate(joined.pop("keys")), lambda: (
-        _ids(batch, source.name) for part in source.partitions() for batch in part.batches([USER_ID], rows)),
-        source.name)
+        batch.user_id if isinstance(batch, Trial) else user_ids(batch, source.name)
+        for part in source.partitions() for batch in part.batches([USER_ID], rows)), source.name)
     whole = {f: np.concatenate(v) for f, v in joined.items() if v}
     propensity = whole.get("propensity")
     if propensity is None:
         propensity = arm_propensity(whole["treatment"], arm_counts[:n_arms])
     return whole["clusters"], Outcomes(treatment=whole["treatment"], response=whole["response"],
                                        cost=whole["cost"], propensity=propensity, n_arms=n_arms)
-
-
-def _ids(batch, source: str) -> np.ndarray:
-    return batch.user_id if isinstance(batch, Trial) else user_ids(batch, source)
 
 
 def evaluate(policy: Policy, source: Source, out_dir: str | Path, *, levels=DEFAULT_LEVELS,

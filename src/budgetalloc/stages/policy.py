@@ -24,7 +24,7 @@ from budgetalloc.fit.fit_stream import budget_step, scan_file, train_rows
 from budgetalloc.fit.pipeline import assemble_policy, fit_summary
 from budgetalloc.models.distill import load_student
 from budgetalloc.models.representation import load_representation
-from budgetalloc.params import AllocateParams
+from budgetalloc.params import AllocateParams, load_params
 from budgetalloc.policy import save_policy
 from budgetalloc.serve.dashboards import (
     budget_curve_png,
@@ -40,7 +40,6 @@ from budgetalloc.stages import (
     read_json,
     read_preprocessor,
     run,
-    stage_params,
 )
 
 
@@ -60,7 +59,7 @@ def main(
     params: Annotated[Path, typer.Option(help="params file")] = PARAMS_FILE,
 ) -> None:
     """Estimate the cluster statistics, solve the budget table, write the policy."""
-    p = stage_params(params)
+    p = load_params(params)
     reporter = StageReporter()
     trial, roles, scan = scan_file(data, p, reporter, held_roles=0)  # no samples: only the checks and facts
     pre, net, student_model = read_preprocessor(preprocess), load_representation(model), load_student(student)
