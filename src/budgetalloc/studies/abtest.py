@@ -195,16 +195,9 @@ def compare_metric(metric: str, treated: np.ndarray, control: np.ndarray, *, alp
 
 def analyse_ab(df: pd.DataFrame, *, control_group: str | None = None, alpha: float = 0.05,
                source: str = "<memory>") -> ABReport:
-    """Analyse a per-user A/B table.
-
-    Args:
-        df: columns ``group``, ``orders``, ``gmv``, ``cost`` (others ignored).
-        control_group: the baseline group; default the first value in sorted order.
-        alpha: significance level; intervals are ``1 - alpha``.
-        source: file name for errors and the report.
-
-    Returns:
-        An :class:`ABReport`.
+    """The :class:`ABReport` of a per-user table with ``group``, ``orders``, ``gmv`` and ``cost``
+    (other columns ignored): ``control_group`` (default the first in sorted order) against the
+    other group, intervals at ``1 - alpha``; ``source`` names the table in errors and the report.
 
     Raises:
         DataError: a missing column, not exactly two groups, a non-numeric or
@@ -343,19 +336,10 @@ def run_abtest(*, data: str | Path | None = None, control_group: str | None = No
                budget_per_user: float | None = None, users: int = 100_000, seed: int = 0,
                world: str | None = None, alpha: float = 0.05, out: str | Path | None = None,
                outcomes: str | Path | None = None) -> ABReport:
-    """The ``abtest`` command: analyse a logged table or a simulated test; write outputs.
-
-    Args:
-        data: logged per-user table (mode a), or ``None`` with ``simulate``.
-        control_group: baseline group of the logged table.
-        simulate, policy_a, policy_b, budget_per_user, users, seed, world: mode b,
-            see :func:`simulate_ab`; group ``A`` (``policy_a``) is the control.
-        alpha: significance level.
-        out: JSON report to write atomically.
-        outcomes: in mode b, the simulated per-user table to write.
-
-    Returns:
-        The :class:`ABReport`; outputs are written only when the analysis succeeds.
+    """The ``abtest`` command: :func:`analyse_ab` of a logged table ``data`` (mode a), or of the
+    test :func:`simulate_ab` simulates (mode b, ``simulate``: group ``A``, ``policy_a``, is the
+    control; ``outcomes`` receives its per-user table). Outputs (``out``: the JSON report)
+    are written atomically, only when the analysis succeeds.
     """
     from budgetalloc.files import write_json, write_table
 
