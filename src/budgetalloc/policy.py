@@ -81,15 +81,8 @@ def _manifest_digest(manifest: dict) -> str:
 
 
 def save_policy(policy: Policy, directory: str | Path) -> Path:
-    """Write ``policy`` atomically to ``directory`` (replacing an older policy, nothing else).
-
-    Args:
-        policy: the fitted policy.
-        directory: target directory: absent, or a policy (see :func:`check_policy_target`).
-
-    Returns:
-        The directory path.
-    """
+    """Write ``policy`` atomically to ``directory``, which is absent or a policy (it replaces
+    nothing else: :func:`check_policy_target`); returns the directory."""
     directory = Path(directory)
     with atomic_directory(directory, replaceable=check_policy_target) as tmp:
         _write_contents(policy, tmp)

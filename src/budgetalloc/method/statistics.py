@@ -300,14 +300,8 @@ def cluster_statistics(
     labels: np.ndarray, treatment: np.ndarray, response: np.ndarray, cost: np.ndarray, ipw: np.ndarray,
     pred_response: np.ndarray, pred_cost: np.ndarray, *, k: int, params: StatisticsParams, seed: int,
 ) -> ClusterStatistics:
-    """:class:`StatisticsAccumulator` on in-memory honest rows, one ``update``.
-
-    Args:
-        labels: (n,) cluster id of each row (as the serving model assigns it).
-        treatment, response, cost, ipw: (n,) arm received, outcomes, inverse-propensity weight.
-        pred_response, pred_cost: (n, M) network predictions for these rows.
-        k, params, seed: as for the accumulator.
-    """
+    """:class:`StatisticsAccumulator` on in-memory honest rows (as its ``update`` takes them), one
+    ``update``, with the winsorize bands of its :func:`clip_sample_rows`."""
     m = pred_response.shape[1]
     rows = clip_sample_rows(labels.shape[0], params, seed)
     pick = slice(None) if rows is None else rows

@@ -120,17 +120,11 @@ def _record_outcomes(rng, world, t, r, basket, v, p: SimulateParams):
 
 
 def simulate_trial(params: SimulateParams, *, seed: int, n_users: int | None = None, id_offset: int = 0) -> World:
-    """Draw a randomized trial and its truth.
+    """Draw a randomized trial of ``n_users`` rows (default ``params.n_users``) and its truth.
 
-    Args:
-        params: the world and its noise knobs.
-        seed: random seed; the same seed gives the same table bit for bit.
-        n_users: rows (default ``params.n_users``).
-        id_offset: first ``user_id``, so trials and populations do not collide.
-
-    Returns:
-        A :class:`World` whose frame has ``user_id``, ``x0..``, ``treatment``,
-        ``response``, ``cost`` (and ``propensity`` when ``arm_shares`` is set).
+    The frame has ``user_id`` (from ``id_offset``, so trials and populations do not collide),
+    ``x0..``, ``treatment``, ``response``, ``cost`` (and ``propensity`` when ``arm_shares`` is
+    set); the same seed gives the same table bit for bit.
     """
     n = params.n_users if n_users is None else n_users
     rng = np.random.default_rng(seed)
