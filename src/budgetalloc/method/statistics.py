@@ -135,14 +135,8 @@ def _segment_sums(bounds: np.ndarray, weights: np.ndarray, terms: np.ndarray) ->
 class StatisticsAccumulator:
     """Additive sufficient statistics of the honest rows, fed in row order in chunks of any
     size: :meth:`finalize` gives the same :class:`ClusterStatistics` bit for bit however
-    the rows were cut.
-
-    Args:
-        k: number of clusters.
-        n_arms: number of arms.
-        params: the ``statistics`` section.
-        seed: seeds the per-block bootstrap and median-of-means draws.
-        bands: ``(2, 2, M)`` winsorize bands (:func:`winsorize_bands`), or ``None``.
+    the rows were cut. ``seed`` seeds the per-block bootstrap and median-of-means draws;
+    ``bands`` are the ``(2, 2, M)`` winsorize bands (:func:`winsorize_bands`), or ``None``.
     """
 
     def __init__(self, *, k: int, n_arms: int, params: StatisticsParams, seed: int,

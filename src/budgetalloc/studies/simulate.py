@@ -160,14 +160,6 @@ def truth_frame(world: World) -> pd.DataFrame:
     })
 
 
-def truth_arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """The ``(n, M)`` true response and cost of a truth table (``simulate --truth``, :func:`truth_frame`)."""
-    def columns(prefix: str) -> list[str]:
-        return sorted((c for c in frame.columns if c.startswith(prefix)), key=lambda s: int(s.rsplit("_", 1)[1]))
-
-    return frame[columns("true_response_")].to_numpy(np.float64), frame[columns("true_cost_")].to_numpy(np.float64)
-
-
 def max_spend(true_cost: np.ndarray) -> float:
     """Spend if every user got the most expensive arm (the budget scale)."""
     return float(true_cost.max(axis=1).sum())
