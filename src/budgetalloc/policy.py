@@ -65,15 +65,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_contents(policy: Policy, root: Path) -> None:
-    (root / "params.yaml").write_text(yaml.safe_dump(params_to_dict(policy.params), sort_keys=True))
-    (root / "preprocess.json").write_text(json_text(policy.preprocessor.to_json()))
-    save_student(policy.student, root / "student")
-    policy.statistics.save(root / "statistics.npz")
-    (root / "budget_table.json").write_text(json_text(policy.budget_table))
-    (root / "summary.json").write_text(json_text(policy.summary))
-
-
 def _manifest_digest(manifest: dict) -> str:
     """SHA-256 of the manifest's written form without its own digest."""
     body = {k: v for k, v in manifest.items() if k != SELF_HASH}
@@ -85,7 +76,13 @@ def save_policy(policy: Policy, directory: str | Path) -> Path:
     nothing else: :func:`check_policy_target`); returns the directory."""
     directory = Path(directory)
     with atomic_directory(directory, replaceable=check_policy_target) as tmp:
-        _write_contents(policy, tmp)
+        params = yaml.safe_dump(params_to_dict(policy.params), sort_keys=True)
+        (tmp / "params.yaml").write_text(params)
+        (tmp / "preprocess.json").write_text(json_text(policy.preprocessor.to_json()))
+        save_student(policy.student, tmp / "student")
+        policy.statistics.save(tmp / "statistics.npz")
+        (tmp / "budget_table.json").write_text(json_text(policy.budget_table))
+        (tmp / "summary.json").write_text(json_text(policy.summary))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "kind": POLICY_KIND,

@@ -337,21 +337,13 @@ def _check_known(kind: str, names, known) -> None:
 def run_benchmark(out_dir, params: Params, *, quick: bool, seed: int = 0, methods=METHODS,
                   size: BenchmarkSize | None = None, cases: list[Case] | None = None,
                   case_names=None, log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Run every method on every case; write benchmark.csv, benchmark.md and plots atomically.
+    """Run ``methods`` on every case; write benchmark.csv, benchmark.md and plots atomically.
 
-    Args:
-        out_dir: output directory.
-        params: params for HRC (baselines use their own defaults).
-        quick: the small configuration (minutes) instead of the full one.
-        seed: seed family of the simulated data and every fit.
-        methods: method names (``METHODS`` by default).
-        size: row counts (default ``QUICK`` or ``FULL``).
-        cases: worlds (default :func:`default_cases`).
-        case_names: run only these of ``cases`` (by name), in this order.
-        log: progress sink, one line per (case, method).
-
-    Returns:
-        The summary table (one row per case and method).
+    HRC fits with ``params``, the baselines with their own defaults; ``seed`` is the seed
+    family of the simulated data and every fit; ``size`` the row counts (default ``QUICK``
+    or ``FULL`` by ``quick``); ``cases`` the worlds (default :func:`default_cases`), of
+    which ``case_names`` picks some, in order; ``log`` gets a line per (case, method).
+    Returns the summary table (one row per case and method).
     """
     _check_known("method", methods, METHODS)
     size = size or (QUICK if quick else FULL)
