@@ -25,7 +25,6 @@ from budgetalloc.fit.pipeline import (
     Reporter,
     assemble_policy,
     cluster_k,
-    fit_summary,
     program_stage,
 )
 from budgetalloc.fit.trial_scan import (
@@ -246,12 +245,10 @@ def fit_source(trial: TrialRows, params: Params, reporter: Reporter | None = Non
     scan.held = None  # the samples are no longer needed
     stats, n_users, agreement, table = budget_step(trial, roles, scan, pre, model, student, teacher_holdout,
                                                    params, reporter)
-    n_train = train_rows(roles)
-    summary = fit_summary(scan.facts, train_rows=n_train, honest_rows=trial.n - n_train, k=clusters.k,
-                          agreement=agreement, epochs=int(model.history.epochs_run), n_users=n_users,
-                          table=table, notes=reporter.notes, fit_path=fit_path)
-    return assemble_policy(scan.facts, params, preprocessor=pre, student=student, statistics=stats,
-                           budget_table=table, summary=summary)
+    return assemble_policy(scan.facts, params, preprocessor=pre, network=model, student=student,
+                           statistics=stats, budget_table=table, n_users=n_users,
+                           train_rows=train_rows(roles), agreement=agreement, notes=reporter.notes,
+                           fit_path=fit_path)
 
 
 def fit_policy(trial: Trial, params: Params, reporter: Reporter | None = None, *,

@@ -21,7 +21,7 @@ import typer
 
 from budgetalloc.files import write_table
 from budgetalloc.fit.fit_stream import budget_step, scan_file, train_rows
-from budgetalloc.fit.pipeline import assemble_policy, fit_summary
+from budgetalloc.fit.pipeline import assemble_policy
 from budgetalloc.models.distill import load_student
 from budgetalloc.models.representation import load_representation
 from budgetalloc.params import AllocateParams, load_params
@@ -64,21 +64,12 @@ def main(
     trial, roles, scan = scan_file(data, p, reporter, held_roles=0)  # no samples: only the checks and facts
     pre, net, student_model = read_preprocessor(preprocess), load_representation(model), load_student(student)
     stats, n_users, _, table = budget_step(trial, roles, scan, pre, net, student_model, None, p, reporter)
-    n_train = train_rows(roles)
-    summary = fit_summary(
-        scan.facts,
-        train_rows=n_train,
-        honest_rows=trial.n - n_train,
-        k=student_model.n_clusters,
-        agreement=read_json(distill_report)["agreement"],
-        epochs=int(net.history.epochs_run),
-        n_users=n_users,
-        table=table,
-        notes=read_json(train_report)["notes"] + read_json(cluster_report)["notes"],
-    )
     scenario_free = p.model_copy(update={"allocate": AllocateParams(batch_size=p.allocate.batch_size)})
-    policy = assemble_policy(scan.facts, scenario_free, preprocessor=pre, student=student_model,
-                             statistics=stats, budget_table=table, summary=summary)
+    notes = read_json(train_report)["notes"] + read_json(cluster_report)["notes"]
+    policy = assemble_policy(scan.facts, scenario_free, preprocessor=pre, network=net,
+                             student=student_model, statistics=stats, budget_table=table,
+                             n_users=n_users, train_rows=train_rows(roles),
+                             agreement=read_json(distill_report)["agreement"], notes=notes)
     save_policy(policy, out)
     curve_table, cluster_table = curve_frame(table), cluster_frame(stats, n_users)
     write_table(curve_table, curve)
