@@ -416,7 +416,7 @@ class TableSink:
     Rows come as frames, or as Arrow tables of one schema. Row groups of
     ``row_group_rows`` rows, each one contiguous table, give the bytes ``write_table``
     gives for the whole table at that row group size; CSV the bytes of ``DataFrame.to_csv``.
-    Not atomic: :func:`table_sink` gives it a temporary and the format of the output.
+    Not atomic: :func:`table_sinks` gives it a temporary and the format of its output.
     """
 
     def __init__(self, path: Path | None, row_group_rows: int = OUTPUT_ROW_GROUP, *,
