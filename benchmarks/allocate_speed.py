@@ -19,7 +19,7 @@ import numpy as np
 from budgetalloc.data.contract import Population, trial_from_frame
 from budgetalloc.fit.fit_stream import fit_policy
 from budgetalloc.params import Params, SimulateParams
-from budgetalloc.serve.allocate import allocate_population, population_clusters, program_for
+from budgetalloc.serve.allocate import allocate_population, classify, program_for
 from budgetalloc.studies.simulate import simulate_population, simulate_trial
 
 
@@ -45,10 +45,10 @@ def main() -> None:
         allocate_population(policy, population, budget)
         times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        population_clusters(policy, population.X, batch_size=policy.params.allocate.batch_size)
+        classify(policy, population.X, policy.params.allocate.batch_size)
         student.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        clusters = population_clusters(policy, population.X[:1000], batch_size=1000)
+        clusters = classify(policy, population.X[:1000], 1000)
         program_for(policy).solve(np.bincount(clusters, minlength=policy.k) * (args.users // 1000), budget)
         program.append(time.perf_counter() - t0)
     result = {

@@ -83,6 +83,18 @@ def test_streaming_in_small_blocks_gives_the_same_table(tmp_path):
     pd.testing.assert_frame_equal(a, b)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_output_format_follows_the_out_suffix(app, tmp_path, suffix):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / f"criteo{suffix}"
+    res = run_import(app, "criteo", write_csv(criteo_frame(n=50), tmp_path / "c.csv"), "--out", out)
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out) if suffix == ".csv" else pq.read_table(out).to_pandas()
+    assert out.read_bytes()[:4] != b"PAR1" if suffix == ".csv" else out.read_bytes()[:4] == b"PAR1"
+    assert len(df) == 50 and df["user_id"].tolist() == list(range(50))
+
+
 def pq_row_groups(path: Path) -> int:
     import pyarrow.parquet as pq
 

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from budgetalloc.cli.app import app
 from budgetalloc.errors import PolicyError
-from budgetalloc.policy import MANIFEST, SELF_HASH, _json_text, _manifest_digest, load_policy
+from budgetalloc.files import json_text
+from budgetalloc.policy import MANIFEST, SELF_HASH, _manifest_digest, load_policy
 
 runner = CliRunner()
 
@@ -37,7 +38,7 @@ def _manifest(policy: Path) -> dict:
 def _write_manifest(policy: Path, manifest: dict, *, rehash: bool) -> None:
     if rehash:
         manifest[SELF_HASH] = _manifest_digest(manifest)
-    (policy / MANIFEST).write_text(_json_text(manifest))
+    (policy / MANIFEST).write_text(json_text(manifest))
 
 
 def _rehash(policy: Path) -> None:
@@ -83,7 +84,7 @@ def test_whitespace_edits_of_the_manifest_are_refused(copy):
 def test_a_manifest_without_its_own_hash_is_refused(copy):
     manifest = _manifest(copy)
     del manifest[SELF_HASH]
-    (copy / MANIFEST).write_text(_json_text(manifest))
+    (copy / MANIFEST).write_text(json_text(manifest))
     _refused(copy, SELF_HASH)
 
 

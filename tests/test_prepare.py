@@ -26,7 +26,7 @@ from budgetalloc.data.contract import load_trial, read_table, trial_from_frame
 from budgetalloc.data.sampling import split_mask
 from budgetalloc.data.split import TEST_SEED_OFFSET, split_trial_file
 from budgetalloc.errors import DataError
-from budgetalloc.files import write_parquet
+from budgetalloc.files import write_table
 from budgetalloc.params import params_from_dict
 from budgetalloc.stages import prepare, stage_app
 from budgetalloc.studies.simulate import SimulateParams, simulate_trial
@@ -44,7 +44,7 @@ def trial_frame(n: int = 600, seed: int = 0) -> pd.DataFrame:
 
 
 def whole_split(path: Path, p) -> list[pd.DataFrame]:
-    """The parts as the whole-table split wrote them: read whole, validated, ``split_mask``, ``write_parquet``."""
+    """The parts as the whole-table split wrote them: read whole, validated, ``split_mask``, ``write_table``."""
     df = read_table(path)
     trial_from_frame(df, features=p.data.features, source=str(path))
     test = split_mask(len(df), fraction=p.data.test_fraction, seed=p.seed + TEST_SEED_OFFSET)
@@ -137,11 +137,11 @@ def test_each_column_keeps_its_whole_file_type(tmp_path, small_blocks):
         "double", "int64", "bool", "string", "int64"]
 
 
-def test_the_parts_of_a_plain_trial_are_the_bytes_write_parquet_wrote(tmp_path):
+def test_the_parts_of_a_plain_trial_are_the_bytes_write_table_wrote(tmp_path):
     source = _csv(trial_frame(), tmp_path / "t.csv")
     p = params()
     for got, want in zip(split(source, tmp_path, p), whole_split(source, p), strict=True):
-        write_parquet(want, tmp_path / "want.parquet")
+        write_table(want, tmp_path / "want.parquet")
         assert sha(got) == sha(tmp_path / "want.parquet")
 
 

@@ -16,7 +16,6 @@ from budgetalloc.studies.simulate import (
     score_allocation,
     simulate_population,
     simulate_trial,
-    truth_arrays,
     truth_frame,
 )
 
@@ -71,7 +70,8 @@ def test_unbalanced_shares_write_propensity():
 
 def test_truth_frame_roundtrip():
     pop = simulate_population(SimulateParams(), seed=2, n_users=100)
-    r, c = truth_arrays(truth_frame(pop))
+    df, arms = truth_frame(pop), range(pop.true_response.shape[1])
+    r, c = (df[[f"true_{name}_{j}" for j in arms]].to_numpy() for name in ("response", "cost"))
     np.testing.assert_array_equal(r, pop.true_response)
     np.testing.assert_array_equal(c, pop.true_cost)
 

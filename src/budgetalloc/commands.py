@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
 
 from budgetalloc.data.contract import arm_summary, load_trial, trial_from_frame
-from budgetalloc.files import atomic_path, check_distinct, is_csv_path, probe_writable, write_frame
+from budgetalloc.files import check_distinct, probe_writable, write_tables
 from budgetalloc.params import load_params, with_overrides
 from budgetalloc.studies.simulate import simulate_population, simulate_trial, truth_frame
 
@@ -38,15 +37,8 @@ def run_simulate(
         frames.append(pop.frame)
         if truth is not None:
             frames.append(truth_frame(pop))
-    write_all(dict(zip(targets, frames)))
+    write_tables(dict(zip(targets, frames)))
     return arm_summary(trial_from_frame(world.frame, source=str(out)))
-
-
-def write_all(frames: dict[Path, pd.DataFrame]) -> None:
-    """Write several tables so that all appear, or none: each is renamed into place only once all are written."""
-    with ExitStack() as stack:
-        for path, frame in frames.items():
-            write_frame(frame, stack.enter_context(atomic_path(path)), as_csv=is_csv_path(path))
 
 
 def fit_path(data: Path, params, stream: bool | None) -> str:
@@ -75,7 +67,7 @@ def run_fit(*, data: Path, out: Path, params_path: Path | None, reporter=None, s
     The trial is streamed or loaded whole as :func:`fit_path` decides; the summary's
     ``fit_path`` says which.
     """
-    from budgetalloc.fit.fit_stream import fit_policy
+    from budgetalloc.fit.fit_stream import fit_policy, fit_policy_file
     from budgetalloc.policy import check_policy_target, save_policy
 
     check_distinct(out, data=data)
@@ -83,8 +75,6 @@ def run_fit(*, data: Path, out: Path, params_path: Path | None, reporter=None, s
     probe_writable(out)
     params = load_params(params_path)
     if fit_path(data, params, stream) == "streamed":
-        from budgetalloc.fit.fit_stream import fit_policy_file
-
         policy = fit_policy_file(data, params, reporter)
     else:
         policy = fit_policy(load_trial(data, features=params.data.features), params, reporter)
@@ -104,23 +94,18 @@ def run_allocate(*, policy_dir: Path, users: Path, budget, out: Path, dask_addre
     :class:`budgetalloc.serve.allocate.Allocation`.
     """
     from budgetalloc.errors import BudgetallocError
-    from budgetalloc.policy import check_not_policy_output
-    from budgetalloc.serve.allocate import check_budget
+    from budgetalloc.policy import check_not_policy_output, load_policy
+    from budgetalloc.serve.allocate import allocate_distributed, allocate_file, check_budget
 
     budget = check_budget(budget)
     check_distinct(out, users=users)
     check_not_policy_output(out)
     if dask_address is not None:
         check_reachable(dask_address)
-        from budgetalloc.serve.allocate import allocate_distributed
-
         return allocate_distributed(policy_dir, users, budget, out, address=dask_address, partitions=partitions,
                                     quiet=True)
     if partitions is not None:
         raise BudgetallocError("--partitions applies to the Dask path: add --dask-address local (or an address)")
-    from budgetalloc.policy import load_policy
-    from budgetalloc.serve.allocate import allocate_file
-
     return allocate_file(load_policy(policy_dir), users, budget, out)
 
 

@@ -39,14 +39,8 @@ _ERRNO_HINTS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}
 
 
 def describe_os_error(err: OSError) -> str:
-    """One line for a fault of the environment: the path (or address) first, then what happened.
-
-    Args:
-        err: any ``OSError`` (disk full, permissions, a path that is a file, a refused connection).
-
-    Returns:
-        ``"PATH: what happened"``, or the first line of the error when it names no path.
-    """
+    """One line for a fault of the environment (any ``OSError``): ``"PATH: what happened"``, or the
+    first line of the error when it names no path (or address)."""
     what = err.strerror or _first_line(err) or type(err).__name__
     hint = _ERRNO_HINTS.get(err.errno)
     if hint and hint not in what:

@@ -1,19 +1,13 @@
-"""Atomic writes: an output is either complete and in place, or absent.
+"""Atomic writes: an output is either complete and in place, or absent; and the one table sink.
 
-Every file and directory the project writes goes to a temporary sibling first and
-is renamed into place with ``os.replace`` (atomic on one filesystem), so a crash,
-a kill or an error mid-way never leaves a half-written artifact where a reader
-(or DVC) would take it for a finished one. Invariants:
-
-* Output paths are literal names: a temporary of ``NAME`` is ``.NAME.XXXXXXXX.tmp``
-  (``.old``, ``.parts``), matched by string comparison, never as a glob pattern.
-* Each temporary is ``flock``-ed by the run that made it, for as long as it lives.
-  Clean-up of temporaries a killed run left removes only unlocked ones, so two
-  runs writing one target never delete each other's work: the last rename wins.
-* A failed write leaves nothing: its temporary, and the directories it created
-  for the output, are removed. An ``OSError`` names the output, not a temporary.
-* New files get the umask's mode (``0666 & ~umask``, directories ``0777``), or the
-  mode of the file they replace.
+Every output goes to a temporary sibling renamed into place with ``os.replace``.
+Invariants: output paths are literal names (a temporary of ``NAME`` is
+``.NAME.XXXXXXXX.tmp``, ``.old`` or ``.parts``, matched as a string, never a glob);
+each temporary is ``flock``-ed by its run while it lives and clean-up removes only
+unlocked ones, so concurrent runs never delete each other's work (the last rename
+wins); a failed write leaves nothing (its temporary and the directories it created
+go) and its ``OSError`` names the output; new files get ``0666 & ~umask``
+(directories ``0777``), or the mode of the file they replace.
 """
 
 from __future__ import annotations
@@ -27,7 +21,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -146,15 +140,7 @@ def remove_stale(target: Path, suffixes: tuple[str, ...] = TEMP_SUFFIXES) -> Non
         except OSError:
             os.close(fd)
             continue  # a live run's
-        try:
-            if is_dir:
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                os.unlink(entry.path)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _discard(Path(entry.path), fd)
 
 
 def _discard(path: Path, fd: int | None) -> None:
@@ -415,14 +401,6 @@ def atomic_files(directory: str | Path) -> Iterator[Path]:
 # -- writers -------------------------------------------------------------------------------
 
 
-def write_frame(df: pd.DataFrame, path: Path, *, as_csv: bool) -> None:
-    """Write ``df`` to ``path`` as CSV or Parquet (no index, not atomic: give it a temporary)."""
-    if as_csv:
-        df.to_csv(path, index=False)
-    else:
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
-
-
 def is_csv_path(path: str | Path) -> bool:
     """Outputs are CSV by suffix, Parquet otherwise."""
     return Path(path).suffix.lower() == ".csv"
@@ -435,19 +413,21 @@ OUTPUT_ROW_GROUP = 1 << 20
 class TableSink:
     """Rows appended in memory (``path`` None), to CSV by pandas, or to Parquet in fixed row groups.
 
-    Rows come as frames, or (Parquet) as Arrow tables of one schema. Row groups of
+    Rows come as frames, or as Arrow tables of one schema. Row groups of
     ``row_group_rows`` rows, each one contiguous table, give the bytes ``write_table``
     gives for the whole table at that row group size; CSV the bytes of ``DataFrame.to_csv``.
-    Not atomic: give it a temporary.
+    Not atomic: :func:`table_sinks` gives it a temporary and the format of its output.
     """
 
-    def __init__(self, path: Path | None, row_group_rows: int = OUTPUT_ROW_GROUP) -> None:
+    def __init__(self, path: Path | None, row_group_rows: int = OUTPUT_ROW_GROUP, *,
+                 csv: bool = False) -> None:
         self.path, self.rows, self.pending, self.held, self.out = path, row_group_rows, [], 0, None
-        self.csv = path is not None and is_csv_path(path)
+        self.csv, self.frame = csv, None
 
     def write(self, rows: pd.DataFrame | pa.Table) -> None:
         if self.path is None or self.csv:
             if self.csv:
+                rows = rows.to_pandas() if isinstance(rows, pa.Table) else rows
                 self.out = self.out or open(self.path, "w", newline="")  # noqa: SIM115 - closed in close()
                 rows.to_csv(self.out, header=self.out.tell() == 0, index=False)
             else:
@@ -468,30 +448,67 @@ class TableSink:
         self.out = self.out or pq.ParquetWriter(self.path, table.schema)
         self.out.write_table(table, row_group_size=self.rows)
 
-    def close(self, *, complete: bool) -> pd.DataFrame | None:
-        """Write what is pending (``complete``) and close; in memory, the rows as one frame."""
+    def close(self, *, complete: bool) -> None:
+        """Write what is pending (``complete``) and close; in memory, keep the rows as ``frame``."""
         if self.path is None:
-            return self.pending[0] if len(self.pending) == 1 else pd.concat(self.pending, ignore_index=True)
+            if complete:
+                one = len(self.pending) == 1
+                self.frame = self.pending[0] if one else pd.concat(self.pending, ignore_index=True)
+            return
         if complete and self.pending and not self.csv:
             self.flush(final=True)
         if self.out is not None:
             self.out.close()
-        return None
 
 
-def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
-    """Write ``df`` to Parquet atomically (no pandas index)."""
-    with atomic_path(path) as tmp:
-        write_frame(df, tmp, as_csv=False)
+@contextmanager
+def table_sinks(*outs: str | Path | None,
+                rows: int = OUTPUT_ROW_GROUP) -> Iterator[tuple[TableSink, ...]]:
+    """A :class:`TableSink` per output (None: in memory), all in place once the block ends.
+
+    Each format follows its output's suffix (CSV for ``.csv``, Parquet otherwise),
+    not its temporary's. Every sink is closed before the first rename; on an error
+    nothing is written.
+    """
+    with ExitStack() as stack:
+        temps = [None if out is None else stack.enter_context(atomic_path(out)) for out in outs]
+        sinks = tuple(TableSink(tmp, rows, csv=tmp is not None and is_csv_path(out))
+                      for tmp, out in zip(temps, outs))
+        try:
+            yield sinks
+        except BaseException:
+            for sink in sinks:
+                sink.close(complete=False)
+            raise
+        for sink in sinks:
+            sink.close(complete=True)
+
+
+def write_tables(frames: dict[Path, pd.DataFrame]) -> None:
+    """Write tables (Parquet, or CSV by suffix; no index) so that all appear or none.
+
+    Each is renamed into place only once all are written.
+    """
+    with ExitStack() as stack:
+        for path, df in frames.items():
+            tmp = stack.enter_context(atomic_path(path))
+            if is_csv_path(path):
+                df.to_csv(tmp, index=False)
+            else:
+                pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> None:
     """Write ``df`` atomically as Parquet, or CSV when the suffix is ``.csv``."""
-    with atomic_path(path) as tmp:
-        write_frame(df, tmp, as_csv=is_csv_path(path))
+    write_tables({path: df})
+
+
+def json_text(obj) -> str:
+    """``obj`` as the project writes JSON: indented, keys sorted, a final newline."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
 def write_json(obj, path: str | Path) -> None:
-    """Write ``obj`` as indented, key-sorted JSON atomically."""
+    """Write ``obj`` as :func:`json_text` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json_text(obj))

@@ -202,18 +202,8 @@ def _describe(err: ValidationError, source: str) -> str:
 
 
 def params_from_dict(raw: dict, *, source: str = "params") -> Params:
-    """Validate a nested dict against the schema.
-
-    Args:
-        raw: the parsed YAML mapping.
-        source: name used in error messages (usually the file path).
-
-    Returns:
-        The frozen :class:`Params`.
-
-    Raises:
-        ParamsError: naming the first offending key and value.
-    """
+    """Validate a parsed YAML mapping into the frozen :class:`Params`; ParamsError naming the
+    first offending key and value (and ``source``, usually the file path)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -225,17 +215,8 @@ def params_from_dict(raw: dict, *, source: str = "params") -> Params:
 
 
 def load_params(path: str | Path | None = None) -> Params:
-    """Load and validate ``params.yaml``; ``None`` gives the built-in defaults.
-
-    Args:
-        path: a YAML file; keys left out take their defaults.
-
-    Returns:
-        The frozen :class:`Params`.
-
-    Raises:
-        ParamsError: the file is missing, is not YAML, or fails the schema.
-    """
+    """Load and validate a params YAML file (keys left out take their defaults; ``None``: all);
+    ParamsError when the file is missing, is not YAML, or fails the schema."""
     if path is None:
         return Params()
     path = Path(path)

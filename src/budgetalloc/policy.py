@@ -1,23 +1,12 @@
 """The policy artifact: one directory with everything serving needs, verified on load.
 
-Layout (``FORMAT_VERSION`` 2)::
-
-    POLICY_DIR/
-      manifest.json      kind, format version, feature names, arms, sha256 of every
-                         file, and ``manifest_sha256``: the hash of the rest of itself
-      params.yaml        the params the policy was fitted with
-      preprocess.json    imputation medians, means and scales, in feature order
-      student/           the distilled classifier's weights and config (no pickle)
-      statistics.npz     per-(cluster, arm) estimates and bootstrap scenarios
-      budget_table.json  per-user budget level -> expected response, spend, arm shares
-      summary.json       fit diagnostics (agreement, K, sizes, notes)
-
-The directory is written to a temporary sibling and renamed into place, so a
-crash never leaves a half-written policy; it replaces only a policy (never a
-user's directory or file). Loading recomputes every hash (the manifest's own
-included), follows no entry outside the directory, then checks every value that
-decides an allocation (shapes, finite, scales > 0, costs >= 0), and refuses a
-missing, truncated, edited or foreign file with a one-line message naming it.
+``manifest.json`` (kind, ``FORMAT_VERSION``, features, arms, K, the SHA-256 of every
+file and of itself) beside ``params.yaml``, ``preprocess.json``, ``student/``,
+``statistics.npz``, ``budget_table.json`` and ``summary.json`` (docs/design.md). The
+directory is written atomically and replaces only a policy. Loading recomputes every
+hash, follows no entry outside the directory, checks every value that decides an
+allocation (shapes, finite, scales > 0, costs >= 0), and refuses a missing,
+truncated, edited or foreign file with one line naming it.
 """
 
 from __future__ import annotations
@@ -36,7 +25,7 @@ from flax import nnx
 
 from budgetalloc.data.contract import Preprocessor
 from budgetalloc.errors import BudgetallocError, PolicyError
-from budgetalloc.files import atomic_directory
+from budgetalloc.files import atomic_directory, json_text
 from budgetalloc.method.statistics import ClusterStatistics
 from budgetalloc.models.distill import StudentModel, load_student, save_student
 from budgetalloc.params import Params, params_from_dict, params_to_dict, parse_yaml
@@ -76,42 +65,24 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _dump_json(obj, path: Path) -> None:
-    path.write_text(_json_text(obj))
-
-
-def _json_text(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
-
-
-def _write_contents(policy: Policy, root: Path) -> None:
-    (root / "params.yaml").write_text(yaml.safe_dump(params_to_dict(policy.params), sort_keys=True))
-    _dump_json(policy.preprocessor.to_json(), root / "preprocess.json")
-    save_student(policy.student, root / "student")
-    policy.statistics.save(root / "statistics.npz")
-    _dump_json(policy.budget_table, root / "budget_table.json")
-    _dump_json(policy.summary, root / "summary.json")
-
-
 def _manifest_digest(manifest: dict) -> str:
     """SHA-256 of the manifest's written form without its own digest."""
     body = {k: v for k, v in manifest.items() if k != SELF_HASH}
-    return hashlib.sha256(_json_text(body).encode()).hexdigest()
+    return hashlib.sha256(json_text(body).encode()).hexdigest()
 
 
 def save_policy(policy: Policy, directory: str | Path) -> Path:
-    """Write ``policy`` atomically to ``directory`` (replacing an older policy, nothing else).
-
-    Args:
-        policy: the fitted policy.
-        directory: target directory: absent, or a policy (see :func:`check_policy_target`).
-
-    Returns:
-        The directory path.
-    """
+    """Write ``policy`` atomically to ``directory``, which is absent or a policy (it replaces
+    nothing else: :func:`check_policy_target`); returns the directory."""
     directory = Path(directory)
     with atomic_directory(directory, replaceable=check_policy_target) as tmp:
-        _write_contents(policy, tmp)
+        params = yaml.safe_dump(params_to_dict(policy.params), sort_keys=True)
+        (tmp / "params.yaml").write_text(params)
+        (tmp / "preprocess.json").write_text(json_text(policy.preprocessor.to_json()))
+        save_student(policy.student, tmp / "student")
+        policy.statistics.save(tmp / "statistics.npz")
+        (tmp / "budget_table.json").write_text(json_text(policy.budget_table))
+        (tmp / "summary.json").write_text(json_text(policy.summary))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "kind": POLICY_KIND,
@@ -123,7 +94,7 @@ def save_policy(policy: Policy, directory: str | Path) -> Path:
             "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files},
         }
         manifest[SELF_HASH] = _manifest_digest(manifest)
-        _dump_json(manifest, tmp / MANIFEST)
+        (tmp / MANIFEST).write_text(json_text(manifest))
     return directory
 
 
@@ -205,7 +176,7 @@ def _read_manifest(directory: Path) -> dict:
                           "(fit the policy again)")
     if SELF_HASH not in manifest:
         raise PolicyError(f"{path}: no '{SELF_HASH}' (edited, or written by an older budgetalloc)")
-    if manifest[SELF_HASH] != _manifest_digest(manifest) or text != _json_text(manifest):
+    if manifest[SELF_HASH] != _manifest_digest(manifest) or text != json_text(manifest):
         raise PolicyError(f"{path}: does not match its own hash (edited or truncated)")
     if manifest.get("kind") != POLICY_KIND:
         raise PolicyError(f"{path}: not a budgetalloc policy manifest")

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from budgetalloc.cli.extra import register
 from budgetalloc.errors import handle_errors
 
 app = typer.Typer(
@@ -28,7 +29,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-err_console = Console(stderr=True)
 
 
 @app.callback()
@@ -191,13 +191,7 @@ def benchmark(
     console.print(frame_table(summary, f"Benchmark written to {out}", digits=3))
 
 
-def _register_extra_commands() -> None:
-    from budgetalloc.cli.extra import register
-
-    register(app)
-
-
-_register_extra_commands()
+register(app)  # data import, abtest: after the commands above, as --help lists them
 
 
 def main() -> None:

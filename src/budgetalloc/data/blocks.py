@@ -28,8 +28,6 @@ class Rebatcher:
     """
 
     def __init__(self, size: int) -> None:
-        if size < 1:
-            raise ValueError(f"block size must be >= 1, got {size}")
         self.size = size
         self._pending: list[Rows] = []
         self._held = 0

@@ -7,13 +7,14 @@ four. Both may be Parquet or CSV. Every violation raises :class:`DataError` with
 one line naming the file and the column or value; nothing is coerced silently.
 
 Missing feature values are allowed: :class:`Preprocessor` imputes them with the
-training medians it stores (and the count is reported), then standardises.
+training medians it stores (and the count is reported), then standardises. In every
+check ``source`` names the file in messages and ``first_row`` is a batch's first row.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,6 +43,7 @@ MIN_PROPENSITY = 1e-6
 #: Standardised features are clipped to this many standard deviations (float32 stays finite).
 Z_LIMIT = 1e6
 _CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,18})$"
+CSV_SUFFIXES = (".csv", ".txt", "")
 
 
 @dataclass(frozen=True)
@@ -71,19 +73,8 @@ class Trial:
 
     def subset(self, index: np.ndarray) -> Trial:
         """The rows at ``index`` (a bool mask or integer array) as a new Trial."""
-        return Trial(
-            user_id=self.user_id[index],
-            X=self.X[index],
-            treatment=self.treatment[index],
-            response=self.response[index],
-            cost=self.cost[index],
-            propensity=self.propensity[index],
-            feature_names=self.feature_names,
-            n_arms=self.n_arms,
-            arm_shares=self.arm_shares,
-            binary_response=self.binary_response,
-            source=self.source,
-        )
+        rows = ("user_id", "X", "treatment", "response", "cost", "propensity")
+        return replace(self, **{name: getattr(self, name)[index] for name in rows})
 
 
 @dataclass(frozen=True)
@@ -111,17 +102,8 @@ def check_file(path: Path) -> None:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a Parquet or CSV file into a DataFrame, with one-line errors.
-
-    Args:
-        path: a ``.parquet``/``.pq`` or ``.csv`` file (other suffixes are sniffed).
-
-    Returns:
-        The table.
-
-    Raises:
-        DataError: missing file, unreadable content, or no rows.
-    """
+    """A Parquet or CSV file (by magic bytes or suffix) as a DataFrame; DataError if it is
+    missing, unreadable or has no rows."""
     path = Path(path)
     check_file(path)
     table = _read_arrow(path)
@@ -131,23 +113,26 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def _read_arrow(path: Path) -> pa.Table:
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    suffix = path.suffix.lower()
+    parquet = is_parquet(path)
+    if not parquet and path.suffix.lower() not in CSV_SUFFIXES:
+        raise unsupported_format(path)
     try:
-        if magic == b"PAR1" or suffix in (".parquet", ".pq"):
+        if parquet:
             table = pq.read_table(path)
             check_column_names(table.schema.names, str(path))
             return table
-        if suffix in (".csv", ".txt", ""):
-            names = csv_column_names(path)
-            check_column_names(names, str(path))
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={USER_ID: pa.string()}))
-            return with_parsed_ids(table)
+        check_column_names(csv_column_names(path), str(path))
+        table = pacsv.read_csv(path, convert_options=ids_as_text())
+        return with_parsed_ids(table)
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as err:
-        kind = "Parquet" if magic == b"PAR1" or suffix in (".parquet", ".pq") else "CSV"
-        raise unreadable(path, kind, err) from None
-    raise unsupported_format(path)
+        raise unreadable(path, "Parquet" if parquet else "CSV", err) from None
+
+
+def is_parquet(path: Path) -> bool:
+    """Parquet by magic bytes or suffix (else CSV, by a suffix in ``CSV_SUFFIXES``)."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    return magic == b"PAR1" or path.suffix.lower() in (".parquet", ".pq")
 
 
 def unreadable(path: Path, kind: str, err: Exception) -> DataError:
@@ -174,11 +159,16 @@ def csv_column_names(path: Path) -> list[str]:
         raise DataError(f"{path}: the header is not valid UTF-8 (byte {header[err.start:err.start + 1]!r} at "
                         f"offset {err.start}); save the file as UTF-8") from None
     reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 20),
-                            convert_options=pacsv.ConvertOptions(column_types={USER_ID: pa.string()}))
+                            convert_options=ids_as_text())
     try:
         return list(reader.schema.names)
     finally:
         reader.close()
+
+
+def ids_as_text() -> pacsv.ConvertOptions:
+    """CSV conversion options that read ``user_id`` as text (for :func:`parse_text_ids`)."""
+    return pacsv.ConvertOptions(column_types={USER_ID: pa.string()})
 
 
 def check_column_names(names: list[str], source: str) -> None:
@@ -219,6 +209,15 @@ def _case_variant(name: str, columns) -> str | None:
     return next((c for c in columns if isinstance(c, str) and c != name and c.strip().lower() == name), None)
 
 
+def _require(df: pd.DataFrame, names, source: str) -> None:
+    """Every reserved column of ``names`` is present, or an error naming the first missing one."""
+    for name in names:
+        if name not in df.columns:
+            variant = _case_variant(name, df.columns)
+            hint = f" (found {variant!r}: names are case-sensitive)" if variant is not None else ""
+            raise DataError(f"{source}: missing column '{name}'{hint}")
+
+
 def feature_columns(df: pd.DataFrame, features: tuple[str, ...] | None, source: str) -> tuple[str, ...]:
     """The feature columns: ``features`` if given, else every non-reserved column."""
     if features is None:
@@ -240,20 +239,9 @@ def feature_columns(df: pd.DataFrame, features: tuple[str, ...] | None, source: 
 
 
 def feature_matrix(df: pd.DataFrame, names: tuple[str, ...], source: str) -> np.ndarray:
-    """The named feature columns as a float32 matrix, checked against the contract.
-
-    Args:
-        df: the table.
-        names: feature column names, in the order of the matrix's columns.
-        source: file name used in error messages.
-
-    Returns:
-        ``(len(df), len(names))`` float32; missing values stay NaN.
-
-    Raises:
-        DataError: a non-numeric column (naming its first bad value), an infinite
-            value, or a value beyond float32 range.
-    """
+    """The ``names`` columns as a ``(len(df), len(names))`` float32 matrix (missing values stay
+    NaN); DataError for a non-numeric column (naming its first bad value), an infinite
+    value, or one beyond float32 range."""
     out = np.empty((len(df), len(names)), dtype=np.float32)
     for j, name in enumerate(names):
         col = _null_as_float(df[name])
@@ -290,11 +278,6 @@ def _first_non_numeric(col: pd.Series):
 def user_ids(df: pd.DataFrame, source: str, first_row: int = 0) -> np.ndarray:
     """The ``user_id`` column, checked present, complete, unique and of a type that round-trips.
 
-    Args:
-        df: the table.
-        source: file name used in error messages.
-        first_row: the batch's first row in the file (for messages).
-
     Returns:
         The ids as integers of the column's own width (``int8`` .. ``uint64``, so
         they are written back exactly), else as ``str`` objects.
@@ -304,10 +287,7 @@ def user_ids(df: pd.DataFrame, source: str, first_row: int = 0) -> np.ndarray:
             type that would not come out as it went in (floats, booleans, dates,
             bytes), or repeats an id (naming the first repeat in row order).
     """
-    if USER_ID not in df.columns:
-        variant = _case_variant(USER_ID, df.columns)
-        hint = f" (found {variant!r}: names are case-sensitive)" if variant is not None else ""
-        raise DataError(f"{source}: missing column '{USER_ID}'{hint}")
+    _require(df, (USER_ID,), source)
     ids = df[USER_ID]
     missing = ids.isna().to_numpy()
     if missing.any():
@@ -361,16 +341,8 @@ def _treatment(df: pd.DataFrame, source: str) -> np.ndarray:
 
 
 def check_arm_counts(counts: np.ndarray, source: str, n_arms: int | None = None) -> int:
-    """The checks over all rows of a trial: control rows exist and no arm up to the last is empty.
-
-    Args:
-        counts: rows per arm, ``np.bincount`` of the whole treatment column.
-        source: file name used in error messages.
-        n_arms: the arms every one of which must have rows (default: up to the highest present).
-
-    Returns:
-        The number of arms (the highest arm + 1).
-    """
+    """The checks over all rows of a trial, from its rows per arm ``counts``: control rows exist and
+    no arm below ``n_arms`` (default: the highest present + 1) is empty. Returns the arms."""
     n_arms = int(np.flatnonzero(counts)[-1]) + 1 if n_arms is None else n_arms
     if counts[0] == 0:
         raise DataError(f"{source}: no control rows (arm 0) in column '{TREATMENT}'")
@@ -434,23 +406,13 @@ class TrialColumns(NamedTuple):
 
 def trial_columns(df: pd.DataFrame, *, features: tuple[str, ...] | None = None, source: str = "<memory>",
                   first_row: int = 0, whole: bool = False) -> TrialColumns:
-    """The trial contract's checks that hold row by row, so they apply to each batch of a file.
+    """The trial contract's checks that hold row by row, so they apply to each batch of a file
+    (``whole``: ``df`` is the whole table, check its arms too).
 
-    Args:
-        df: the table, or a batch of it (at least one row).
-        features, source: as for :func:`trial_from_frame`.
-        first_row: the batch's first row in the file (messages count rows from the file's start).
-        whole: ``df`` is the whole table: check its arms too, where :func:`trial_from_frame` does.
-
-    Returns:
-        The :class:`TrialColumns`. A reader of batches checks the rest over all rows:
-        ids unique across batches, :func:`check_arm_counts`, :func:`arm_propensity`.
+    A reader of batches checks the rest over all rows: ids unique across batches,
+    :func:`check_arm_counts`, :func:`arm_propensity`.
     """
-    for name in TRIAL_COLUMNS:
-        if name not in df.columns:
-            variant = _case_variant(name, df.columns)
-            hint = f" (found {variant!r}: names are case-sensitive)" if variant is not None else ""
-            raise DataError(f"{source}: missing column '{name}'{hint}")
+    _require(df, TRIAL_COLUMNS, source)
     ids = user_ids(df, source, first_row)
     t = _treatment(df, source)
     if whole:
@@ -488,37 +450,17 @@ def cell_error(name: str, value, source: str) -> DataError | None:
 def trial_from_frame(
     df: pd.DataFrame, *, features: tuple[str, ...] | None = None, source: str = "<memory>"
 ) -> Trial:
-    """Validate a trial DataFrame against the contract.
-
-    Args:
-        df: the table.
-        features: feature column names; default every non-reserved column.
-        source: file name used in error messages.
-
-    Returns:
-        A :class:`Trial`.
-
-    Raises:
-        DataError: on the first violation, naming the column and value.
-    """
+    """Validate a trial DataFrame against the contract (``features``: default every non-reserved
+    column); DataError on the first violation, naming the column and value."""
     if len(df) == 0:
         raise DataError(f"{source}: table has no rows")
     cols = trial_columns(df, features=features, source=source, whole=True)
     counts = np.bincount(cols.treatment)
-    shares = counts / cols.treatment.shape[0]
-    return Trial(
-        user_id=cols.user_id,
-        X=cols.X,
-        treatment=cols.treatment,
-        response=cols.response,
-        cost=cols.cost,
-        propensity=arm_propensity(cols.treatment, counts) if cols.propensity is None else cols.propensity,
-        feature_names=cols.feature_names,
-        n_arms=len(counts),
-        arm_shares=tuple(float(s) for s in shares),
-        binary_response=bool(np.isin(cols.response, (0.0, 1.0)).all()),
-        source=source,
-    )
+    if cols.propensity is None:
+        cols = cols._replace(propensity=arm_propensity(cols.treatment, counts))
+    shares = tuple(float(s) for s in counts / cols.treatment.shape[0])
+    return Trial(**cols._asdict(), n_arms=len(counts), arm_shares=shares,
+                 binary_response=bool(np.isin(cols.response, (0.0, 1.0)).all()), source=source)
 
 
 def load_trial(path: str | Path, *, features: tuple[str, ...] | None = None) -> Trial:
@@ -529,17 +471,8 @@ def load_trial(path: str | Path, *, features: tuple[str, ...] | None = None) -> 
 def population_from_frame(
     df: pd.DataFrame, feature_names: tuple[str, ...], *, source: str = "<memory>", first_row: int = 0
 ) -> Population:
-    """Validate a population table; extra columns are ignored.
-
-    Args:
-        df: the table.
-        feature_names: the policy's features, in its order.
-        source: file name used in error messages.
-        first_row: the batch's first row in the file (messages count rows from the file's start).
-
-    Returns:
-        A :class:`Population` whose ``X`` follows ``feature_names``.
-    """
+    """Validate a population table (extra columns are ignored) into a :class:`Population` whose
+    ``X`` follows ``feature_names``, the policy's features in its order."""
     if len(df) == 0:
         raise DataError(f"{source}: table has no rows")
     ids = user_ids(df, source, first_row)
@@ -604,11 +537,6 @@ def _column_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     medians = np.where(np.isnan(medians), 0.0, medians)
     filled = np.where(np.isnan(X), medians, X)  # float64
     return medians, filled.mean(axis=0), filled.std(axis=0)
-
-
-def count_missing(X: np.ndarray) -> int:
-    """Number of missing feature values (these get imputed)."""
-    return int(np.isnan(X).sum())
 
 
 def arm_summary(trial: Trial) -> pd.DataFrame:

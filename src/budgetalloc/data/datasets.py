@@ -1,16 +1,12 @@
 """Importers that map public uplift datasets into the trial contract.
 
-Each importer reads a LOCAL copy of a released file (nothing is downloaded,
-ever), checks that its header holds exactly the release's columns, maps them to
-``user_id``, numeric features, ``treatment``, ``response`` and ``cost``, and
-writes a Parquet (or CSV) trial that :func:`budgetalloc.data.contract.load_trial`
-accepts: ``criteo``, ``hillstrom``, ``mt-lift``.
-
-Invariants: the CSV is streamed (bounded memory) into a temporary sibling renamed
-into place only once read and checked, so an error leaves no output; every column
-is typed up front (a bad value is one :class:`DataError` naming it);
-post-treatment columns are never features; no propensity column is written (all
-are randomized trials). Layouts, mappings and sources: ``docs/datasets.md``.
+Each (``criteo``, ``hillstrom``, ``mt-lift``) reads a LOCAL copy of a released CSV
+(nothing is downloaded, ever) whose header must hold exactly the release's columns,
+and writes a trial (Parquet, or CSV by suffix) that ``contract.load_trial`` accepts.
+Invariants: the CSV is streamed into an atomic output, so an error leaves none; every
+column is typed up front (a bad value is one :class:`DataError` naming it);
+post-treatment columns are never features; no propensity column is written (all are
+randomized trials). Why: docs/design.md; layouts, mappings, sources: docs/datasets.md.
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ import pyarrow.csv as pacsv
 
 from budgetalloc.data.contract import COST, RESPONSE, TREATMENT, USER_ID, check_column_names
 from budgetalloc.errors import DataError
-from budgetalloc.files import TableSink, atomic_path
+from budgetalloc.files import table_sinks
 
 BLOCK_BYTES = 4 << 20  # Arrow reads up to 32 blocks ahead: at most ~128 MB in flight
 ROW_GROUP_ROWS = 1 << 18
@@ -99,17 +95,7 @@ DATASETS = tuple(LAYOUTS)
 
 
 def parse_arm_costs(text: str) -> tuple[float, ...]:
-    """Parse ``"0,1,2,3,4"`` into finite costs >= 0.
-
-    Args:
-        text: comma-separated numbers.
-
-    Returns:
-        The costs, one per arm.
-
-    Raises:
-        DataError: a value that is not a finite number >= 0.
-    """
+    """Parse ``"0,1,2,3,4"`` into one finite cost >= 0 per arm, or a DataError."""
     try:
         costs = tuple(float(part) for part in text.split(","))
     except ValueError:
@@ -120,15 +106,7 @@ def parse_arm_costs(text: str) -> tuple[float, ...]:
 
 
 def resolve_options(dataset: str, options: ImportOptions) -> ImportOptions:
-    """Fill defaults and reject options that do not apply to ``dataset``.
-
-    Args:
-        dataset: one of :data:`DATASETS`.
-        options: what the user gave.
-
-    Returns:
-        Options with every field the dataset uses set.
-    """
+    """``options`` with every field ``dataset`` uses set; one that does not apply is an error."""
     if dataset not in LAYOUTS:
         raise DataError(f"unknown dataset '{dataset}' (expected one of: {', '.join(DATASETS)})")
     layout = LAYOUTS[dataset]
@@ -182,20 +160,9 @@ def read_header(path: Path, *, max_bytes: int = 1 << 20) -> list[str]:
 
 
 def read_batches(path: Path, layout: Layout, *, block_bytes: int = BLOCK_BYTES) -> Iterator[pa.RecordBatch]:
-    """Check a released CSV's header now, then stream it (``.gz`` decompressed on the fly).
-
-    Args:
-        path: the local file.
-        layout: the layout its header must match.
-        block_bytes: CSV block size read at a time.
-
-    Returns:
-        An iterator of record batches typed as ``layout.types``.
-
-    Raises:
-        DataError: at once for a missing/empty file or a header mismatch; while
-            iterating for a value that does not parse, naming the column.
-    """
+    """Check a released CSV's header now, then stream it in ``block_bytes`` blocks typed as
+    ``layout.types`` (``.gz`` decompressed on the fly); a value that does not parse is a
+    DataError naming its column when its block is read."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.stat().st_size == 0:
@@ -365,19 +332,14 @@ def import_dataset(dataset: str, src: str | Path, out: str | Path, options: Impo
     n_arms = {"criteo": 2, "hillstrom": 3, "mt-lift": len(opts.arm_costs)}[dataset]
     mapper, tally, start = MAPPERS[dataset], _Tally(n_arms), 0
     batches = read_batches(src, LAYOUTS[dataset], block_bytes=block_bytes)  # checks the header now
-    with atomic_path(out) as tmp:
-        sink, complete = TableSink(tmp, row_group_rows), False
-        try:
-            for batch in batches:
-                if batch.num_rows == 0:
-                    continue
-                cols = mapper(batch, start, opts, str(src))
-                tally.add(cols)
-                sink.write(pd.DataFrame(cols))
-                start += batch.num_rows
-            complete = True
-        finally:
-            sink.close(complete=complete)
+    with table_sinks(out, rows=row_group_rows) as (sink,):
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            cols = mapper(batch, start, opts, str(src))
+            tally.add(cols)
+            sink.write(pd.DataFrame(cols))
+            start += batch.num_rows
         tally.check(str(src))
     return ImportSummary(dataset, out, start, tuple(int(r) for r in tally.rows),
                          tuple(tally.response / tally.rows), tuple(tally.cost / tally.rows),

@@ -1,24 +1,14 @@
 """Reading population and trial files in fixed-size batches, never the whole table.
 
-Parquet is read with ``ParquetFile.iter_batches`` (a read buffer per column, so a
-row group is never decoded whole) and CSV with pyarrow's streaming reader,
-regrouped into batches of exactly ``batch_rows`` rows (the last may be shorter).
-Columns that are absent are left out rather than failing here, so the data
-contract's own checks (:mod:`budgetalloc.data.contract`) name them, and read errors are one
-line naming the file.
-
-CSV column types follow pyarrow's inference on the first block, widened where a
-later block could need a wider type (integer or empty columns are read as
-float64), or are given: a later block that a given type cannot hold raises
-:class:`NarrowType`, so the caller can read again with the next of ``CSV_KINDS``,
-as pyarrow's whole-file reader does. ``user_id`` is read as text and kept as int64
-only where every id is an int64's canonical text
-(:func:`budgetalloc.data.contract.parse_text_ids`); a later batch whose ids parse to
-another type than the first's raises :class:`IdsNotUniform` (read again with the
-ids as text); a later block's non-numeric value gets the contract's message.
-Column names must be unique and UTF-8. Batches are frames, or Arrow tables (``arrow``).
+Parquet through ``ParquetFile.iter_batches`` (a read buffer per column), CSV through
+pyarrow's streaming reader, regrouped into batches of exactly ``batch_rows`` rows (the
+last may be shorter), as frames or Arrow tables. Absent columns are left out for the
+data contract to name; read errors are one line naming the file; names must be unique
+and UTF-8. CSV types follow the first block's inference (integer or empty columns as
+float64), or are given; ``user_id`` is read as text and parsed as the contract parses
+it. A later block that a given type cannot hold raises :class:`NarrowType`, one whose
+ids parse to another type :class:`IdsNotUniform`: the caller reads again. Why: docs/scale.md.
 """
-
 from __future__ import annotations
 
 import re
@@ -32,12 +22,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from budgetalloc.data.contract import (
-    RESERVED,
+    CSV_SUFFIXES,
     USER_ID,
     cell_error,
     check_column_names,
     check_file,
     csv_column_names,
+    ids_as_text,
+    is_parquet,
     parse_text_ids,
     unreadable,
     unsupported_format,
@@ -48,11 +40,7 @@ from budgetalloc.errors import DataError
 CSV_BLOCK_BYTES = 8 << 20
 READ_BUFFER_BYTES = 1 << 20
 _CSV_ERROR = re.compile(r"In CSV column #(\d+).*invalid value '(.*)'")
-#: Rows per batch by default. Measured on 10M x 40 (two shared cores): 32,768 and
-#: 65,536 rows took 17-18 s at 0.86-0.94 GB peak RSS, 131,072 took 20 s at 1.03 GB,
-#: 262,144 (the in-memory path's inference batch) 22 s at 1.22 GB: the numpy
-#: temporaries of a smaller batch stay in cache.
-STREAM_BATCH_ROWS = 65_536
+STREAM_BATCH_ROWS = 65_536  #: rows per batch by default (docs/scale.md)
 
 
 #: The types pyarrow's CSV inference tries, in order: a column gets the first one that holds
@@ -83,20 +71,8 @@ def wider_kind(kind: pa.DataType) -> pa.DataType | None:
     return rest[0] if rest else None
 
 
-def is_parquet(path: Path) -> bool:
-    """Parquet by magic bytes or suffix, as :func:`budgetalloc.data.contract.read_table` decides."""
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    return magic == b"PAR1" or path.suffix.lower() in (".parquet", ".pq")
-
-
 def parquet_file(path: Path, *, buffered: bool = False) -> pq.ParquetFile:
-    """Open a Parquet file, with one-line errors; ``buffered`` reads column chunks piecewise.
-
-    Without a read buffer pyarrow loads whole column chunks (a 1M-row group of 40
-    float features: 160 MB at once); with ``READ_BUFFER_BYTES`` per column it
-    held 250 MB instead of 390 MB at 262,144-row batches, at the same speed.
-    """
+    """Open a Parquet file, with one-line errors; ``buffered`` reads column chunks piecewise."""
     try:
         if buffered:
             source = pq.ParquetFile(path, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
@@ -131,7 +107,7 @@ def csv_header(path: Path) -> pa.Schema:
     try:
         check_column_names(csv_column_names(path), str(path))
         reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                                convert_options=pacsv.ConvertOptions(column_types={USER_ID: pa.string()}))
+                                convert_options=ids_as_text())
     except (pa.ArrowException, OSError) as err:
         raise unreadable(path, "CSV", err) from None
     schema = reader.schema
@@ -220,18 +196,6 @@ def rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
         yield pa.Table.from_batches(pending)
 
 
-def population_frames(path: Path, feature_names: Iterable[str], *, batch_rows: int,
-                      ids_as_text: bool = False) -> Iterator[pd.DataFrame]:
-    """The population file's ``user_id`` and feature columns in batches of ``batch_rows``."""
-    return table_frames(path, [USER_ID, *feature_names], batch_rows=batch_rows, ids_as_text=ids_as_text)
-
-
-def trial_frames(path: Path, feature_names: Iterable[str], *, batch_rows: int,
-                 ids_as_text: bool = False) -> Iterator[pd.DataFrame]:
-    """The trial file's ``user_id``, treatment, response, cost, propensity and feature columns in batches."""
-    return table_frames(path, [*RESERVED, *feature_names], batch_rows=batch_rows, ids_as_text=ids_as_text)
-
-
 def table_frames(path: Path, wanted: Iterable[str], *, batch_rows: int, ids_as_text: bool = False,
                  types: dict[str, pa.DataType] | None = None, arrow: bool = False) -> Iterator[pd.DataFrame]:
     """The wanted columns of a Parquet or CSV file (those it has) in batches of ``batch_rows``.
@@ -242,7 +206,7 @@ def table_frames(path: Path, wanted: Iterable[str], *, batch_rows: int, ids_as_t
     wanted = list(wanted)
     if is_parquet(path):
         return parquet_frames(path, wanted, batch_rows=batch_rows, arrow=arrow)
-    if path.suffix.lower() in (".csv", ".txt", ""):
+    if path.suffix.lower() in CSV_SUFFIXES:
         return csv_frames(path, wanted, batch_rows=batch_rows, ids_as_text=ids_as_text, types=types, arrow=arrow)
     raise unsupported_format(path)
 
@@ -250,8 +214,6 @@ def table_frames(path: Path, wanted: Iterable[str], *, batch_rows: int, ids_as_t
 def ids_as_numpy(ids) -> np.ndarray:
     """Ids as :func:`budgetalloc.data.contract.population_from_frame` returns them (integers or object str)."""
     return ids if isinstance(ids, np.ndarray) else ids.to_numpy(zero_copy_only=False)
-
-
 
 
 def id_keys(ids) -> np.ndarray:
@@ -267,13 +229,6 @@ def id_keys(ids) -> np.ndarray:
     return pd.util.hash_array(ids_as_numpy(ids).astype(object))
 
 
-def repeated_keys(keys: np.ndarray) -> np.ndarray:
-    """The keys that occur more than once (sorted, unique); ``keys`` is sorted in place."""
-    keys.sort()
-    same = keys[1:] == keys[:-1]
-    return np.unique(keys[1:][same])
-
-
 def check_unique_ids(keys: np.ndarray, id_batches, source: str) -> None:
     """The contract's duplicate-id error for the first repeat, given every row's 64-bit key (:func:`id_keys`).
 
@@ -282,7 +237,8 @@ def check_unique_ids(keys: np.ndarray, id_batches, source: str) -> None:
     those whose keys repeat (equal ids, or a text hash collision) go through the
     contract's own check.
     """
-    repeated = repeated_keys(keys)
+    keys.sort()
+    repeated = np.unique(keys[1:][keys[1:] == keys[:-1]])
     if repeated.size:
         suspects = [ids_as_numpy(ids)[np.isin(id_keys(ids), repeated)] for ids in id_batches()]
         user_ids(pd.DataFrame({USER_ID: np.concatenate(suspects)}), source)

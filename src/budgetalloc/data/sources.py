@@ -1,15 +1,12 @@
 """Row sources: where a pass over users or trial rows reads them.
 
-A source has a ``name`` (for messages), ``n``, its ``columns`` and ``partitions()``:
-picklable, contiguous pieces in file order, each giving batches of at most
-``batch_rows`` rows. Kinds: records in memory (one batch, already validated), a
-Parquet or CSV file (:mod:`budgetalloc.data.readers` reads it, with their error
-wording and id handling), a partitioned Parquet dataset (a folder of parts, in name
-order). Invariants: the rows, their order and their ids do not depend on the kind,
-the partitioning or the batch size; ``first_row`` counts from the source's start.
-A CSV file may be read with the column types pyarrow's whole-file reader gives it
-(:meth:`Source.whole_file_types`, then :meth:`Source.again` after a later block
-that a type cannot hold), as a Parquet file is read with its own.
+A source has a ``name``, ``n``, its ``columns`` and ``partitions()``: picklable,
+contiguous pieces in file order, each giving batches of at most ``batch_rows`` rows.
+Kinds: a validated record in memory (one batch), a Parquet or CSV file (read by
+:mod:`budgetalloc.data.readers`), a folder of Parquet parts (in name order).
+Invariants: the rows, their order and their ids do not depend on the kind, the
+partitioning or the batch size; ``first_row`` counts from the source's start; a CSV
+may be read with the types pyarrow's whole-file reader gives it (:meth:`Source.again`).
 """
 
 from __future__ import annotations
@@ -21,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from budgetalloc.data.contract import USER_ID, check_file, csv_column_names
+from budgetalloc.data.contract import USER_ID, check_file, csv_column_names, is_parquet
 from budgetalloc.data.readers import (
     NUMERIC_KINDS,
     IdsNotUniform,
     NarrowType,
     csv_header,
-    is_parquet,
     parquet_file,
     parquet_frames,
     table_frames,

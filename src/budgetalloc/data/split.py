@@ -36,7 +36,7 @@ from budgetalloc.data.readers import (
 from budgetalloc.data.sampling import split_mask
 from budgetalloc.data.sources import Source, file_source
 from budgetalloc.errors import DataError, ParamsError
-from budgetalloc.files import TableSink, atomic_path, check_distinct
+from budgetalloc.files import check_distinct, table_sinks
 from budgetalloc.params import Params
 
 TEST_SEED_OFFSET = 2
@@ -47,7 +47,7 @@ PART_ROW_GROUP = 1 << 18
 
 def split_trial_file(trial: Path, fit: Path, test: Path, params: Params, *,
                      batch_rows: int = STREAM_BATCH_ROWS) -> tuple[int, int]:
-    """Validate ``trial`` (Parquet or CSV) and write its fit and test parts (Parquet); their row counts.
+    """Validate ``trial``, write its fit and test parts (Parquet, or CSV by suffix); their rows.
 
     Raises:
         DataError: the first contract violation, or a part without an arm (nothing is written).
@@ -77,33 +77,29 @@ def _split(source: Source, columns: list[str], parts: tuple[Path, Path], params:
     in_test = split_mask(n, fraction=params.data.test_fraction, seed=params.seed + TEST_SEED_OFFSET)
     keys = np.empty(n, dtype=np.uint64)
     counts = np.zeros((2, MAX_ARMS), dtype=np.int64)  # rows per arm: fit part, test part
-    end, metadata, complete = 0, None, False
-    with atomic_path(parts[0]) as fit_tmp, atomic_path(parts[1]) as test_tmp:
-        sinks = (TableSink(fit_tmp, PART_ROW_GROUP), TableSink(test_tmp, PART_ROW_GROUP))
-        try:
-            for table in source.partitions()[0].batches(columns, batch_rows, arrow=True):
-                start, end = end, end + table.num_rows
-                if end > n:
-                    break
-                cols = trial_columns(table.to_pandas(), features=params.data.features, source=source.name,
-                                     first_row=start)
-                keys[start:end] = id_keys(cols.user_id)
-                metadata = metadata or pandas_metadata(table.schema)
-                for sink, count, rows in zip(sinks, counts, (~in_test[start:end], in_test[start:end]), strict=True):
-                    count += np.bincount(cols.treatment[rows], minlength=MAX_ARMS)
-                    sink.write(table.filter(pa.array(rows)).replace_schema_metadata(metadata))
-            if end != n:
-                raise DataError(f"{source.name}: the file changed while it was read ({n} rows before)")
-            n_arms = check_arm_counts(counts.sum(axis=0), source.name)
-            check_unique_file_ids(source.files[0], keys, batch_rows=batch_rows, ids_as_text=source.ids_as_text)
-            for path, count in zip(parts, counts, strict=True):
-                if not count.any():
-                    raise DataError(f"{path}: table has no rows")
-                check_arm_counts(count, str(path), n_arms=n_arms)
-            complete = True
-        finally:
-            for sink in sinks:
-                sink.close(complete=complete)
+    end, metadata = 0, None
+    with table_sinks(*parts, rows=PART_ROW_GROUP) as sinks:
+        for table in source.partitions()[0].batches(columns, batch_rows, arrow=True):
+            start, end = end, end + table.num_rows
+            if end > n:
+                break
+            cols = trial_columns(table.to_pandas(), features=params.data.features,
+                                 source=source.name, first_row=start)
+            keys[start:end] = id_keys(cols.user_id)
+            metadata = metadata or pandas_metadata(table.schema)
+            rows_of = (~in_test[start:end], in_test[start:end])
+            for sink, count, rows in zip(sinks, counts, rows_of, strict=True):
+                count += np.bincount(cols.treatment[rows], minlength=MAX_ARMS)
+                sink.write(table.filter(pa.array(rows)).replace_schema_metadata(metadata))
+        if end != n:
+            raise DataError(f"{source.name}: the file changed while it was read ({n} rows before)")
+        n_arms = check_arm_counts(counts.sum(axis=0), source.name)
+        check_unique_file_ids(source.files[0], keys, batch_rows=batch_rows,
+                              ids_as_text=source.ids_as_text)
+        for path, count in zip(parts, counts, strict=True):
+            if not count.any():
+                raise DataError(f"{path}: table has no rows")
+            check_arm_counts(count, str(path), n_arms=n_arms)
     return int(counts[0].sum()), int(counts[1].sum())
 
 

@@ -1,15 +1,13 @@
 """The fit, written once as passes over a row source: a Parquet trial read in batches, or arrays.
 
-Passes: 1 check every batch and keep the seeded samples (:mod:`budgetalloc.fit.trial_scan`);
-then the preprocessor and the network on the samples; 2 k-means on the train rows'
-embeddings (:func:`cluster_pass`); 3 every row's teacher cluster (:func:`teacher_pass`),
-the student on its sample; 4 the statistics of the honest rows grouped by the student
-(:func:`statistics_pass`) and the student's cluster sizes (:func:`student_pass`); then the
-budget table. :func:`fit_policy` (arrays) and :func:`fit_policy_file` (a file) run
-them in one process, the DVC stages one boundary each. Invariants: nothing per row
-is held but a role byte (and, from a file, an id key in pass 1); forward passes, sums and draws
-follow fixed blocks from row 0, so the policy does not depend on the batching or the
-source (``summary.fit_path`` aside). Rationale: docs/scale.md.
+Passes: 1 checks every batch and keeps the samples (:mod:`budgetalloc.fit.trial_scan`),
+the preprocessor and network learn from them; 2 k-means on the train rows' embeddings;
+3 every row's teacher cluster, the student learns its sample's; 4 the statistics of the
+honest rows grouped by the student and its cluster sizes; then the budget table. One
+process runs them all (:func:`fit_policy`, :func:`fit_policy_file`), a DVC stage one
+boundary. Invariants: per row only a role byte is held (and an id key in pass 1);
+passes follow fixed blocks from row 0, so the policy does not depend on the batching
+or the source (``summary.fit_path`` aside). Rationale: docs/scale.md.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from budgetalloc.fit.pipeline import (
     Reporter,
     assemble_policy,
     cluster_k,
-    fit_summary,
     program_stage,
 )
 from budgetalloc.fit.trial_scan import (
@@ -248,51 +245,31 @@ def fit_source(trial: TrialRows, params: Params, reporter: Reporter | None = Non
     scan.held = None  # the samples are no longer needed
     stats, n_users, agreement, table = budget_step(trial, roles, scan, pre, model, student, teacher_holdout,
                                                    params, reporter)
-    n_train = train_rows(roles)
-    summary = fit_summary(scan.facts, train_rows=n_train, honest_rows=trial.n - n_train, k=clusters.k,
-                          agreement=agreement, epochs=int(model.history.epochs_run), n_users=n_users,
-                          table=table, notes=reporter.notes, fit_path=fit_path)
-    return assemble_policy(scan.facts, params, preprocessor=pre, student=student, statistics=stats,
-                           budget_table=table, summary=summary)
+    return assemble_policy(scan.facts, params, preprocessor=pre, network=model, student=student,
+                           statistics=stats, budget_table=table, n_users=n_users,
+                           train_rows=train_rows(roles), agreement=agreement, notes=reporter.notes,
+                           fit_path=fit_path)
 
 
 def fit_policy(trial: Trial, params: Params, reporter: Reporter | None = None, *,
                batch_rows: int = STREAM_BATCH_ROWS) -> Policy:
-    """Fit a policy on a validated in-memory trial: the passes over its arrays in batches.
+    """Fit a policy (not yet saved) on a validated in-memory trial: the passes over its arrays in
+    batches of ``batch_rows`` (the result does not depend on it); ``reporter`` shows progress.
 
     The student learns the teacher's clusters from every row except a seeded
     ``distill.holdout_fraction`` kept to measure its agreement: cluster labels come
     from features alone, so using the honest rows' features here leaks no outcome.
-
-    Args:
-        trial: a validated randomized trial.
-        params: all params (each pass reads its own section).
-        reporter: progress sink; silent by default.
-        batch_rows: rows per batch (any size: the result does not depend on it).
-
-    Returns:
-        The policy (not yet saved; see :func:`budgetalloc.policy.save_policy`), with
-        ``summary["fit_path"] == "in memory"``: the same bytes as :func:`fit_policy_file`
-        on the same rows otherwise.
+    The policy has the bytes :func:`fit_policy_file` gives on the same rows, but for
+    ``summary["fit_path"] == "in memory"``.
     """
     return fit_source(memory_trial(trial, batch_rows), params, reporter, fit_path="in memory")
 
 
 def fit_policy_file(path: str | Path, params: Params, reporter: Reporter | None = None, *,
                     batch_rows: int = STREAM_BATCH_ROWS) -> Policy:
-    """Fit a policy on a Parquet trial read in batches, in bounded memory.
-
-    Args:
-        path: the trial (Parquet).
-        params: all params; ``train.max_rows``, ``distill.max_rows``,
-            ``data.preprocess_sample`` and ``statistics.clip_sample`` bound what is
-            held in memory.
-        reporter: progress sink; silent by default.
-        batch_rows: rows per batch read (any size: the result does not depend on it).
-
-    Returns:
-        The policy (not yet saved; see :func:`budgetalloc.policy.save_policy`), with
-        ``summary["fit_path"] == "streamed"``.
+    """:func:`fit_policy` on a Parquet trial read in batches of ``batch_rows``, in memory bounded by
+    ``train.max_rows``, ``distill.max_rows``, ``data.preprocess_sample`` and
+    ``statistics.clip_sample``; ``summary["fit_path"] == "streamed"``.
 
     Raises:
         DataError: the file is not a readable Parquet trial, or breaks the contract.

@@ -17,6 +17,7 @@ from budgetalloc.method.clustering import effective_k
 from budgetalloc.method.program import AllocationProgram, solve_budget_table
 from budgetalloc.method.statistics import ClusterStatistics
 from budgetalloc.models.distill import StudentModel
+from budgetalloc.models.representation import RepresentationModel
 from budgetalloc.params import Params
 from budgetalloc.policy import Policy
 
@@ -90,42 +91,28 @@ def program_stage(stats: ClusterStatistics, n_users: np.ndarray, params: Params,
     return table
 
 
-def fit_summary(trial: Trial, *, train_rows: int, honest_rows: int, k: int, agreement: float,
-                epochs: int, n_users: np.ndarray, table: list[dict], notes: list[str],
-                fit_path: str = "in memory") -> dict:
-    """The fit diagnostics stored in the policy (``summary.json``).
-
-    ``trial`` needs ``n`` and ``n_arms`` only (the streamed fit passes its file's facts).
+def assemble_policy(trial: Trial, params: Params, *, preprocessor: Preprocessor,
+                    network: RepresentationModel, student: StudentModel,
+                    statistics: ClusterStatistics, budget_table: list[dict], n_users: np.ndarray,
+                    train_rows: int, agreement: float | None, notes: list[str],
+                    fit_path: str = "in memory") -> Policy:
+    """The :class:`Policy` from the fitted parts (not yet saved), with the fit diagnostics it stores
+    (``summary.json``). ``trial`` needs ``n``, ``n_arms``, ``feature_names`` and
+    ``binary_response`` only (the streamed fit passes its file's facts).
     """
-    return {
+    summary = {
         "rows": trial.n,
         "train_rows": train_rows,
-        "honest_rows": honest_rows,
-        "k": k,
+        "honest_rows": trial.n - train_rows,
+        "k": student.n_clusters,
         "n_arms": trial.n_arms,
         "student_agreement": agreement,
-        "representation_epochs": epochs,
+        "representation_epochs": int(network.history.epochs_run),
         "cluster_sizes": n_users.tolist(),
-        "budget_per_user_range": [table[0]["budget_per_user"], table[-1]["budget_per_user"]],
+        "budget_per_user_range": [budget_table[i]["budget_per_user"] for i in (0, -1)],
         "notes": list(notes),
         "fit_path": fit_path,
     }
-
-
-def assemble_policy(trial: Trial, params: Params, *, preprocessor: Preprocessor, student: StudentModel,
-                    statistics: ClusterStatistics, budget_table: list[dict], summary: dict) -> Policy:
-    """The :class:`Policy` from the fitted parts (not yet saved).
-
-    ``trial`` needs ``feature_names``, ``n_arms`` and ``binary_response`` only.
-    """
-    return Policy(
-        feature_names=trial.feature_names,
-        n_arms=trial.n_arms,
-        binary_response=trial.binary_response,
-        preprocessor=preprocessor,
-        student=student,
-        statistics=statistics,
-        budget_table=budget_table,
-        params=params,
-        summary=summary,
-    )
+    return Policy(feature_names=trial.feature_names, n_arms=trial.n_arms,
+                  binary_response=trial.binary_response, preprocessor=preprocessor, student=student,
+                  statistics=statistics, budget_table=budget_table, params=params, summary=summary)

@@ -26,12 +26,12 @@ from budgetalloc.data.contract import (
     TrialColumns,
     check_arm_counts,
     check_file,
-    count_missing,
     feature_columns,
     feature_matrix,
+    is_parquet,
     trial_columns,
 )
-from budgetalloc.data.readers import check_unique_file_ids, id_keys, is_parquet, parquet_file
+from budgetalloc.data.readers import check_unique_file_ids, id_keys, parquet_file
 from budgetalloc.data.sampling import (
     PREPROCESS_SAMPLE,
     STUDENT_SAMPLE,
@@ -251,7 +251,7 @@ def scan_trial(trial: TrialRows, roles: np.ndarray, held_roles: int = HELD) -> S
             keys[start:end] = id_keys(cols.user_id)
         counts += np.bincount(cols.treatment, minlength=MAX_ARMS)
         binary = binary and bool(np.isin(cols.response, (0.0, 1.0)).all())
-        missing += count_missing(cols.X)
+        missing += int(np.isnan(cols.X).sum())
         r = roles[start:end]
         at_held = held.fill(at_held, cols, (r & held_roles) != 0)
         at_clip = clip.fill(at_clip, cols, (r & CLIP) != 0)

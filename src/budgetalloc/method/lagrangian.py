@@ -58,18 +58,12 @@ def _fill(r, c, arms_hi, arms_lo, budget) -> np.ndarray:
 def lagrangian_allocation(
     r: np.ndarray, c: np.ndarray, budget: float, *, iters: int = 60, fill: bool = True
 ) -> LagrangianAllocation:
-    """Allocate one arm per user under a total budget by Lagrangian bisection.
+    """Allocate one arm per user under a total ``budget`` by ``iters`` bisection steps on ``lam``.
 
-    Args:
-        r: expected response per user and arm, (n, M).
-        c: expected cost per user and arm, (n, M); arm 0 is usually free.
-        budget: total budget in cost units.
-        iters: bisection steps on ``lam``.
-        fill: spend what the last bisection interval leaves (see module doc).
-
-    Returns:
-        The allocation; if even the cheapest choice exceeds the budget, the
-        cheapest-per-user allocation is returned and its spend exceeds ``budget``.
+    ``r`` and ``c`` are the ``(n, M)`` expected response and cost (arm 0 usually free);
+    ``fill`` spends what the last bisection interval leaves (see the module doc). If even
+    the cheapest choice exceeds the budget, the cheapest-per-user allocation is returned
+    and its spend exceeds ``budget``.
     """
     r = np.asarray(r, dtype=np.float64)
     c = np.asarray(c, dtype=np.float64)

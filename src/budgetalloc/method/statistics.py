@@ -135,14 +135,8 @@ def _segment_sums(bounds: np.ndarray, weights: np.ndarray, terms: np.ndarray) ->
 class StatisticsAccumulator:
     """Additive sufficient statistics of the honest rows, fed in row order in chunks of any
     size: :meth:`finalize` gives the same :class:`ClusterStatistics` bit for bit however
-    the rows were cut.
-
-    Args:
-        k: number of clusters.
-        n_arms: number of arms.
-        params: the ``statistics`` section.
-        seed: seeds the per-block bootstrap and median-of-means draws.
-        bands: ``(2, 2, M)`` winsorize bands (:func:`winsorize_bands`), or ``None``.
+    the rows were cut. ``seed`` seeds the per-block bootstrap and median-of-means draws;
+    ``bands`` are the ``(2, 2, M)`` winsorize bands (:func:`winsorize_bands`), or ``None``.
     """
 
     def __init__(self, *, k: int, n_arms: int, params: StatisticsParams, seed: int,
@@ -300,14 +294,8 @@ def cluster_statistics(
     labels: np.ndarray, treatment: np.ndarray, response: np.ndarray, cost: np.ndarray, ipw: np.ndarray,
     pred_response: np.ndarray, pred_cost: np.ndarray, *, k: int, params: StatisticsParams, seed: int,
 ) -> ClusterStatistics:
-    """:class:`StatisticsAccumulator` on in-memory honest rows, one ``update``.
-
-    Args:
-        labels: (n,) cluster id of each row (as the serving model assigns it).
-        treatment, response, cost, ipw: (n,) arm received, outcomes, inverse-propensity weight.
-        pred_response, pred_cost: (n, M) network predictions for these rows.
-        k, params, seed: as for the accumulator.
-    """
+    """:class:`StatisticsAccumulator` on in-memory honest rows (as its ``update`` takes them), one
+    ``update``, with the winsorize bands of its :func:`clip_sample_rows`."""
     m = pred_response.shape[1]
     rows = clip_sample_rows(labels.shape[0], params, seed)
     pick = slice(None) if rows is None else rows

@@ -105,11 +105,8 @@ def train_student(
         X: float32 ``(n, d)`` preprocessed features (the serving input).
         labels: int ``(n,)`` teacher clusters in ``0..n_clusters-1`` (the targets unless
             ``soft_targets``, an ``(n, K)`` distribution per row, are given).
-        n_clusters: ``K``.
-        params: the ``distill`` section of params.yaml.
-        seed: seeds the initialisation, the validation split and the shuffles.
-        val_fraction: share of rows held out for early stopping.
-        progress: called after every epoch (:data:`budgetalloc.models.nn.Progress`).
+        params, seed, val_fraction, progress: the ``distill`` section; as for
+            :func:`budgetalloc.models.nn.fit` (``seed`` seeds the initialisation too).
 
     Raises:
         DataError: arrays of the wrong shape or labels out of range.

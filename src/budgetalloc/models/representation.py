@@ -170,14 +170,12 @@ def train_representation(
     Args:
         X: float32 ``(n, d)`` preprocessed features, no NaN.
         treatment: int ``(n,)`` received arm in ``0..n_arms-1``.
-        response: ``(n,)`` 0/1 if ``binary_response`` else a continuous value.
+        response: ``(n,)`` 0/1 if ``binary_response`` (cross-entropy on a logit), else a
+            value (Huber).
         cost: ``(n,)`` cost incurred, ``>= 0``.
-        weight: ``(n,)`` propensity weights ``1/(M p(t_i))``.
-        n_arms: number of arms ``M``.
-        binary_response: cross-entropy on a logit instead of Huber on a value.
-        params: the ``train`` section of params.yaml.
-        seed: seeds the initialisation, the validation split and the shuffles.
-        progress: called after every epoch (:data:`budgetalloc.models.nn.Progress`).
+        weight: ``(n,)`` propensity weights ``1/(M p(t_i))``, ``M = n_arms``.
+        params, seed, progress: the ``train`` section; as for :func:`budgetalloc.models.nn.fit`
+            (``seed`` seeds the initialisation too).
 
     Raises:
         DataError: arrays of the wrong shape, non-finite values or arms out of range.

@@ -32,14 +32,13 @@ from budgetalloc.data.readers import (
 )
 from budgetalloc.data.sources import Partition, Source, file_source, memory_source
 from budgetalloc.errors import BudgetallocError, DataError
-from budgetalloc.files import OUTPUT_ROW_GROUP, TableSink, atomic_path, is_csv_path
+from budgetalloc.files import OUTPUT_ROW_GROUP, is_csv_path, table_sinks
 from budgetalloc.method.program import AllocationProgram, ProgramSolution
 from budgetalloc.models.distill import predict_clusters
 from budgetalloc.models.nn import inference_batch_size
 from budgetalloc.policy import Policy, load_policy
 from budgetalloc.serve.executor import Runner, injected_failure, inline
 
-ALLOCATION_COLUMNS = (USER_ID, "cluster", "treatment", "expected_response", "expected_cost")
 _INT16_MAX = np.iinfo(np.int16).max
 
 
@@ -92,19 +91,16 @@ def check_budget(budget) -> float:
     return value
 
 
-def compiled_rows(batch_size: int) -> int:
-    """Rows per compiled student call (and per read batch) for a requested batch size."""
-    return inference_batch_size(batch_size, batch_size)
+def pass_rows(policy: Policy, source: Source, batch_size: int | None = None) -> int:
+    """Rows per read batch and compiled student call of a pass over ``source``: ``batch_size``,
+    else the policy's ``allocate.batch_size`` in memory or ``STREAM_BATCH_ROWS`` from a file."""
+    default = STREAM_BATCH_ROWS if source.record is None else policy.params.allocate.batch_size
+    return inference_batch_size(batch_size or default, batch_size or default)
 
 
 def classify(policy: Policy, X: np.ndarray, rows: int) -> np.ndarray:
     """Cluster id per row: impute, standardise, one student forward pass of ``rows``-row calls."""
     return predict_clusters(policy.student, policy.preprocessor.transform(X), batch_size=rows)
-
-
-def population_clusters(policy: Policy, X: np.ndarray, *, batch_size: int) -> np.ndarray:
-    """Cluster id per user (:func:`classify`)."""
-    return classify(policy, X, batch_size)
 
 
 def program_for(policy: Policy) -> AllocationProgram:
@@ -203,8 +199,6 @@ def classify_source(policy: Policy, source: Source, rows: int, *, run: Runner = 
         return classify_source(policy, source.text_ids(), rows, run=run, ref=ref, partitions=partitions, fn=fn)
 
 
-
-
 # -- the operation ---------------------------------------------------------------------------
 
 
@@ -226,8 +220,7 @@ def allocate(policy: Policy, source: Source, budget, out: str | Path | None = No
         BudgetallocError: a bad budget, or the final spend check fails.
     """
     budget = check_budget(budget)
-    rows = compiled_rows(batch_size or (policy.params.allocate.batch_size if source.record is not None
-                                        else STREAM_BATCH_ROWS))
+    rows = pass_rows(policy, source, batch_size)
     parts, _ = classify_source(policy, source, rows, run=run, ref=ref, partitions=partitions)
     sizes = sum((p.sizes for p in parts), np.zeros(policy.k, dtype=np.int64))
     if not sizes.sum():
@@ -235,24 +228,19 @@ def allocate(policy: Policy, source: Source, budget, out: str | Path | None = No
     ids = [c for p in parts for c in p.ids]
     check_unique_ids(np.concatenate([id_keys(c) for c in ids]), lambda: ids, source.name)
     solution = program_for(policy).solve(sizes, budget)
-    sink, spend, offsets, complete = TableSink(None if out is None else Path(out), row_group_rows), 0.0, None, False
-    with atomic_path(out) if out is not None else nullcontext() as tmp:
-        sink.path = tmp
-        try:
-            for part in parts:  # offsets run on across partitions: the prefix sums of their sizes
-                for ids, clusters in zip(part.ids, part.clusters):
-                    clusters = clusters.astype(np.int32)
-                    arms, offsets = arms_in_file_order(clusters, solution.counts, offsets)
-                    frame = allocation_frame(policy, ids_as_numpy(ids), clusters, arms)
-                    spend += float(frame["expected_cost"].sum())
-                    sink.write(frame)
-            check_spend(spend, budget)
-            complete = True
-        finally:
-            held = sink.close(complete=complete)
+    spend, offsets = 0.0, None
+    with table_sinks(out, rows=row_group_rows) as (sink,):
+        for part in parts:  # offsets run on across partitions: the prefix sums of their sizes
+            for ids, clusters in zip(part.ids, part.clusters):
+                clusters = clusters.astype(np.int32)
+                arms, offsets = arms_in_file_order(clusters, solution.counts, offsets)
+                frame = allocation_frame(policy, ids_as_numpy(ids), clusters, arms)
+                spend += float(frame["expected_cost"].sum())
+                sink.write(frame)
+        check_spend(spend, budget)
     return Allocation(solution=solution, budget=budget, unspent=unspent_budget(policy, sizes, budget),
-                      cluster_sizes=sizes, spend=spend, path=None if out is None else Path(out), held=held,
-                      run_counts={"classify": tuple(p.run_count for p in parts)})
+                      cluster_sizes=sizes, spend=spend, path=None if out is None else Path(out),
+                      held=sink.frame, run_counts={"classify": tuple(p.run_count for p in parts)})
 
 
 def allocate_population(policy: Policy, population: Population, budget: float, *,

@@ -42,14 +42,9 @@ def write_png(png: bytes, path: str | Path) -> None:
         Path(tmp).write_bytes(png)
 
 
-def data_uri(png: bytes) -> str:
-    """A PNG as a ``data:`` URI (for a markdown image)."""
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
 def markdown_image(png: bytes, alt: str) -> str:
-    """A markdown image holding the PNG itself."""
-    return f"![{alt}]({data_uri(png)})"
+    """A markdown image holding the PNG itself (a ``data:`` URI)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
 
 
 def curve_frame(table: list[dict], users: int | None = None) -> pd.DataFrame:

@@ -32,7 +32,7 @@ from budgetalloc.data.contract import (
     trial_columns,
     user_ids,
 )
-from budgetalloc.data.readers import STREAM_BATCH_ROWS, check_unique_ids, id_keys
+from budgetalloc.data.readers import check_unique_ids, id_keys
 from budgetalloc.data.sources import Partition, Source, file_source, memory_source
 from budgetalloc.errors import DataError
 from budgetalloc.files import atomic_files, write_json
@@ -43,7 +43,7 @@ from budgetalloc.serve.allocate import (
     as_policy,
     classify,
     classify_source,
-    compiled_rows,
+    pass_rows,
     program_for,
 )
 from budgetalloc.serve.executor import Runner, injected_failure, inline
@@ -230,8 +230,7 @@ def source_outcomes(policy: Policy, source: Source, *, batch_size: int | None = 
     Raises:
         DataError: the source breaks the trial contract, or has more arms than the policy.
     """
-    rows = compiled_rows(batch_size or (policy.params.allocate.batch_size if source.record is not None
-                                        else STREAM_BATCH_ROWS))
+    rows = pass_rows(policy, source, batch_size)
     parts, source = classify_source(policy, source, rows, run=run, ref=ref, partitions=partitions,
                             fn=classify_trial_partition)
     joined = {f: [c for p in parts for c in getattr(p, f)] for f in TrialPart.__dataclass_fields__
@@ -241,18 +240,14 @@ def source_outcomes(policy: Policy, source: Source, *, batch_size: int | None = 
     arm_counts = sum(p.arm_counts for p in parts)
     n_arms = check_arm_counts(arm_counts, source.name)
     check_unique_ids(np.concatenate(joined.pop("keys")), lambda: (
-        _ids(batch, source.name) for part in source.partitions() for batch in part.batches([USER_ID], rows)),
-        source.name)
+        batch.user_id if isinstance(batch, Trial) else user_ids(batch, source.name)
+        for part in source.partitions() for batch in part.batches([USER_ID], rows)), source.name)
     whole = {f: np.concatenate(v) for f, v in joined.items() if v}
     propensity = whole.get("propensity")
     if propensity is None:
         propensity = arm_propensity(whole["treatment"], arm_counts[:n_arms])
     return whole["clusters"], Outcomes(treatment=whole["treatment"], response=whole["response"],
                                        cost=whole["cost"], propensity=propensity, n_arms=n_arms)
-
-
-def _ids(batch, source: str) -> np.ndarray:
-    return batch.user_id if isinstance(batch, Trial) else user_ids(batch, source)
 
 
 def evaluate(policy: Policy, source: Source, out_dir: str | Path, *, levels=DEFAULT_LEVELS,

@@ -5,9 +5,9 @@ runs one pass boundary of the fit (:mod:`budgetalloc.fit.fit_stream`) or a servi
 command, and writes its outputs atomically; paths come from the command line.
 Invariants: a fit stage reads the Parquet trial in batches and persists weights,
 centroids, statistics and tables, never per-row arrays; the chain's policy is the
-streamed fit's and the in-memory ``fit_policy``'s (``summary.fit_path`` aside). Here: params loading, the
-one-line error convention (exit code 2), and :class:`StageReporter`, whose lines a
-Prefect task follows (:func:`budgetalloc.progress_line.parse_progress`).
+streamed fit's and the in-memory ``fit_policy``'s (``summary.fit_path`` aside). Here:
+the one-line error convention (exit code 2), and :class:`StageReporter`, whose lines
+a Prefect task follows (:func:`budgetalloc.progress_line.parse_progress`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from budgetalloc.data.contract import Preprocessor
 from budgetalloc.errors import handle_errors
 from budgetalloc.fit.pipeline import Reporter
 from budgetalloc.models.nn import STOPPED_EARLY, early_stop_message
-from budgetalloc.params import Params, load_params
 from budgetalloc.progress_line import text_bar
 
 PARAMS_FILE = Path("params.yaml")
@@ -44,11 +43,6 @@ class StageReporter(Reporter):
     def note(self, message: str) -> None:
         super().note(message)
         print(f"note: {message}", flush=True)
-
-
-def stage_params(path: Path = PARAMS_FILE) -> Params:
-    """The validated ``params.yaml`` (a stage reads only the keys ``dvc.yaml`` lists for it)."""
-    return load_params(path)
 
 
 def read_json(path: Path) -> Any:

@@ -19,6 +19,7 @@ import typer
 from budgetalloc.commands import run_allocate
 from budgetalloc.files import atomic_files, write_json, write_table
 from budgetalloc.fit.pipeline import Reporter, program_stage
+from budgetalloc.params import load_params
 from budgetalloc.policy import load_policy
 from budgetalloc.serve.allocate import Allocation
 from budgetalloc.serve.dashboards import (
@@ -28,7 +29,7 @@ from budgetalloc.serve.dashboards import (
     curve_frame,
     write_png,
 )
-from budgetalloc.stages import PARAMS_FILE, run, stage_params
+from budgetalloc.stages import PARAMS_FILE, run
 
 
 def allocation_summary(allocation: Allocation, users: Path) -> dict:
@@ -59,7 +60,7 @@ def main(
     params: Annotated[Path, typer.Option(help="params file")] = PARAMS_FILE,
 ) -> None:
     """Allocate ``allocate.users`` under ``allocate.budget``; write the allocation and its report."""
-    p = stage_params(params)
+    p = load_params(params)
     users = Path(p.allocate.users)
     allocation = run_allocate(policy_dir=policy, users=users, budget=p.allocate.budget, out=out)
     fitted = load_policy(policy)

@@ -15,7 +15,8 @@ from budgetalloc.files import atomic_directory, write_json
 from budgetalloc.fit.fit_stream import cluster_pass, scan_file, teacher_pass
 from budgetalloc.method.clustering import save_clusters
 from budgetalloc.models.representation import load_representation
-from budgetalloc.stages import PARAMS_FILE, StageReporter, read_preprocessor, run, stage_params
+from budgetalloc.params import load_params
+from budgetalloc.stages import PARAMS_FILE, StageReporter, read_preprocessor, run
 
 
 def main(
@@ -27,7 +28,7 @@ def main(
     params: Annotated[Path, typer.Option(help="params file")] = PARAMS_FILE,
 ) -> None:
     """Fit k-means on the train rows; count every row's cluster."""
-    p = stage_params(params)
+    p = load_params(params)
     reporter = StageReporter()
     trial, roles, scan = scan_file(data, p, reporter, held_roles=0)  # no samples: only the checks and facts
     pre, net = read_preprocessor(preprocess), load_representation(model)

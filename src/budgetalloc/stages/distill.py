@@ -19,7 +19,8 @@ from budgetalloc.fit.trial_scan import STUDENT
 from budgetalloc.method.clustering import load_clusters
 from budgetalloc.models.distill import save_student
 from budgetalloc.models.representation import load_representation
-from budgetalloc.stages import PARAMS_FILE, StageReporter, read_preprocessor, run, stage_params
+from budgetalloc.params import load_params
+from budgetalloc.stages import PARAMS_FILE, StageReporter, read_preprocessor, run
 
 
 def main(
@@ -32,7 +33,7 @@ def main(
     params: Annotated[Path, typer.Option(help="params file")] = PARAMS_FILE,
 ) -> None:
     """Train the student on its sample of the non-holdout rows; measure its agreement on the holdout."""
-    p = stage_params(params)
+    p = load_params(params)
     reporter = StageReporter()
     trial, roles, scan = scan_file(data, p, reporter, held_roles=STUDENT)
     pre = read_preprocessor(preprocess)

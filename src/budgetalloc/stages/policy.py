@@ -17,15 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
 
 from budgetalloc.files import write_table
 from budgetalloc.fit.fit_stream import budget_step, scan_file, train_rows
-from budgetalloc.fit.pipeline import assemble_policy, fit_summary
+from budgetalloc.fit.pipeline import assemble_policy
 from budgetalloc.models.distill import load_student
 from budgetalloc.models.representation import load_representation
-from budgetalloc.params import AllocateParams, Params
+from budgetalloc.params import AllocateParams, load_params
 from budgetalloc.policy import save_policy
 from budgetalloc.serve.dashboards import (
     budget_curve_png,
@@ -41,23 +40,7 @@ from budgetalloc.stages import (
     read_json,
     read_preprocessor,
     run,
-    stage_params,
 )
-
-
-def policy_params(params: Params) -> Params:
-    """``params`` with the scenario keys (``allocate.budget``, ``allocate.users``) at their defaults."""
-    return params.model_copy(update={"allocate": AllocateParams(batch_size=params.allocate.batch_size)})
-
-
-def write_pictures(curve: pd.DataFrame, clusters: pd.DataFrame, table: list[dict], curve_plot: Path,
-                   clusters_plot: Path) -> None:
-    """The budget curve and the clusters (chosen arm at the middle budget level) as PNG."""
-    write_png(budget_curve_png(curve, title="Budget curve of the fitted policy (fit trial)", unit="per user"),
-              curve_plot)
-    row, arms = chosen_arms(table)
-    title = f"Clusters at budget {row['budget_per_user']:.3g} per user (level {row['level']:g})"
-    write_png(clusters_png(clusters.assign(chosen_arm=arms), title=title), clusters_plot)
 
 
 def main(
@@ -76,30 +59,26 @@ def main(
     params: Annotated[Path, typer.Option(help="params file")] = PARAMS_FILE,
 ) -> None:
     """Estimate the cluster statistics, solve the budget table, write the policy."""
-    p = stage_params(params)
+    p = load_params(params)
     reporter = StageReporter()
     trial, roles, scan = scan_file(data, p, reporter, held_roles=0)  # no samples: only the checks and facts
     pre, net, student_model = read_preprocessor(preprocess), load_representation(model), load_student(student)
     stats, n_users, _, table = budget_step(trial, roles, scan, pre, net, student_model, None, p, reporter)
-    n_train = train_rows(roles)
-    summary = fit_summary(
-        scan.facts,
-        train_rows=n_train,
-        honest_rows=trial.n - n_train,
-        k=student_model.n_clusters,
-        agreement=read_json(distill_report)["agreement"],
-        epochs=int(net.history.epochs_run),
-        n_users=n_users,
-        table=table,
-        notes=read_json(train_report)["notes"] + read_json(cluster_report)["notes"],
-    )
-    policy = assemble_policy(scan.facts, policy_params(p), preprocessor=pre, student=student_model,
-                             statistics=stats, budget_table=table, summary=summary)
+    scenario_free = p.model_copy(update={"allocate": AllocateParams(batch_size=p.allocate.batch_size)})
+    notes = read_json(train_report)["notes"] + read_json(cluster_report)["notes"]
+    policy = assemble_policy(scan.facts, scenario_free, preprocessor=pre, network=net,
+                             student=student_model, statistics=stats, budget_table=table,
+                             n_users=n_users, train_rows=train_rows(roles),
+                             agreement=read_json(distill_report)["agreement"], notes=notes)
     save_policy(policy, out)
     curve_table, cluster_table = curve_frame(table), cluster_frame(stats, n_users)
     write_table(curve_table, curve)
     write_table(cluster_table, clusters)
-    write_pictures(curve_table, cluster_table, table, curve_plot, clusters_plot)
+    write_png(budget_curve_png(curve_table, title="Budget curve of the fitted policy (fit trial)",
+                               unit="per user"), curve_plot)
+    row, arms = chosen_arms(table)  # the clusters' arms at the middle budget level
+    title = f"Clusters at budget {row['budget_per_user']:.3g} per user (level {row['level']:g})"
+    write_png(clusters_png(cluster_table.assign(chosen_arm=arms), title=title), clusters_plot)
     print(f"policy: K={policy.k}, {len(table)} budget levels -> {out}")
 
 

@@ -14,7 +14,8 @@ from typing import Annotated
 import typer
 
 from budgetalloc.data.split import split_trial_file
-from budgetalloc.stages import PARAMS_FILE, run, stage_params
+from budgetalloc.params import load_params
+from budgetalloc.stages import PARAMS_FILE, run
 
 
 def main(
@@ -24,7 +25,7 @@ def main(
     params: Annotated[Path, typer.Option(help="params file")] = PARAMS_FILE,
 ) -> None:
     """Validate the trial, split it, write both parts."""
-    fit_rows, test_rows = split_trial_file(trial, fit, test, stage_params(params))
+    fit_rows, test_rows = split_trial_file(trial, fit, test, load_params(params))
     print(f"prepare: {fit_rows} fit rows -> {fit}, {test_rows} test rows -> {test}")
 
 

@@ -16,7 +16,8 @@ from budgetalloc.files import atomic_directory, write_json
 from budgetalloc.fit.fit_stream import representation_step, scan_file, train_rows
 from budgetalloc.fit.trial_scan import NETWORK, PREPROCESS
 from budgetalloc.models.representation import save_representation
-from budgetalloc.stages import PARAMS_FILE, StageReporter, run, stage_params
+from budgetalloc.params import load_params
+from budgetalloc.stages import PARAMS_FILE, StageReporter, run
 
 
 def main(
@@ -27,7 +28,7 @@ def main(
     params: Annotated[Path, typer.Option(help="params file")] = PARAMS_FILE,
 ) -> None:
     """Fit the preprocessor on its sample and the network on the train rows."""
-    p = stage_params(params)
+    p = load_params(params)
     reporter = StageReporter()
     trial, roles, scan = scan_file(data, p, reporter, held_roles=PREPROCESS | NETWORK)
     pre, net = representation_step(roles, scan, p, reporter)

@@ -124,16 +124,8 @@ def _numeric(df: pd.DataFrame, name: str, source: str) -> np.ndarray:
 
 
 def split_groups(df: pd.DataFrame, control_group: str | None, source: str) -> tuple[str, str, np.ndarray]:
-    """Control and treatment names and a per-row ``is_treatment`` mask.
-
-    Args:
-        df: the table (must have ``group``).
-        control_group: the baseline's name; default the first value in sorted order.
-        source: file name for errors.
-
-    Returns:
-        ``(control, treatment, is_treatment)``.
-    """
+    """``(control, treatment, is_treatment)``: the two groups' names (control: ``control_group``,
+    default the first in sorted order) and a per-row mask of the treatment group."""
     col = df[GROUP]
     if col.isna().any():
         raise DataError(f"{source}: column '{GROUP}' has a missing value at row "
@@ -203,16 +195,9 @@ def compare_metric(metric: str, treated: np.ndarray, control: np.ndarray, *, alp
 
 def analyse_ab(df: pd.DataFrame, *, control_group: str | None = None, alpha: float = 0.05,
                source: str = "<memory>") -> ABReport:
-    """Analyse a per-user A/B table.
-
-    Args:
-        df: columns ``group``, ``orders``, ``gmv``, ``cost`` (others ignored).
-        control_group: the baseline group; default the first value in sorted order.
-        alpha: significance level; intervals are ``1 - alpha``.
-        source: file name for errors and the report.
-
-    Returns:
-        An :class:`ABReport`.
+    """The :class:`ABReport` of a per-user table with ``group``, ``orders``, ``gmv`` and ``cost``
+    (other columns ignored): ``control_group`` (default the first in sorted order) against the
+    other group, intervals at ``1 - alpha``; ``source`` names the table in errors and the report.
 
     Raises:
         DataError: a missing column, not exactly two groups, a non-numeric or
@@ -295,13 +280,6 @@ def conversion_and_basket(pop: World, world: str) -> tuple[np.ndarray, np.ndarra
     return pop.true_response / basket[:, None], basket
 
 
-def realised_outcomes(pop: World, world: str, arms: np.ndarray, rng: np.random.Generator):
-    """Orders, GMV and cost per user drawn from the simulator's truth for the given arms."""
-    p, basket = conversion_and_basket(pop, world)
-    orders, gmv = draw_orders(rng, p[np.arange(arms.shape[0]), arms], basket, world)
-    return orders, gmv, orders * pop.coupon_values[arms]
-
-
 def simulate_ab(policy_a: str, policy_b: str, *, budget_per_user: float, users: int = 100_000,
                 seed: int = 0, world: str | None = None) -> tuple[pd.DataFrame, dict]:
     """Run a simulated live A/B test of two policies under the same budget per user.
@@ -335,13 +313,13 @@ def simulate_ab(policy_a: str, policy_b: str, *, budget_per_user: float, users: 
     arms = np.zeros(users, dtype=np.int64)
     for label, idx in halves.items():
         arms[idx] = policy_arms(policies[label], pop.frame.iloc[idx], budget_per_user * len(idx))
-    orders, gmv, cost = realised_outcomes(pop, world, arms, rng)
+    p, basket = conversion_and_basket(pop, world)
+    idx = np.arange(users)
+    orders, gmv = draw_orders(rng, p[idx, arms], basket, world)  # outcomes drawn from the truth
     labels = np.full(users, "A", dtype=object)
     labels[halves["B"]] = "B"
     table = pd.DataFrame({USER_ID: pop.frame[USER_ID].to_numpy(), GROUP: labels, "treatment": arms,
-                          ORDERS: orders, GMV: gmv, COST: cost})
-    p, basket = conversion_and_basket(pop, world)
-    idx = np.arange(users)
+                          ORDERS: orders, GMV: gmv, COST: orders * pop.coupon_values[arms]})
     truth = {"orders": p[idx, arms], "gmv": (p * basket[:, None])[idx, arms], "cost": pop.true_cost[idx, arms]}
     per_group = {}
     for label, rows in halves.items():
@@ -358,19 +336,10 @@ def run_abtest(*, data: str | Path | None = None, control_group: str | None = No
                budget_per_user: float | None = None, users: int = 100_000, seed: int = 0,
                world: str | None = None, alpha: float = 0.05, out: str | Path | None = None,
                outcomes: str | Path | None = None) -> ABReport:
-    """The ``abtest`` command: analyse a logged table or a simulated test; write outputs.
-
-    Args:
-        data: logged per-user table (mode a), or ``None`` with ``simulate``.
-        control_group: baseline group of the logged table.
-        simulate, policy_a, policy_b, budget_per_user, users, seed, world: mode b,
-            see :func:`simulate_ab`; group ``A`` (``policy_a``) is the control.
-        alpha: significance level.
-        out: JSON report to write atomically.
-        outcomes: in mode b, the simulated per-user table to write.
-
-    Returns:
-        The :class:`ABReport`; outputs are written only when the analysis succeeds.
+    """The ``abtest`` command: :func:`analyse_ab` of a logged table ``data`` (mode a), or of the
+    test :func:`simulate_ab` simulates (mode b, ``simulate``: group ``A``, ``policy_a``, is the
+    control; ``outcomes`` receives its per-user table). Outputs (``out``: the JSON report)
+    are written atomically, only when the analysis succeeds.
     """
     from budgetalloc.files import write_json, write_table
 

@@ -28,7 +28,7 @@ from budgetalloc.files import atomic_files
 from budgetalloc.fit.fit_stream import fit_policy
 from budgetalloc.method.lagrangian import lagrangian_allocation
 from budgetalloc.params import Params, SimulateParams
-from budgetalloc.serve.allocate import arms_in_file_order, population_clusters, program_for
+from budgetalloc.serve.allocate import arms_in_file_order, classify, program_for
 from budgetalloc.serve.evaluate import cluster_roi
 from budgetalloc.serve.metrics import ips_value, matched_capture, multi_arm_aucc
 from budgetalloc.studies.baselines import BASELINES, make_baseline
@@ -93,7 +93,7 @@ class HRCMethod:
         return self
 
     def _clusters(self, X: np.ndarray) -> np.ndarray:
-        return population_clusters(self.policy_, X, batch_size=self.policy_.params.allocate.batch_size)
+        return classify(self.policy_, X, self.policy_.params.allocate.batch_size)
 
     def allocator(self, X: np.ndarray) -> Allocator:
         """Budget -> arms for these users: the student runs once, the program per budget."""
@@ -334,37 +334,24 @@ def _check_known(kind: str, names, known) -> None:
         raise BudgetallocError(f"unknown {kind} '{unknown[0]}' (choose from {', '.join(known)})")
 
 
-def select_cases(cases: list[Case], names) -> list[Case]:
-    """The cases named (in the order given), or a one-line error naming an unknown one."""
-    if not names:
-        return cases
-    known = {c.name: c for c in cases}
-    _check_known("case", names, known)
-    return [known[n] for n in names]
-
-
 def run_benchmark(out_dir, params: Params, *, quick: bool, seed: int = 0, methods=METHODS,
                   size: BenchmarkSize | None = None, cases: list[Case] | None = None,
                   case_names=None, log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Run every method on every case; write benchmark.csv, benchmark.md and plots atomically.
+    """Run ``methods`` on every case; write benchmark.csv, benchmark.md and plots atomically.
 
-    Args:
-        out_dir: output directory.
-        params: params for HRC (baselines use their own defaults).
-        quick: the small configuration (minutes) instead of the full one.
-        seed: seed family of the simulated data and every fit.
-        methods: method names (``METHODS`` by default).
-        size: row counts (default ``QUICK`` or ``FULL``).
-        cases: worlds (default :func:`default_cases`).
-        case_names: run only these of ``cases`` (by name), in this order.
-        log: progress sink, one line per (case, method).
-
-    Returns:
-        The summary table (one row per case and method).
+    HRC fits with ``params``, the baselines with their own defaults; ``seed`` is the seed
+    family of the simulated data and every fit; ``size`` the row counts (default ``QUICK``
+    or ``FULL`` by ``quick``); ``cases`` the worlds (default :func:`default_cases`), of
+    which ``case_names`` picks some, in order; ``log`` gets a line per (case, method).
+    Returns the summary table (one row per case and method).
     """
     _check_known("method", methods, METHODS)
     size = size or (QUICK if quick else FULL)
-    cases = select_cases(cases or default_cases(n_users=size.n_train, quick=quick), case_names)
+    cases = cases or default_cases(n_users=size.n_train, quick=quick)
+    if case_names:
+        known = {c.name: c for c in cases}
+        _check_known("case", case_names, known)
+        cases = [known[n] for n in case_names]
     started = time.time()
     rows, paths = [], []
     for case in cases:

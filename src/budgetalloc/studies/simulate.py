@@ -33,7 +33,6 @@ class World:
     true_response: np.ndarray  # (n, M) expected response per arm
     true_cost: np.ndarray  # (n, M) expected cost per arm
     coupon_values: np.ndarray  # (M,)
-    segment: np.ndarray  # (n,) latent segment, for diagnostics only
 
 
 def coupon_values(n_arms: int, world: str) -> np.ndarray:
@@ -121,17 +120,11 @@ def _record_outcomes(rng, world, t, r, basket, v, p: SimulateParams):
 
 
 def simulate_trial(params: SimulateParams, *, seed: int, n_users: int | None = None, id_offset: int = 0) -> World:
-    """Draw a randomized trial and its truth.
+    """Draw a randomized trial of ``n_users`` rows (default ``params.n_users``) and its truth.
 
-    Args:
-        params: the world and its noise knobs.
-        seed: random seed; the same seed gives the same table bit for bit.
-        n_users: rows (default ``params.n_users``).
-        id_offset: first ``user_id``, so trials and populations do not collide.
-
-    Returns:
-        A :class:`World` whose frame has ``user_id``, ``x0..``, ``treatment``,
-        ``response``, ``cost`` (and ``propensity`` when ``arm_shares`` is set).
+    The frame has ``user_id`` (from ``id_offset``, so trials and populations do not collide),
+    ``x0..``, ``treatment``, ``response``, ``cost`` (and ``propensity`` when ``arm_shares`` is
+    set); the same seed gives the same table bit for bit.
     """
     n = params.n_users if n_users is None else n_users
     rng = np.random.default_rng(seed)
@@ -146,7 +139,7 @@ def simulate_trial(params: SimulateParams, *, seed: int, n_users: int | None = N
     frame[COST] = cost
     if params.arm_shares is not None:
         frame[PROPENSITY] = prop
-    return World(frame, r, c, v, latent_segment(X))
+    return World(frame, r, c, v)
 
 
 def simulate_population(params: SimulateParams, *, seed: int, n_users: int, id_offset: int = 10**9) -> World:
@@ -155,7 +148,7 @@ def simulate_population(params: SimulateParams, *, seed: int, n_users: int, id_o
     X = _features(rng, n_users, params.n_features)
     r, c, _ = true_outcomes(X, params.world, params.n_arms)
     frame = _frame(np.arange(id_offset, id_offset + n_users, dtype=np.int64), _observed(rng, X, params))
-    return World(frame, r, c, coupon_values(params.n_arms, params.world), latent_segment(X))
+    return World(frame, r, c, coupon_values(params.n_arms, params.world))
 
 
 def truth_frame(world: World) -> pd.DataFrame:
@@ -165,14 +158,6 @@ def truth_frame(world: World) -> pd.DataFrame:
         **{f"true_response_{j}": world.true_response[:, j] for j in range(world.true_response.shape[1])},
         **{f"true_cost_{j}": world.true_cost[:, j] for j in range(world.true_cost.shape[1])},
     })
-
-
-def truth_arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """The ``(n, M)`` true response and cost of a truth table (``simulate --truth``, :func:`truth_frame`)."""
-    def columns(prefix: str) -> list[str]:
-        return sorted((c for c in frame.columns if c.startswith(prefix)), key=lambda s: int(s.rsplit("_", 1)[1]))
-
-    return frame[columns("true_response_")].to_numpy(np.float64), frame[columns("true_cost_")].to_numpy(np.float64)
 
 
 def max_spend(true_cost: np.ndarray) -> float:

@@ -38,17 +38,8 @@ class Baseline:
     name: str = ""
 
     def fit(self, trial: Trial, *, seed: int) -> Baseline:
-        """Fit the preprocessor and the method on ``trial``.
-
-        Args:
-            trial: a validated randomized trial (``M >= 2`` arms, arm 0 = control).
-            seed: seeds every random choice of the fit (splits, init, trees).
-
-        Returns:
-            ``self``.
-        """
-        if trial.n_arms < 2:
-            raise DataError(f"{trial.source}: a baseline needs at least 2 arms, got {trial.n_arms}")
+        """Fit the preprocessor and the method on a validated ``trial`` (the contract gives it
+        two arms or more, arm 0 the control); ``seed`` seeds every choice (splits, init, trees)."""
         self.preprocessor_ = Preprocessor.fit(trial.X)
         self.n_arms_ = int(trial.n_arms)
         self.n_features_ = int(trial.X.shape[1])
@@ -61,15 +52,9 @@ class Baseline:
         return self
 
     def outcomes(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted value and cost under every arm.
-
-        Args:
-            X: raw features ``(n, d)`` in the trial's feature order; NaN is imputed.
-
-        Returns:
-            ``(value, cost)``, float64 ``(n, M)`` each, finite; cost ``>= 0`` and
-            exactly 0 for arms that never cost anything in the trial.
-        """
+        """Predicted ``(value, cost)`` of raw features ``X`` ``(n, d)`` (trial order, NaN imputed)
+        under every arm: float64 ``(n, M)`` each, finite; cost ``>= 0``, exactly 0 for the arms
+        that never cost anything in the trial."""
         Z = self._transform(X)
         with threadpool_limits(limits=OPENMP_THREADS, user_api="openmp"):
             value, cost = self._predict(Z)

@@ -111,18 +111,9 @@ class DirectRankModel(_DirectBase):
 
 def roi_calibrator(score: np.ndarray, trial: Trial, arm: int, n_bins: int,
                    min_rows: int = 250) -> IsotonicRegression:
-    """An increasing map from score to the ROI of ``arm`` against control, from binned RCT means.
-
-    Args:
-        score: ``(n,)`` scores of the trial's rows.
-        trial: held-out rows (with their treatments, responses and costs).
-        arm: the non-control arm.
-        n_bins: the most quantile bins.
-        min_rows: the fewest rows (arm plus control) a bin may have; fewer bins otherwise.
-
-    Returns:
-        A fitted ``IsotonicRegression`` (clipped outside the scores seen).
-    """
+    """A fitted increasing ``IsotonicRegression`` (clipped outside the scores seen) from the
+    held-out ``trial`` rows' ``score`` to the ROI of ``arm`` against control, through the RCT
+    means of at most ``n_bins`` quantile bins of at least ``min_rows`` rows (arm and control)."""
     pair = (trial.treatment == arm) | (trial.treatment == 0)
     s = score[pair]
     sub = trial.subset(pair)
