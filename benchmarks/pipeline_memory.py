@@ -84,7 +84,8 @@ def main() -> None:
         pop = simulate_population(world, seed=1, n_users=args.population).frame
         pq.write_table(pa.Table.from_pandas(pop, preserve_index=False), d / "data" / "population.parquet")
         for name, stage in stages.items():
-            cmd = stage["cmd"].replace("data/trial.csv", "data/trial.parquet").replace("python ", f"{sys.executable} ", 1)
+            cmd = stage["cmd"].replace("data/trial.csv", "data/trial.parquet")
+            cmd = cmd.replace("python ", f"{sys.executable} ", 1)
             results[name] = run_stage(cmd, d)
             print(name, results[name], flush=True)
             if results[name]["rc"]:

@@ -398,7 +398,8 @@ def main(
         "/tmp/budgetalloc-scale"),
     steps: Annotated[str, typer.Option(
         help="comma-separated: data,fit,allocate,in_memory,program,dask,fit_paths; in_memory_10m adds the "
-             "previous whole-file path at 10M users (about 15 GiB); 'report' only rewrites the report")] = "data,fit,allocate,in_memory,program,dask",
+             "previous whole-file path at 10M users (about 15 GiB); 'report' only rewrites the report"),
+    ] = "data,fit,allocate,in_memory,program,dask",
     reports: Annotated[Path, typer.Option(help="where scale.json and scale.md go")] = ROOT / "reports",
     fit_rows: Annotated[int, typer.Option(help="trial rows of the fit_paths step (x 40 features)")] = 1_000_000,
     baseline_src: Annotated[Path | None, typer.Option(

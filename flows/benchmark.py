@@ -40,7 +40,8 @@ def publish(root: Path, summary: pd.DataFrame, out: Path, settings: dict) -> Non
     """Publish the summary table and the report."""
     records = orch.frame_records(summary)
     create_table_artifact(records, key="benchmark-summary",
-                          description=f"Mean capture (nominal and at matched true spend), worst spend ratio, AUCC and fit seconds per (case, method) ({out})")
+                          description=("Mean capture (nominal and at matched true spend), worst spend ratio, "
+                                       f"AUCC and fit seconds per (case, method) ({out})"))
     create_markdown_artifact(orch.benchmark_markdown(records, settings, orch.git_revision(root), out),
                              key="benchmark-report", description="Benchmark: HRC against the baselines")
 

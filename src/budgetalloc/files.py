@@ -89,7 +89,7 @@ def claim_temp(target: Path, suffix: str, *, directory: bool) -> tuple[Path, int
 
 
 def _lock(fd: int) -> None:
-    """An exclusive ``flock`` (waits); a filesystem without locks goes without (nothing then removes its temporaries)."""
+    """An exclusive ``flock`` (waits); without locks on the filesystem, nothing removes its temporaries."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as err:

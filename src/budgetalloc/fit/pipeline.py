@@ -52,7 +52,7 @@ class Reporter:
 
 
 def cluster_k(*, n_honest: int, n_arms: int, params: Params, reporter: Reporter) -> int:
-    """K for the honest rows available (:func:`~budgetalloc.method.clustering.effective_k`), with a note when lowered."""
+    """K for the honest rows available (``clustering.effective_k``), with a note when lowered."""
     k = effective_k(params.cluster.k, n_honest, n_arms, rows_per_cell=MIN_HONEST_ROWS_PER_CELL)
     if k < params.cluster.k:
         reporter.note(

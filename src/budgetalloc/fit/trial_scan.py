@@ -1,4 +1,4 @@
-"""Pass 1 of the fit: every row's roles, the row source (a Parquet trial or arrays) checked batch by batch, its samples kept.
+"""Pass 1 of the fit: every row's roles, the row source (a Parquet trial or arrays) checked by batch, samples kept.
 
 :func:`row_roles` draws every row's roles from the row count alone, with the very
 functions the in-memory fit splits and samples with (one byte a row): honest,

@@ -70,7 +70,8 @@ def main(
         write_json(summary, tmp / "summary.json")
         table = program_stage(fitted.statistics, n_users, fitted.params, Reporter())
         counts = np.asarray(allocation.solution.counts, dtype=np.int64)
-        curve, clusters = curve_frame(table, int(n_users.sum())), cluster_frame(fitted.statistics, counts.sum(axis=1), counts)
+        curve = curve_frame(table, int(n_users.sum()))
+        clusters = cluster_frame(fitted.statistics, counts.sum(axis=1), counts)
         write_table(curve, tmp / "budget_curve.csv")
         write_table(clusters, tmp / "clusters.csv")
         name = f"{users.name} ({summary['users']} users), budget {summary['budget']:.6g}"
