@@ -6,8 +6,11 @@ import os
 import tempfile
 import tracemalloc
 
-_PREFECT_HOME = tempfile.mkdtemp(prefix="budgetalloc-prefect-")
-os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+# pytest-xdist workers inherit the controller's environment: each worker gets a home of its own
+# (its own SQLite database and ephemeral server), never the one the controller set.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER or "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"budgetalloc-prefect-{_WORKER or 'main'}-")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("DO_NOT_TRACK", "1")
