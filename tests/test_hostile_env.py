@@ -213,7 +213,7 @@ def _closed_port() -> int:
     (f"tcp://127.0.0.1:{_closed_port()}", "cannot reach the Dask scheduler"),
     ("tcp://127.0.0.1", "expected 'local' or tcp://HOST:PORT"),
     ("tcp://127.0.0.1:notaport", "expected 'local' or tcp://HOST:PORT"),
-])
+], ids=["closed-port", "no-port", "bad-port"])  # the same ids in every xdist worker (the port is drawn)
 def test_unreachable_dask_address_is_one_line_and_fast(world, tmp_path, address, message):
     root, policy = world
     started = time.monotonic()
