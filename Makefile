@@ -31,8 +31,8 @@ run: $(STAMP)
 
 # Two pytest-xdist workers, each test module whole on one of them (its module fixtures built
 # once), the slowest modules first (tests/conftest.py). Bytecode is written even where the
-# environment says PYTHONDONTWRITEBYTECODE: the suite starts about a hundred Python processes
-# (DVC, its stages, Prefect, the CLI), and each then imports from .pyc, seconds faster.
+# environment sets PYTHONDONTWRITEBYTECODE: the Python processes the suite starts (DVC and its
+# stages, Prefect, the CLI) then import from .pyc (a stage's imports: 2.7 s instead of 6.5 s).
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
