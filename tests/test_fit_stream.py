@@ -1,4 +1,4 @@
-"""The fit over its sources: a file streamed gives the arrays' policy bit for bit, in bounded memory, the contract's errors.
+"""The fit over its sources: a streamed file gives the arrays' policy bit for bit, in bounded memory, contract errors.
 
 (The statistics accumulated over chunks against one shot: tests/test_statistics.py.)
 """

@@ -118,7 +118,8 @@ def test_a_scenario_leaves_the_defaults_alone(trained, repo):
     """A budget of its own: recorded as an experiment; params.yaml, dvc.lock and outputs stay as they were."""
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "trained")
-    before = {rel: (repo / rel).read_bytes() for rel in ("params.yaml", "dvc.lock", *orch.stage_files(repo, "allocate"))}
+    watched = ("params.yaml", "dvc.lock", *orch.stage_files(repo, "allocate"))
+    before = {rel: (repo / rel).read_bytes() for rel in watched}
     state = load_module("allocation").allocation_flow(budget=120.0, root=repo, return_state=True)
     assert state.is_completed(), state
     result = state.result()

@@ -44,7 +44,8 @@ def test_a_violation_is_caught(tmp_path):
     (pkg / "low.py").write_text("def f():\n    from demo import high\n    import prefect\n    return high.X, prefect\n")
     (tmp_path / ".importlinter").write_text(
         "[importlinter]\nroot_package = demo\ninclude_external_packages = True\n\n"
-        "[importlinter:contract:layers]\nname = layers\ntype = layers\ncontainers = demo\nlayers =\n    high\n    low\n\n"
+        "[importlinter:contract:layers]\nname = layers\ntype = layers\ncontainers = demo\n"
+        "layers =\n    high\n    low\n\n"
         "[importlinter:contract:prefect]\nname = no prefect\ntype = forbidden\nsource_modules = demo\n"
         "forbidden_modules = prefect\n")
     result = lint(tmp_path, "--no-cache")

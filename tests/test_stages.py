@@ -102,7 +102,8 @@ def test_policy_stage_tables(stages_run):
     d = stages_run
     curve = pd.read_csv(d / "curve.csv")
     assert list(curve.columns) == ["level", "budget", "expected_response", "expected_spend", "status"]
-    assert (np.diff(curve["expected_spend"]) >= -1e-9).all() and (curve["expected_spend"] <= curve["budget"] + 1e-9).all()
+    assert (np.diff(curve["expected_spend"]) >= -1e-9).all()
+    assert (curve["expected_spend"] <= curve["budget"] + 1e-9).all()
     clusters = pd.read_csv(d / "clusters.csv")
     k = load_policy(d / "policy").k
     assert len(clusters) == k and {"size", "honest_rows", "response_arm_0", "cost_arm_4"} <= set(clusters.columns)

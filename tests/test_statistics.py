@@ -57,7 +57,8 @@ def test_shrinkage_pulls_small_cells_to_predictions():
     n, m = len(t), tr.shape[1]
     pred = np.full((n, m), 0.5)
     heavy = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4,
-                               params=StatisticsParams(cost_margin=0.0, pooling="rows", shrinkage=1e6, n_scenarios=2), seed=0)
+                               params=StatisticsParams(cost_margin=0.0, pooling="rows", shrinkage=1e6,
+                                                       n_scenarios=2), seed=0)
     np.testing.assert_allclose(heavy.response, 0.5, atol=1e-3)
     none = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4,
                               params=StatisticsParams(cost_margin=0.0, pooling="rows", shrinkage=0.0, n_scenarios=2,
@@ -114,7 +115,8 @@ def test_inverse_propensity_weights_correct_unbalanced_assignment():
     prop = np.where(t == 1, p1, 1 - p1)
     pred = np.zeros((n, 2))
     st = cluster_statistics(labels, t, y, np.zeros(n), 1.0 / (2 * prop), pred, pred, k=1,
-                            params=StatisticsParams(cost_margin=0.0, estimator="mean", shrinkage=0.0, n_scenarios=2), seed=0)
+                            params=StatisticsParams(cost_margin=0.0, estimator="mean", shrinkage=0.0,
+                                                    n_scenarios=2), seed=0)
     assert st.response[0, 1] - st.response[0, 0] == pytest.approx(0.0, abs=0.01)
 
 
@@ -177,8 +179,8 @@ def test_empirical_bayes_pools_noise_but_keeps_real_differences():
     errors = {}
     for pooling in ("empirical_bayes", "rows"):
         st = cluster_statistics(labels, t, y, y, np.ones(n), pred, pred, k=k, seed=0,
-                                params=StatisticsParams(cost_margin=0.0, estimator="mean", pooling=pooling, shrinkage=0.0,
-                                                        n_scenarios=3))
+                                params=StatisticsParams(cost_margin=0.0, estimator="mean", pooling=pooling,
+                                                        shrinkage=0.0, n_scenarios=3))
         errors[pooling] = np.abs(st.response - truth).max()
     # arm-level bias removed by m[j]; per-cell noise (se ~0.008 at 800 rows) pooled away
     assert errors["empirical_bayes"] < 0.5 * errors["rows"]
@@ -189,7 +191,8 @@ def test_empirical_bayes_pools_noise_but_keeps_real_differences():
     st = cluster_statistics(labels, t, y, c, np.ones(len(t)), pred, pred, k=4, seed=0,
                             params=StatisticsParams(cost_margin=0.0, estimator="mean", n_scenarios=3))
     raw = cluster_statistics(labels, t, y, c, np.ones(len(t)), pred, pred, k=4, seed=0,
-                             params=StatisticsParams(cost_margin=0.0, estimator="mean", pooling="rows", shrinkage=0.0, n_scenarios=3))
+                             params=StatisticsParams(cost_margin=0.0, estimator="mean", pooling="rows",
+                                                     shrinkage=0.0, n_scenarios=3))
     np.testing.assert_allclose(st.response, raw.response, atol=0.002)
 
 
