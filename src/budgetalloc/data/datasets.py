@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
@@ -338,7 +337,7 @@ def import_dataset(dataset: str, src: str | Path, out: str | Path, options: Impo
                 continue
             cols = mapper(batch, start, opts, str(src))
             tally.add(cols)
-            sink.write(pd.DataFrame(cols))
+            sink.write(pa.table(cols))
             start += batch.num_rows
         tally.check(str(src))
     return ImportSummary(dataset, out, start, tuple(int(r) for r in tally.rows),
