@@ -52,8 +52,7 @@ from budgetalloc.params import SimulateParams
 from budgetalloc.studies.simulate import simulate_population, simulate_trial
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "budgetalloc.cli.app"]
-ENTRY = [sys.executable, "-c", "from budgetalloc.cli import main; main()"]  # the console script, any layout
+CLI = [sys.executable, "-c", "from budgetalloc.cli import main; main()"]  # the console script, any layout
 CHUNK_ROWS = 1 << 20  # rows simulated at once; also the population's row group
 
 
@@ -212,11 +211,11 @@ def step_fit_paths(work: Path, trial: Path, baseline: Path | None = None) -> dic
     for name, flag in (("streamed", "--stream"), ("in_memory", "--no-stream")):
         if baseline:
             env = os.environ | {"PYTHONPATH": str(baseline)}
-            result = measured([*ENTRY, "fit", "--data", str(trial), "--out", f"baseline-{name}", flag],
+            result = measured([*CLI, "fit", "--data", str(trial), "--out", f"baseline-{name}", flag],
                               cwd=work, env=env)
             out["baseline"][name] = result | {"rows": json.loads(
                 (work / f"baseline-{name}" / "summary.json").read_text())["rows"]}
-        result = measured([*ENTRY, "fit", "--data", str(trial), "--out", f"policy-{name}", flag], cwd=work)
+        result = measured([*CLI, "fit", "--data", str(trial), "--out", f"policy-{name}", flag], cwd=work)
         summary = json.loads((work / f"policy-{name}" / "summary.json").read_text())
         out[name] = result | {"rows": summary["rows"], "fit_path": summary["fit_path"], "k": summary["k"],
                               "student_agreement": summary["student_agreement"]}
