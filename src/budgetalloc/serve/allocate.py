@@ -94,8 +94,8 @@ def check_budget(budget) -> float:
 def pass_rows(policy: Policy, source: Source, batch_size: int | None = None) -> int:
     """Rows per read batch and compiled student call of a pass over ``source``: ``batch_size``,
     else the policy's ``allocate.batch_size`` in memory or ``STREAM_BATCH_ROWS`` from a file."""
-    default = STREAM_BATCH_ROWS if source.record is None else policy.params.allocate.batch_size
-    return inference_batch_size(batch_size or default, batch_size or default)
+    rows = batch_size or (STREAM_BATCH_ROWS if source.record is None else policy.params.allocate.batch_size)
+    return inference_batch_size(rows, rows)  # rounded up to whole inference chunks
 
 
 def classify(policy: Policy, X: np.ndarray, rows: int) -> np.ndarray:
