@@ -70,6 +70,9 @@ class TrainParams(_Section):
     batch_size: int = Field(2048, ge=1)
     learning_rate: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(1e-5, ge=0.0)
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: the learning rate decays to 0 along a cosine over the epochs"
+    )
     huber_delta: float = Field(1.0, gt=0.0)
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     patience: int = Field(3, ge=1)

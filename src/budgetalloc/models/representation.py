@@ -201,7 +201,12 @@ def train_representation(
     def loss_fn(m, batch):
         return multitask_loss(m, batch, binary=binary_response, huber_delta=params.huber_delta)
 
-    tx = optax.adamw(params.learning_rate, weight_decay=params.weight_decay)
+    def tx(steps: int) -> optax.GradientTransformation:  # AdamW; cosine: decayed to 0 over every step
+        rate = params.learning_rate
+        if params.schedule == "cosine":
+            rate = optax.cosine_decay_schedule(rate, decay_steps=steps)
+        return optax.adamw(rate, weight_decay=params.weight_decay)
+
     graphdef, best, history = nn.fit(module, loss_fn, data, tx=tx, params=params,
                                      val_fraction=params.val_fraction, seed=seed, progress=progress)
     return RepresentationModel(graphdef, best, config, history)
