@@ -68,14 +68,16 @@ class TrainParams(_Section):
     head_hidden: int = Field(32, ge=1)
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(2048, ge=1)
-    learning_rate: float = Field(2e-3, gt=0.0)
-    weight_decay: float = Field(1e-5, ge=0.0)
+    learning_rate: float = Field(1e-2, gt=0.0)
+    weight_decay: float = Field(
+        1.0, ge=0.0, description="AdamW's decoupled decay (times the learning rate): the network's regulariser"
+    )
     schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="cosine: the learning rate decays to 0 along a cosine over the epochs"
+        "cosine", description="cosine: the learning rate decays to 0 along a cosine over the epochs"
     )
     huber_delta: float = Field(1.0, gt=0.0)
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
-    patience: int = Field(3, ge=1)
+    patience: int = Field(10, ge=1)
     max_rows: int = Field(
         1_000_000, ge=100, description="the network trains on at most this many train rows (a seeded sample)"
     )
@@ -153,7 +155,7 @@ class DistillParams(_Section):
     """The student classifier used for serving (stage 5)."""
 
     hidden: int = Field(256, ge=4)
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(30, ge=1)
     batch_size: int = Field(2048, ge=1)
     learning_rate: float = Field(1e-2, gt=0.0)
     schedule: Literal["constant", "cosine"] = Field(

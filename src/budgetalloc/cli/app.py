@@ -10,6 +10,7 @@ rule for every command, in :func:`~budgetalloc.errors.handle_errors`.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -179,15 +180,20 @@ def benchmark(
     seed: Annotated[int, typer.Option(help="seed of the worlds and fits")] = 0,
     cases: Annotated[str | None, typer.Option(help="comma-separated worlds, e.g. binary,gmv,noisy")] = None,
     params: ParamsOpt = None,
+    train_rows: Annotated[int | None, typer.Option(
+        min=1000, help="rows of each training trial (default 200,000; 40,000 with --quick)")] = None,
 ) -> None:
     """HRC and the six baselines on simulated worlds with a noise sweep."""
     from budgetalloc.params import load_params
-    from budgetalloc.studies.benchmark import METHODS, run_benchmark
+    from budgetalloc.studies.benchmark import FULL, METHODS, QUICK, run_benchmark
 
     chosen = tuple(m.strip() for m in methods.split(",")) if methods else METHODS
     names = tuple(c.strip() for c in cases.split(",")) if cases else None
+    size = QUICK if quick else FULL
+    if train_rows is not None:
+        size = dataclasses.replace(size, n_train=train_rows)
     summary = run_benchmark(out, load_params(params), quick=quick, seed=seed, methods=chosen, case_names=names,
-                            log=lambda line: console.print(line, markup=False, highlight=False))
+                            size=size, log=lambda line: console.print(line, markup=False, highlight=False))
     console.print(frame_table(summary, f"Benchmark written to {out}", digits=3))
 
 
