@@ -77,7 +77,7 @@ class TrainParams(_Section):
     )
     huber_delta: float = Field(1.0, gt=0.0)
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
-    patience: int = Field(10, ge=1)
+    patience: int = Field(30, ge=1)
     max_rows: int = Field(
         1_000_000, ge=100, description="the network trains on at most this many train rows (a seeded sample)"
     )
@@ -119,7 +119,7 @@ class StatisticsParams(_Section):
         "pooled", description="upward: a cell's cost is pooled towards its prior only upwards (see statistics.py)"
     )
     cost_margin: float = Field(
-        1.0, ge=0.0, description="cost standard errors added to every cell's cost, the budget side (0: none)"
+        1.5, ge=0.0, description="cost standard errors added to every cell's cost, the budget side (0: none)"
     )
     min_cell_rows: int = Field(5, ge=1)
     clip_sample: int = Field(
