@@ -50,6 +50,9 @@ def test_benchmark_cli_rejects_unknown_method(tmp_path):
     res = CliRunner().invoke(app, ["benchmark", "--out", str(tmp_path / "b"), "--cases", "binary,moon"])
     assert res.exit_code == 2 and "unknown case 'moon'" in res.output
     assert not (tmp_path / "b").exists()
+    res = CliRunner().invoke(app, ["benchmark", "--out", str(tmp_path / "b"), "--train-rows", "999"])
+    assert res.exit_code == 2 and "--train-rows" in res.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_matched_capture_takes_back_what_overspending_buys():
