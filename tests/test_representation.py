@@ -210,3 +210,22 @@ def test_bad_inputs_raise_data_error():
     X[0, 0] = np.nan
     with pytest.raises(DataError, match="finite"):
         train_representation(X, t, y, c, w, n_arms=M, binary_response=True, params=TINY, seed=0)
+
+
+def test_default_regularisation_keeps_the_network_from_memorising_noise():
+    """Pure-noise labels: the earlier optimiser (no weight decay to speak of, constant 0.002) memorises
+    them; the default (decoupled decay 1, cosine from 0.01) keeps training and validation loss close."""
+    rng = np.random.default_rng(0)
+    n = 600
+    X = rng.standard_normal((n, 5)).astype(np.float32)
+    t, y, c = rng.integers(0, M, n), rng.integers(0, 2, n).astype(float), rng.random(n)
+    gaps, last_val = [], []
+    for knobs in ({"weight_decay": 1e-5, "schedule": "constant", "learning_rate": 2e-3}, {}):
+        params = TrainParams(hidden=64, head_hidden=16, epochs=40, batch_size=32, patience=40, **knobs)
+        h = train_representation(X, t, y, c, np.ones(n), n_arms=M, binary_response=True, params=params,
+                                 seed=0).history
+        assert h.epochs_run == 40
+        gaps.append(h.val_loss[-1] - h.train_loss[-1])
+        last_val.append(h.val_loss[-1])
+    assert gaps[1] < gaps[0] / 3  # measured: 0.20 against 1.05
+    assert last_val[1] < last_val[0]
