@@ -11,7 +11,7 @@ keys it reads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -61,6 +61,13 @@ class DataParams(_Section):
     )
 
 
+#: A network's learning-rate schedule over its epochs (:func:`budgetalloc.models.nn.scheduled`).
+Schedule = Annotated[
+    Literal["constant", "cosine"],
+    Field(description="cosine: the learning rate decays to 0 along a cosine over the epochs"),
+]
+
+
 class TrainParams(_Section):
     """Multi-task representation network (stage 1)."""
 
@@ -72,9 +79,7 @@ class TrainParams(_Section):
     weight_decay: float = Field(
         1.0, ge=0.0, description="AdamW's decoupled decay (times the learning rate): the network's regulariser"
     )
-    schedule: Literal["constant", "cosine"] = Field(
-        "cosine", description="cosine: the learning rate decays to 0 along a cosine over the epochs"
-    )
+    schedule: Schedule = "cosine"
     huber_delta: float = Field(1.0, gt=0.0)
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     patience: int = Field(30, ge=1)
@@ -158,9 +163,7 @@ class DistillParams(_Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(2048, ge=1)
     learning_rate: float = Field(1e-2, gt=0.0)
-    schedule: Literal["constant", "cosine"] = Field(
-        "cosine", description="cosine: the learning rate decays to 0 along a cosine over the epochs"
-    )
+    schedule: Schedule = "cosine"
     soft_temperature: float = Field(
         0.0, ge=0.0, description="0: hard labels; >0: soft targets from centroid distances"
     )

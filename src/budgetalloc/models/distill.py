@@ -113,16 +113,10 @@ def train_student(
     """
     data = _student_data(X, labels, soft_targets, n_clusters)
     config = StudentConfig(n_features=data["x"].shape[1], hidden=params.hidden, n_clusters=n_clusters)
-    graphdef, best, history = nn.fit(config.build(seed), student_loss, data, tx=_optimiser(params), params=params,
+    tx = nn.scheduled(optax.adam, params.learning_rate, params.schedule)
+    graphdef, best, history = nn.fit(config.build(seed), student_loss, data, tx=tx, params=params,
                                      val_fraction=val_fraction, seed=seed, progress=progress)
     return StudentModel(graphdef, best, config, history)
-
-
-def _optimiser(params: DistillParams):
-    """Adam at ``learning_rate``; with ``schedule: cosine`` decayed to 0 along a cosine over every step."""
-    if params.schedule == "constant":
-        return optax.adam(params.learning_rate)
-    return lambda steps: optax.adam(optax.cosine_decay_schedule(params.learning_rate, decay_steps=steps))
 
 
 def predict_clusters(student: StudentModel, X: np.ndarray, *, batch_size: int = 262144) -> np.ndarray:

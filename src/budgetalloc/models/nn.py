@@ -191,6 +191,14 @@ def make_evaluate(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh | None = N
     return jax.jit(evaluate)
 
 
+def scheduled(optimiser: Callable[[Any], optax.GradientTransformation], rate: float, schedule: str):
+    """The ``tx`` :func:`fit` takes: ``optimiser(rate)``, or with ``schedule`` ``"cosine"`` a function
+    of the run's step count whose optimiser's rate decays from ``rate`` to 0 along a cosine."""
+    if schedule == "constant":
+        return optimiser(rate)
+    return lambda steps: optimiser(optax.cosine_decay_schedule(rate, decay_steps=steps))
+
+
 def fit(
     module: nnx.Module,
     loss_fn: LossFn,

@@ -12,6 +12,7 @@ fitted robustly in scaled units and predictions come back in original units.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -201,12 +202,7 @@ def train_representation(
     def loss_fn(m, batch):
         return multitask_loss(m, batch, binary=binary_response, huber_delta=params.huber_delta)
 
-    def tx(steps: int) -> optax.GradientTransformation:  # AdamW; cosine: decayed to 0 over every step
-        rate = params.learning_rate
-        if params.schedule == "cosine":
-            rate = optax.cosine_decay_schedule(rate, decay_steps=steps)
-        return optax.adamw(rate, weight_decay=params.weight_decay)
-
+    tx = nn.scheduled(partial(optax.adamw, weight_decay=params.weight_decay), params.learning_rate, params.schedule)
     graphdef, best, history = nn.fit(module, loss_fn, data, tx=tx, params=params,
                                      val_fraction=params.val_fraction, seed=seed, progress=progress)
     return RepresentationModel(graphdef, best, config, history)
