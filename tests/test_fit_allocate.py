@@ -123,7 +123,7 @@ def test_cli_fit_allocate_roundtrip(tmp_path):
                               "--params", str(tmp_path / "params.yaml")])
     assert res.exit_code == 0, res.output
     assert "student agreement" in res.output and "imputed" in res.output
-    assert "cluster.k lowered from 40" in res.output  # K adapts to the honest rows and says so
+    assert "cluster.k lowered from 40" in res.output  # K adapts to the rows the statistics use and says so
     out = tmp_path / "alloc.parquet"
     res = runner.invoke(app, ["allocate", "--policy", str(tmp_path / "pol"), "--users", str(tmp_path / "pop.csv"),
                               "--budget", "40", "--out", str(out)])

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from budgetalloc.cli.app import app
 from budgetalloc.commands import fit_path
-from budgetalloc.data.contract import load_trial
+from budgetalloc.data.contract import load_trial, trial_from_frame
 from budgetalloc.errors import DataError
 from budgetalloc.fit.fit_stream import fit_policy, fit_policy_file
 from budgetalloc.fit.trial_scan import (
@@ -37,7 +37,7 @@ from budgetalloc.fit.trial_scan import (
 )
 from budgetalloc.method.statistics import clip_sample_rows
 from budgetalloc.params import SimulateParams, params_from_dict
-from budgetalloc.policy import save_policy
+from budgetalloc.policy import load_policy, save_policy
 from budgetalloc.studies.simulate import simulate_trial
 
 runner = CliRunner()
@@ -92,6 +92,22 @@ def test_streamed_fit_is_the_in_memory_policy_bit_for_bit(tiny_fitted, tmp_path)
     src = write_parquet(world.frame, tmp_path / "trial.parquet", row_group=2500)
     save_policy(fit_policy_file(src, params, batch_rows=1000), tmp_path / "streamed")
     assert_same_policy(tmp_path / "streamed", directory)
+
+
+def test_the_cells_are_estimated_on_every_fit_row_or_on_the_honest_rows_only(tiny_fitted):
+    """``statistics.rows``: the default estimates the cells on every fit row; ``honest`` on the
+    rows the network never learned from. The partition is the same fit either way."""
+    directory, _, params = tiny_fitted
+    every = load_policy(directory)
+    assert every.params.statistics.rows == "all"
+    assert int(every.statistics.counts.sum()) == every.summary["rows"] == 12_000
+    world = simulate_trial(SimulateParams(n_users=12_000), seed=1)  # the fixture's trial
+    honest_params = params.model_copy(update={"statistics": params.statistics.model_copy(update={"rows": "honest"})})
+    honest = fit_policy(trial_from_frame(world.frame, source="trial"), honest_params)
+    assert int(honest.statistics.counts.sum()) == honest.summary["honest_rows"]
+    assert 0.15 * 12_000 < honest.summary["honest_rows"] < 0.25 * 12_000  # data.honest_fraction: 0.2
+    assert honest.summary["cluster_sizes"] == every.summary["cluster_sizes"]
+    assert not np.array_equal(honest.statistics.response, every.statistics.response)
 
 
 def test_streamed_fit_through_the_cli_with_every_cap_and_option_below_the_data(tmp_path):

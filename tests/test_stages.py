@@ -106,7 +106,7 @@ def test_policy_stage_tables(stages_run):
     assert (curve["expected_spend"] <= curve["budget"] + 1e-9).all()
     clusters = pd.read_csv(d / "clusters.csv")
     k = load_policy(d / "policy").k
-    assert len(clusters) == k and {"size", "honest_rows", "response_arm_0", "cost_arm_4"} <= set(clusters.columns)
+    assert len(clusters) == k and {"size", "estimate_rows", "response_arm_0", "cost_arm_4"} <= set(clusters.columns)
     metrics = json.loads((d / "evaluate" / "metrics.json").read_text())
     assert 0 < metrics["aucc"] <= 1 and (d / "evaluate" / "curve.png").exists()
     for picture in ("curve.png", "clusters.png"):

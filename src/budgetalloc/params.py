@@ -50,7 +50,7 @@ class DataParams(_Section):
     features: tuple[str, ...] | None = None
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     honest_fraction: float = Field(
-        0.5, gt=0.0, lt=1.0, description="share of the training rows kept out of the network"
+        0.2, gt=0.0, lt=1.0, description="share of the training rows kept out of the network"
     )
     stream_rows: int = Field(
         2_000_000, ge=1, description="`fit` streams a Parquet trial with more rows than this"
@@ -125,6 +125,9 @@ class StatisticsParams(_Section):
     )
     cost_margin: float = Field(
         1.5, ge=0.0, description="cost standard errors added to every cell's cost, the budget side (0: none)"
+    )
+    rows: Literal["all", "honest"] = Field(
+        "all", description="fit rows the cells are estimated on: every one, or only those the network did not learn from"
     )
     min_cell_rows: int = Field(5, ge=1)
     clip_sample: int = Field(

@@ -3,7 +3,7 @@
 Passes: 1 checks every batch and keeps the samples (:mod:`budgetalloc.fit.trial_scan`),
 the preprocessor and network learn from them; 2 k-means on the train rows' embeddings;
 3 every row's teacher cluster, the student learns its sample's; 4 the statistics of the
-honest rows grouped by the student and its cluster sizes; then the budget table. One
+fit rows (``statistics.rows``: all, or the honest ones) grouped by the student and its cluster sizes; then the budget table. One
 process runs them all (:func:`fit_policy`, :func:`fit_policy_file`), a DVC stage one
 boundary. Invariants: per row only a role byte is held (and an id key in pass 1);
 passes follow fixed blocks from row 0, so the policy does not depend on the batching
@@ -86,7 +86,8 @@ def cluster_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: 
     """Pass 2: k-means on the train rows' embeddings."""
     reporter.stage("clustering")
     n_train = int(np.count_nonzero((roles & HONEST) == 0))
-    k = cluster_k(n_honest=trial.n - n_train, n_arms=facts.n_arms, params=params, reporter=reporter)
+    n_estimate = trial.n if params.statistics.rows == "all" else trial.n - n_train
+    k = cluster_k(n_rows=n_estimate, n_arms=facts.n_arms, params=params, reporter=reporter)
     size = inference_batch_size(n_train, EMBED_BATCH)
 
     def batches():
@@ -150,22 +151,24 @@ def student_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, student
 
 def statistics_pass(trial: TrialRows, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
                     params: Params) -> ClusterStatistics:
-    """Pass 4: statistics on the honest rows grouped by the student."""
+    """Pass 4: statistics on the fit rows of ``statistics.rows`` (every row, or the honest ones)
+    grouped by the student."""
     facts = scan.facts
     bands = winsorize_bands(scan.clip.treatment, scan.clip.response, scan.clip.cost, facts.n_arms,
                             params=params.statistics)
     acc = StatisticsAccumulator(k=student.n_clusters, n_arms=facts.n_arms, params=params.statistics,
                                 seed=params.seed, bands=bands)
-    size = inference_batch_size(int(np.count_nonzero(roles & HONEST)), STUDENT_BATCH)
+    every = params.statistics.rows == "all"
+    size = inference_batch_size(trial.n if every else int(np.count_nonzero(roles & HONEST)), STUDENT_BATCH)
 
-    def honest_rows():
+    def estimate_rows():
         for start, cols in trial.checked():
-            h = (roles[start : start + cols.treatment.shape[0]] & HONEST) != 0
+            h = ((roles[start : start + cols.treatment.shape[0]] & HONEST) != 0) | every
             p = None if cols.propensity is None else cols.propensity[h]
             yield (pre.transform(cols.X[h]), cols.treatment[h], cols.response[h], cols.cost[h],
                    facts.ipw(cols.treatment[h], p))
 
-    for Z, treatment, response, cost, ipw in fixed_blocks(honest_rows(), size):
+    for Z, treatment, response, cost, ipw in fixed_blocks(estimate_rows(), size):
         labels = fixed_shape_clusters(student, Z, size)
         pred_r, pred_c = predict_outcomes(model, padded(Z, size), batch_size=EMBED_BATCH)
         b = Z.shape[0]

@@ -22,7 +22,7 @@ from budgetalloc.params import Params
 from budgetalloc.policy import Policy
 
 EpochCallback = Callable[[int, dict], None]
-MIN_HONEST_ROWS_PER_CELL = 30
+MIN_ROWS_PER_CELL = 30
 #: Rows per compiled call of the network (embeddings, predictions) and of the student
 #: in the fit. The streamed fit runs the same shapes, so its blocks, and its memory,
 #: follow them: 16,384 rows are 2.6 MB of 40 float32 features and 16 MB of 256-unit
@@ -51,13 +51,14 @@ class Reporter:
         return lambda epoch, metrics: self.epoch(stage, epoch, total, metrics)
 
 
-def cluster_k(*, n_honest: int, n_arms: int, params: Params, reporter: Reporter) -> int:
-    """K for the honest rows available (``clustering.effective_k``), with a note when lowered."""
-    k = effective_k(params.cluster.k, n_honest, n_arms, rows_per_cell=MIN_HONEST_ROWS_PER_CELL)
+def cluster_k(*, n_rows: int, n_arms: int, params: Params, reporter: Reporter) -> int:
+    """K for the rows the statistics are estimated on (``clustering.effective_k``), with a note when lowered."""
+    k = effective_k(params.cluster.k, n_rows, n_arms, rows_per_cell=MIN_ROWS_PER_CELL)
     if k < params.cluster.k:
+        rows = "fit rows" if params.statistics.rows == "all" else "honest rows"
         reporter.note(
-            f"cluster.k lowered from {params.cluster.k} to {k}: {n_honest} honest rows support "
-            f"about {MIN_HONEST_ROWS_PER_CELL} rows per (cluster, arm) cell at K={k}"
+            f"cluster.k lowered from {params.cluster.k} to {k}: {n_rows} {rows} support "
+            f"about {MIN_ROWS_PER_CELL} rows per (cluster, arm) cell at K={k}"
         )
     return k
 

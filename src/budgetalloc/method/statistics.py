@@ -1,4 +1,4 @@
-"""Per-cluster response and cost per arm, with uncertainty (stage 3), on honest rows.
+"""Per-cluster response and cost per arm, with uncertainty (stage 3), on the fit's trial rows.
 
 The network's cluster mean plus a doubly robust correction from the rows that
 received each arm, robustified (``estimator``), pooled towards a prior
@@ -6,7 +6,7 @@ received each arm, robustified (``estimator``), pooled towards a prior
 bootstrap reweightings give the scenarios.
 
 Invariants: every estimate is a ratio of additive sums (:class:`StatisticsAccumulator`)
-over blocks of ``STAT_BLOCK`` rows counted from the first honest row, each block
+over blocks of ``STAT_BLOCK`` rows counted from the first row given, each block
 seeded by ``(seed, tag, b)``, so the result does not depend on how the rows were
 batched. No cluster is dropped or merged.
 """
@@ -33,7 +33,7 @@ _BOOTSTRAP, _MOM = 5, 6  # seed-stream tags of the per-block draws
 class ClusterStatistics:
     """Estimates per (cluster, arm) and their bootstrap scenarios."""
 
-    counts: np.ndarray  # int64 (K, M) honest rows per cell
+    counts: np.ndarray  # int64 (K, M) trial rows per cell
     response: np.ndarray  # float64 (K, M)
     cost: np.ndarray  # float64 (K, M)
     response_se: np.ndarray  # float64 (K, M)
@@ -133,7 +133,7 @@ def _segment_sums(bounds: np.ndarray, weights: np.ndarray, terms: np.ndarray) ->
 
 
 class StatisticsAccumulator:
-    """Additive sufficient statistics of the honest rows, fed in row order in chunks of any
+    """Additive sufficient statistics of the trial rows, fed in row order in chunks of any
     size: :meth:`finalize` gives the same :class:`ClusterStatistics` bit for bit however
     the rows were cut. ``seed`` seeds the per-block bootstrap and median-of-means draws;
     ``bands`` are the ``(2, 2, M)`` winsorize bands (:func:`winsorize_bands`), or ``None``.
@@ -149,7 +149,7 @@ class StatisticsAccumulator:
         self._n_blocks = 0
 
     def update(self, labels, treatment, response, cost, ipw, pred_response, pred_cost) -> None:
-        """Add honest rows: cluster, arm, outcomes, inverse-propensity weight, (n, M) predictions."""
+        """Add trial rows: cluster, arm, outcomes, inverse-propensity weight, (n, M) predictions."""
         chunk = [np.asarray(a, dtype=np.int64) for a in (labels, treatment)] + [
             np.asarray(a, dtype=np.float64) for a in (response, cost, ipw, pred_response, pred_cost)]
         # The per-cluster products are small: one BLAS thread runs them 3-4x faster than two.
