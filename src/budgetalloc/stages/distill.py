@@ -3,7 +3,7 @@
 Pass 3 labels every row with its teacher cluster (embeddings in blocks, never
 written); the student learns its sample's, and its agreement is measured on the
 holdout by one more pass. It runs before the statistics because they group the
-honest rows by the student, the model that assigns users when serving.
+trial rows by the student, the model that assigns users when serving.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Stage ``policy``: cluster statistics, the budget table, and the policy artifact (METHOD stages 3-4).
 
-The honest rows are grouped by the student; the budget table is solved over the fit
+The fit rows (``statistics.rows``) are grouped by the student; the budget table is solved over the fit
 trial's own cluster sizes. The policy directory (:mod:`budgetalloc.policy`) is what
 ``allocate`` and ``evaluate`` read. Besides it, two small tables for reports and
 dashboards: the budget curve (per user) and the clusters (size, per-arm estimates),
