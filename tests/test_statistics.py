@@ -247,7 +247,7 @@ def test_upward_budget_cost_is_never_below_the_pooled_or_the_raw_cost():
     pred = np.full((n, m), c.mean())
     common = {"estimator": "mean", "n_scenarios": 3, "cost_margin": 0.0}
     pooled = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4, seed=0,
-                                params=StatisticsParams(**common))
+                                params=StatisticsParams(budget_cost="pooled", **common))
     raw = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4, seed=0,
                              params=StatisticsParams(pooling="rows", shrinkage=0.0, **common))
     up = cluster_statistics(labels, t, y, c, np.ones(n), pred, pred, k=4, seed=0,

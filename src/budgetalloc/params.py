@@ -121,7 +121,7 @@ class StatisticsParams(_Section):
     )
     n_scenarios: int = Field(50, ge=1)
     budget_cost: Literal["pooled", "upward"] = Field(
-        "pooled", description="upward: a cell's cost is pooled towards its prior only upwards (see statistics.py)"
+        "upward", description="upward: a cell's cost is pooled towards its prior only upwards (see statistics.py)"
     )
     cost_margin: float = Field(
         1.5, ge=0.0, description="cost standard errors added to every cell's cost, the budget side (0: none)"
