@@ -127,7 +127,7 @@ class StatisticsParams(_Section):
         1.5, ge=0.0, description="cost standard errors added to every cell's cost, the budget side (0: none)"
     )
     rows: Literal["all", "honest"] = Field(
-        "all", description="fit rows the cells are estimated on: every one, or only those the network did not learn from"
+        "all", description="fit rows the cells are estimated on: every one, or those the network did not learn from"
     )
     min_cell_rows: int = Field(5, ge=1)
     clip_sample: int = Field(

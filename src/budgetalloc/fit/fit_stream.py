@@ -3,10 +3,10 @@
 Passes: 1 checks every batch and keeps the samples (:mod:`budgetalloc.fit.trial_scan`),
 the preprocessor and network learn from them; 2 k-means on the train rows' embeddings;
 3 every row's teacher cluster, the student learns its sample's; 4 the statistics of the
-fit rows (``statistics.rows``: all, or the honest ones) grouped by the student and its cluster sizes; then the budget table. One
-process runs them all (:func:`fit_policy`, :func:`fit_policy_file`), a DVC stage one
-boundary. Invariants: per row only a role byte is held (and an id key in pass 1);
-passes follow fixed blocks from row 0, so the policy does not depend on the batching
+fit rows (``statistics.rows``: all, or the honest ones) grouped by the student and its
+cluster sizes; then the budget table. One process runs them all (:func:`fit_policy`,
+:func:`fit_policy_file`), a DVC stage one boundary. Invariants: per row only a role byte
+is held (and an id key in pass 1); passes follow fixed blocks from row 0, so the policy does not depend on the batching
 or the source (``summary.fit_path`` aside). Rationale: docs/scale.md.
 """
 

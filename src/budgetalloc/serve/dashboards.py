@@ -62,7 +62,7 @@ def curve_frame(table: list[dict], users: int | None = None) -> pd.DataFrame:
 
 def cluster_frame(stats, sizes: np.ndarray, counts: np.ndarray | None = None) -> pd.DataFrame:
     """One row per cluster: size, estimated response and cost under every arm; with the program's (K, M)
-    ``counts``, the arm most users get and the users given each arm, else the trial rows each cluster's estimates come from."""
+    ``counts``, the arm most users get and the users given each arm, else the trial rows its estimates come from."""
     k, m = stats.response.shape
     cols = {"cluster": np.arange(k), "size": np.asarray(sizes, dtype=np.int64)}
     if counts is None:
