@@ -6,8 +6,9 @@ the preprocessor and network learn from them; 2 k-means on the train rows' embed
 fit rows (``statistics.rows``: all, or the honest ones) grouped by the student and its
 cluster sizes; then the budget table. One process runs them all (:func:`fit_policy`,
 :func:`fit_policy_file`), a DVC stage one boundary. Invariants: per row only a role byte
-is held (and an id key in pass 1); passes follow fixed blocks from row 0, so the policy does not depend on the batching
-or the source (``summary.fit_path`` aside). Rationale: docs/scale.md.
+is held (and an id key in pass 1); passes follow fixed blocks from row 0, so the policy
+does not depend on the batching or the source (``summary.fit_path`` aside). Rationale:
+docs/scale.md.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ from budgetalloc.params import Params
 from budgetalloc.policy import Policy
 
 
+def estimating(roles: np.ndarray, params: Params) -> np.ndarray:
+    """Which of these rows estimate the cells (``statistics.rows``): every one, or the honest ones."""
+    if params.statistics.rows == "all":
+        return np.ones(roles.shape, dtype=bool)
+    return (roles & HONEST) != 0
+
+
 def _embedded(model: RepresentationModel, Z: np.ndarray, size: int) -> np.ndarray:
     """``embed`` of a block of at most ``size`` rows, run at the in-memory call's shape."""
     return embed(model, padded(Z, size), batch_size=size)[: Z.shape[0]]
@@ -86,7 +94,7 @@ def cluster_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: 
     """Pass 2: k-means on the train rows' embeddings."""
     reporter.stage("clustering")
     n_train = int(np.count_nonzero((roles & HONEST) == 0))
-    n_estimate = trial.n if params.statistics.rows == "all" else trial.n - n_train
+    n_estimate = int(np.count_nonzero(estimating(roles, params)))
     k = cluster_k(n_rows=n_estimate, n_arms=facts.n_arms, params=params, reporter=reporter)
     size = inference_batch_size(n_train, EMBED_BATCH)
 
@@ -158,12 +166,11 @@ def statistics_pass(trial: TrialRows, roles: np.ndarray, scan: Scan, pre: Prepro
                             params=params.statistics)
     acc = StatisticsAccumulator(k=student.n_clusters, n_arms=facts.n_arms, params=params.statistics,
                                 seed=params.seed, bands=bands)
-    every = params.statistics.rows == "all"
-    size = inference_batch_size(trial.n if every else int(np.count_nonzero(roles & HONEST)), STUDENT_BATCH)
+    size = inference_batch_size(int(np.count_nonzero(estimating(roles, params))), STUDENT_BATCH)
 
     def estimate_rows():
         for start, cols in trial.checked():
-            h = ((roles[start : start + cols.treatment.shape[0]] & HONEST) != 0) | every
+            h = estimating(roles[start : start + cols.treatment.shape[0]], params)
             p = None if cols.propensity is None else cols.propensity[h]
             yield (pre.transform(cols.X[h]), cols.treatment[h], cols.response[h], cols.cost[h],
                    facts.ipw(cols.treatment[h], p))
