@@ -10,7 +10,6 @@ rule for every command, in :func:`~budgetalloc.errors.handle_errors`.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -185,15 +184,12 @@ def benchmark(
 ) -> None:
     """HRC and the six baselines on simulated worlds with a noise sweep."""
     from budgetalloc.params import load_params
-    from budgetalloc.studies.benchmark import FULL, METHODS, QUICK, run_benchmark
+    from budgetalloc.studies.benchmark import METHODS, run_benchmark
 
     chosen = tuple(m.strip() for m in methods.split(",")) if methods else METHODS
     names = tuple(c.strip() for c in cases.split(",")) if cases else None
-    size = QUICK if quick else FULL
-    if train_rows is not None:
-        size = dataclasses.replace(size, n_train=train_rows)
     summary = run_benchmark(out, load_params(params), quick=quick, seed=seed, methods=chosen, case_names=names,
-                            size=size, log=lambda line: console.print(line, markup=False, highlight=False))
+                            train_rows=train_rows, log=lambda line: console.print(line, markup=False, highlight=False))
     console.print(frame_table(summary, f"Benchmark written to {out}", digits=3))
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -335,18 +335,22 @@ def _check_known(kind: str, names, known) -> None:
 
 
 def run_benchmark(out_dir, params: Params, *, quick: bool, seed: int = 0, methods=METHODS,
-                  size: BenchmarkSize | None = None, cases: list[Case] | None = None,
-                  case_names=None, log: Callable[[str], None] = print) -> pd.DataFrame:
+                  size: BenchmarkSize | None = None, train_rows: int | None = None,
+                  cases: list[Case] | None = None, case_names=None,
+                  log: Callable[[str], None] = print) -> pd.DataFrame:
     """Run ``methods`` on every case; write benchmark.csv, benchmark.md and plots atomically.
 
     HRC fits with ``params``, the baselines with their own defaults; ``seed`` is the seed
     family of the simulated data and every fit; ``size`` the row counts (default ``QUICK``
-    or ``FULL`` by ``quick``); ``cases`` the worlds (default :func:`default_cases`), of
-    which ``case_names`` picks some, in order; ``log`` gets a line per (case, method).
+    or ``FULL`` by ``quick``), with ``train_rows`` rows in each training trial if given;
+    ``cases`` the worlds (default :func:`default_cases`), of which ``case_names`` picks
+    some, in order; ``log`` gets a line per (case, method).
     Returns the summary table (one row per case and method).
     """
     _check_known("method", methods, METHODS)
     size = size or (QUICK if quick else FULL)
+    if train_rows is not None:
+        size = replace(size, n_train=train_rows)
     cases = cases or default_cases(n_users=size.n_train, quick=quick)
     if case_names:
         known = {c.name: c for c in cases}
