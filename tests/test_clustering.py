@@ -12,6 +12,9 @@ from budgetalloc.method.clustering import (
     fit_clusters,
     fit_clusters_batches,
     load_clusters,
+    roi_bin_edges,
+    roi_cells,
+    roi_scores,
     save_clusters,
 )
 from budgetalloc.params import ClusterParams
@@ -72,3 +75,28 @@ def test_save_load_roundtrip(tmp_path):
 @pytest.mark.parametrize("n,expected", [(100, 2), (3000, 20), (10**7, 64)])
 def test_effective_k_adapts_to_data(n, expected):
     assert effective_k(64, n, 5) == expected
+
+
+def test_roi_scores_take_each_rows_best_coupon_arm_per_unit_of_incremental_cost():
+    response = np.array([[0.1, 0.3, 0.4], [0.2, 0.2, 0.5]])
+    cost = np.array([[0.0, 1.0, 4.0], [0.0, 2.0, 1.0]])
+    np.testing.assert_allclose(roi_scores(response, cost), [0.2, 0.3])  # max(0.2, 0.075), max(0, 0.3)
+
+
+def test_roi_cells_cut_every_cluster_into_equal_parts_ordered_by_score():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 10_000)
+    scores = rng.normal(size=10_000) + labels  # clusters at different score levels
+    edges = roi_bin_edges(labels, scores, k=6, bins=4)  # cluster 5 has no rows
+    assert edges.shape == (6, 3) and np.isinf(edges[5]).all()
+    assert (np.diff(edges[:5], axis=1) > 0).all()
+    cells = roi_cells(labels, scores, edges)
+    np.testing.assert_array_equal(cells // 4, labels)  # a cell never mixes clusters
+    for c in range(5):
+        part = cells[labels == c] % 4
+        counts = np.bincount(part, minlength=4)
+        assert counts.max() - counts.min() <= 1  # equal parts, to a row
+        lo = [scores[labels == c][part == j].min() for j in range(4)]
+        hi = [scores[labels == c][part == j].max() for j in range(4)]
+        assert all(hi[j] < lo[j + 1] for j in range(3))  # ordered by score, not overlapping
+    np.testing.assert_array_equal(roi_cells(labels, scores, edges[:, :0]), labels)  # one part: the clusters

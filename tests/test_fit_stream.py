@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from budgetalloc.cli.app import app
 from budgetalloc.commands import fit_path
 from budgetalloc.data.contract import load_trial, trial_from_frame
-from budgetalloc.errors import DataError
+from budgetalloc.errors import DataError, ParamsError
 from budgetalloc.fit.fit_stream import fit_policy, fit_policy_file
 from budgetalloc.fit.trial_scan import (
     CLIP,
@@ -108,6 +108,33 @@ def test_the_cells_are_estimated_on_every_fit_row_or_on_the_honest_rows_only(tin
     assert 0.15 * 12_000 < honest.summary["honest_rows"] < 0.25 * 12_000  # data.honest_fraction: 0.2
     assert honest.summary["cluster_sizes"] == every.summary["cluster_sizes"]
     assert not np.array_equal(honest.statistics.response, every.statistics.response)
+
+
+def test_roi_bins_cut_each_cluster_by_predicted_roi_and_stream_bit_for_bit(tmp_path):
+    """``cluster.roi_bins: 2``: twice the cells, the upper one of each cluster holds its users of higher
+    predicted ROI (so its estimated incremental ROI is mostly higher), and the streamed fit is the
+    in-memory policy. ``train.decay_rows`` below the network's rows scales the decay, with a note."""
+    raw = {**TINY_PARAMS, "cluster": {**TINY_PARAMS["cluster"], "roi_bins": 2},
+           "train": {**TINY_PARAMS["train"], "decay_rows": 2000}}
+    params = params_from_dict(raw)
+    world = simulate_trial(SimulateParams(n_users=12_000), seed=1)
+    policy = fit_policy(trial_from_frame(world.frame, source="trial"), params)
+    save_policy(policy, tmp_path / "memory")
+    assert policy.k == 2 * 12 and policy.student.n_clusters == 24
+    sizes = np.array(policy.summary["cluster_sizes"]).reshape(12, 2)
+    assert (sizes.min(axis=1) > 0.15 * sizes.sum(axis=1)).all()  # the student keeps both halves (tiny: 0.21 at least)
+    stats = policy.statistics
+    roi = ((stats.response[:, 1:] - stats.response[:, :1]) / stats.cost[:, 1:]).max(axis=1).reshape(12, 2)
+    assert np.mean(roi[:, 1] > roi[:, 0]) >= 0.75
+    assert any("train.weight_decay scaled to" in n for n in policy.summary["notes"])
+    src = write_parquet(world.frame, tmp_path / "trial.parquet", row_group=2500)
+    save_policy(fit_policy_file(src, params, batch_rows=1000), tmp_path / "streamed")
+    assert_same_policy(tmp_path / "streamed", tmp_path / "memory")
+
+
+def test_roi_bins_refuse_soft_targets():
+    with pytest.raises(ParamsError, match="cluster.roi_bins 2 needs distill.soft_temperature 0"):
+        params_from_dict({"cluster": {"roi_bins": 2}, "distill": {"soft_temperature": 0.5}})
 
 
 def test_streamed_fit_through_the_cli_with_every_cap_and_option_below_the_data(tmp_path):

@@ -19,6 +19,7 @@ from budgetalloc.models.representation import (
     robust_center_scale,
     save_representation,
     train_representation,
+    weight_decay_for,
 )
 from budgetalloc.params import TrainParams
 
@@ -229,3 +230,11 @@ def test_default_regularisation_keeps_the_network_from_memorising_noise():
         last_val.append(h.val_loss[-1])
     assert gaps[1] < gaps[0] / 3  # measured: 0.20 against 1.05
     assert last_val[1] < last_val[0]
+
+
+@pytest.mark.parametrize("rows,expected", [(50_000, 1.0), (200_000, 1.0), (800_000, 0.25), (4_000_000, 0.05)])
+def test_weight_decay_is_scaled_down_in_proportion_above_decay_rows(rows, expected):
+    """AdamW decays once per step: a trial four times the reference takes four times the steps per
+    epoch, so its decay is a quarter, and an epoch shrinks the weights as much as at the reference."""
+    assert weight_decay_for(TrainParams(), rows) == pytest.approx(expected)
+    assert weight_decay_for(TrainParams(decay_rows=0), rows) == 1.0  # 0: never scaled

@@ -79,6 +79,10 @@ class TrainParams(_Section):
     weight_decay: float = Field(
         1.0, ge=0.0, description="AdamW's decoupled decay (times the learning rate): the network's regulariser"
     )
+    decay_rows: int = Field(
+        200_000, ge=0,
+        description="above this many network rows weight_decay is scaled down in proportion (0: never)",
+    )
     schedule: Schedule = "cosine"
     huber_delta: float = Field(1.0, gt=0.0)
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
@@ -103,6 +107,10 @@ class ClusterParams(_Section):
         2_000_000, ge=1, description="above this many rows MiniBatchKMeans.partial_fit is used"
     )
     batch_size: int = Field(8192, ge=1)
+    roi_bins: int = Field(
+        1, ge=1, le=16,
+        description="each k-means cluster cut into this many cells by the network's predicted best incremental ROI",
+    )
 
 
 class StatisticsParams(_Section):
@@ -220,9 +228,13 @@ def params_from_dict(raw: dict, *, source: str = "params") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as err:
         raise ParamsError(_describe(err, source)) from None
+    if params.cluster.roi_bins > 1 and params.distill.soft_temperature > 0:
+        raise ParamsError(f"{source}: cluster.roi_bins {params.cluster.roi_bins} needs distill.soft_temperature 0 "
+                          f"(soft targets are over the k-means clusters), got {params.distill.soft_temperature}")
+    return params
 
 
 def load_params(path: str | Path | None = None) -> Params:

@@ -49,6 +49,9 @@ from budgetalloc.method.clustering import (
     assign_clusters,
     centroid_soft_targets,
     fit_clusters_batches,
+    roi_bin_edges,
+    roi_cells,
+    roi_scores,
 )
 from budgetalloc.method.statistics import ClusterStatistics, StatisticsAccumulator, winsorize_bands
 from budgetalloc.models.distill import fixed_shape_clusters, train_student
@@ -59,6 +62,7 @@ from budgetalloc.models.representation import (
     predict_outcomes,
     task_metric,
     train_representation,
+    weight_decay_for,
 )
 from budgetalloc.params import Params
 from budgetalloc.policy import Policy
@@ -111,14 +115,17 @@ def cluster_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: 
 
 def teacher_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
                  clusters: ClusterModel, params: Params, *, soft_targets: bool = True):
-    """Pass 3: every row's teacher cluster.
+    """Pass 3: every row's teacher cell.
 
-    Returns the student sample's clusters (and soft targets, or ``None``), the
-    holdout's clusters, and the rows per teacher cluster.
+    A cell is a k-means cluster, or with ``cluster.roi_bins`` > 1 one of its equal parts
+    by the network's predicted best incremental ROI (the cuts are the student sample's
+    quantiles per cluster). Returns the student sample's cells (and soft targets, or
+    ``None``), the holdout's cells, and the rows per k-means cluster.
     """
     size = inference_batch_size(trial.n, EMBED_BATCH)
     temperature = params.distill.soft_temperature if soft_targets else 0.0
-    student, holdout, soft = [], [], []
+    bins = params.cluster.roi_bins
+    student, holdout, soft, scores = [], [], [], ([], [])
     sizes = np.zeros(clusters.k, dtype=np.int64)
     soft_blocks = Rebatcher(ASSIGN_BATCH)  # soft targets in fixed blocks of ASSIGN_BATCH rows
 
@@ -129,16 +136,28 @@ def teacher_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: 
         emb = _embedded(model, Z, size)
         labels = assign_clusters(clusters, emb)
         sizes += np.bincount(labels, minlength=clusters.k)
-        chosen = (r & STUDENT) != 0
+        chosen, held_out = (r & STUDENT) != 0, (r & HOLDOUT) != 0
         student.append(labels[chosen])
-        holdout.append(labels[(r & HOLDOUT) != 0].astype(np.int16 if clusters.k <= 2**15 else np.int32))
+        holdout.append(labels[held_out])
+        if bins > 1:
+            pred_r, pred_c = predict_outcomes(model, padded(Z, size), batch_size=EMBED_BATCH)
+            score = roi_scores(pred_r[: Z.shape[0]], pred_c[: Z.shape[0]])
+            scores[0].append(score[chosen])
+            scores[1].append(score[held_out])
         if temperature > 0:
             for (block,) in soft_blocks.push(emb[chosen]):
                 add_soft(block)
     last = soft_blocks.flush()
     if temperature > 0 and last is not None:
         add_soft(last[0])
-    return np.concatenate(student), (np.concatenate(soft) if soft else None), np.concatenate(holdout), sizes
+    student, holdout = np.concatenate(student), np.concatenate(holdout)
+    if bins > 1:
+        student_scores, holdout_scores = np.concatenate(scores[0]), np.concatenate(scores[1])
+        edges = roi_bin_edges(student, student_scores, k=clusters.k, bins=bins)
+        student, holdout = roi_cells(student, student_scores, edges), roi_cells(holdout, holdout_scores, edges)
+    cells = clusters.k * bins
+    holdout = holdout.astype(np.int16 if cells <= 2**15 else np.int32)
+    return student, (np.concatenate(soft) if soft else None), holdout, sizes
 
 
 def student_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, student,
@@ -215,6 +234,10 @@ def representation_step(roles: np.ndarray, scan: Scan, params: Params,
     if np.count_nonzero(net) < n_train:
         reporter.note(f"train.max_rows: the network learns from a seeded sample of {np.count_nonzero(net)} "
                       f"of the {n_train} train rows")
+    decay = weight_decay_for(params.train, int(np.count_nonzero(net)))
+    if decay != params.train.weight_decay:
+        reporter.note(f"train.weight_decay scaled to {decay:.3g} for {np.count_nonzero(net)} network rows "
+                      f"(train.decay_rows: {params.train.decay_rows})")
     model = train_representation(
         pre.transform(held.X[net]), held.treatment[net], held.response[net], held.cost[net],
         facts.ipw(held.treatment[net], None if held.propensity is None else held.propensity[net]),
@@ -229,7 +252,8 @@ def student_step(trial: TrialRows, roles: np.ndarray, scan: Scan, pre: Preproces
     reporter.stage("distillation")
     labels, soft, teacher_holdout, _ = teacher_pass(trial, roles, pre, model, clusters, params)
     chosen = scan.held.having(STUDENT)
-    student = train_student(pre.transform(scan.held.X[chosen]), labels, n_clusters=clusters.k, params=params.distill,
+    student = train_student(pre.transform(scan.held.X[chosen]), labels, n_clusters=clusters.k * params.cluster.roi_bins,
+                            params=params.distill,
                             seed=params.seed, soft_targets=soft,
                             progress=reporter.epoch_callback("distillation", params.distill.epochs))
     return student, teacher_holdout

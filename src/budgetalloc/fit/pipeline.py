@@ -53,12 +53,14 @@ class Reporter:
 
 def cluster_k(*, n_rows: int, n_arms: int, params: Params, reporter: Reporter) -> int:
     """K for the rows the statistics are estimated on (``clustering.effective_k``), with a note when lowered."""
-    k = effective_k(params.cluster.k, n_rows, n_arms, rows_per_cell=MIN_ROWS_PER_CELL)
+    bins = params.cluster.roi_bins
+    k = effective_k(params.cluster.k, n_rows // bins, n_arms, rows_per_cell=MIN_ROWS_PER_CELL)
     if k < params.cluster.k:
         rows = "fit rows" if params.statistics.rows == "all" else "honest rows"
+        cells = f"K={k}" if bins == 1 else f"K={k} x {bins} ROI parts"
         reporter.note(
             f"cluster.k lowered from {params.cluster.k} to {k}: {n_rows} {rows} support "
-            f"about {MIN_ROWS_PER_CELL} rows per (cluster, arm) cell at K={k}"
+            f"about {MIN_ROWS_PER_CELL} rows per (cell, arm) at {cells}"
         )
     return k
 

@@ -78,6 +78,35 @@ def effective_k(requested: int, n_rows: int, n_arms: int, *, rows_per_cell: int 
     return int(max(2, min(requested, n_rows // (n_arms * rows_per_cell))))
 
 
+def roi_scores(response: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Each row's best predicted incremental ROI over the coupon arms: ``max_j (r_j - r_0) / (c_j - c_0)``
+    of ``(n, M)`` predictions, float64 (a cost increment below 1e-9 counts as 1e-9)."""
+    gain = response[:, 1:] - response[:, :1]
+    spend = np.maximum(cost[:, 1:] - cost[:, :1], 1e-9)
+    return (gain / spend).max(axis=1)
+
+
+def roi_bin_edges(labels: np.ndarray, scores: np.ndarray, *, k: int, bins: int) -> np.ndarray:
+    """``(k, bins - 1)`` per cluster, the scores that cut its rows into ``bins`` equal parts
+    (``inf`` for a cluster without rows: all of its rows go to the first part)."""
+    order = np.lexsort((scores, labels))
+    counts = np.bincount(labels, minlength=k)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    edges = np.full((k, bins - 1), np.inf)
+    present = counts > 0
+    for j in range(1, bins):
+        at = starts[present] + (counts[present] * j) // bins
+        edges[present, j - 1] = scores[order[at]]
+    return edges
+
+
+def roi_cells(labels: np.ndarray, scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Cell ``label * bins + part`` of each row: its cluster, and the part its score falls in."""
+    bins = edges.shape[1] + 1
+    part = (scores[:, None] >= edges[labels]).sum(axis=1)
+    return (labels.astype(np.int64) * bins + part).astype(np.int32)
+
+
 def fit_clusters(emb: np.ndarray, *, k: int, params: ClusterParams, seed: int,
                  projection: np.ndarray | None = None, metric=None) -> ClusterModel:
     """:func:`fit_clusters_batches` on in-memory embeddings ``(n, H)``, one batch."""

@@ -162,6 +162,16 @@ def _check_inputs(X, treatment, response, cost, weight, n_arms: int) -> None:
         raise DataError("weights must be finite and >= 0")
 
 
+def weight_decay_for(params: TrainParams, n_rows: int) -> float:
+    """``train.weight_decay`` for a network that learns from ``n_rows`` rows: scaled by
+    ``decay_rows / n_rows`` above ``train.decay_rows``. AdamW shrinks the weights once per
+    step, so at one decay a larger trial's epoch (more steps) shrinks them more; scaled,
+    an epoch shrinks them as much as at ``decay_rows`` rows."""
+    if params.decay_rows and n_rows > params.decay_rows:
+        return params.weight_decay * params.decay_rows / n_rows
+    return params.weight_decay
+
+
 def train_representation(
     X: np.ndarray, treatment: np.ndarray, response: np.ndarray, cost: np.ndarray, weight: np.ndarray, *,
     n_arms: int, binary_response: bool, params: TrainParams, seed: int, progress: nn.Progress | None = None,
@@ -202,7 +212,8 @@ def train_representation(
     def loss_fn(m, batch):
         return multitask_loss(m, batch, binary=binary_response, huber_delta=params.huber_delta)
 
-    tx = nn.scheduled(partial(optax.adamw, weight_decay=params.weight_decay), params.learning_rate, params.schedule)
+    decay = weight_decay_for(params, X.shape[0])
+    tx = nn.scheduled(partial(optax.adamw, weight_decay=decay), params.learning_rate, params.schedule)
     graphdef, best, history = nn.fit(module, loss_fn, data, tx=tx, params=params,
                                      val_fraction=params.val_fraction, seed=seed, progress=progress)
     return RepresentationModel(graphdef, best, config, history)
