@@ -114,17 +114,18 @@ def cluster_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: 
 
 
 def teacher_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
-                 clusters: ClusterModel, params: Params, *, soft_targets: bool = True):
+                 clusters: ClusterModel, params: Params, *, soft_targets: bool = True, roi_parts: bool = True):
     """Pass 3: every row's teacher cell.
 
     A cell is a k-means cluster, or with ``cluster.roi_bins`` > 1 one of its equal parts
     by the network's predicted best incremental ROI (the cuts are the student sample's
     quantiles per cluster). Returns the student sample's cells (and soft targets, or
-    ``None``), the holdout's cells, and the rows per k-means cluster.
+    ``None``), the holdout's cells, and the rows per k-means cluster. ``soft_targets=False``:
+    no soft targets; ``roi_parts=False``: the cells are the clusters (the cluster stage's count).
     """
     size = inference_batch_size(trial.n, EMBED_BATCH)
     temperature = params.distill.soft_temperature if soft_targets else 0.0
-    bins = params.cluster.roi_bins
+    bins = params.cluster.roi_bins if roi_parts else 1
     student, holdout, soft, scores = [], [], [], ([], [])
     sizes = np.zeros(clusters.k, dtype=np.int64)
     soft_blocks = Rebatcher(ASSIGN_BATCH)  # soft targets in fixed blocks of ASSIGN_BATCH rows

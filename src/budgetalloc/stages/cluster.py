@@ -33,13 +33,14 @@ def main(
     trial, roles, scan = scan_file(data, p, reporter, held_roles=0)  # no samples: only the checks and facts
     pre, net = read_preprocessor(preprocess), load_representation(model)
     clusters = cluster_pass(trial, roles, pre, net, scan.facts, p, reporter)
-    *_, sizes = teacher_pass(trial, roles, pre, net, clusters, p, soft_targets=False)
+    *_, sizes = teacher_pass(trial, roles, pre, net, clusters, p, soft_targets=False, roi_parts=False)
     with atomic_directory(out) as tmp:
         save_clusters(clusters, tmp)
     write_json(
         {
             "k": clusters.k,
             "k_requested": p.cluster.k,
+            "cells": clusters.k * p.cluster.roi_bins,  # what the student learns (cluster.roi_bins parts each)
             "inertia": clusters.inertia,
             "smallest_cluster": int(sizes.min()),
             "largest_cluster": int(sizes.max()),
