@@ -22,6 +22,7 @@ from budgetalloc.commands import fit_path
 from budgetalloc.data.contract import load_trial, trial_from_frame
 from budgetalloc.errors import DataError, ParamsError
 from budgetalloc.fit.fit_stream import fit_policy, fit_policy_file
+from budgetalloc.fit.pipeline import roi_parts
 from budgetalloc.fit.trial_scan import (
     CLIP,
     HOLDOUT,
@@ -114,7 +115,7 @@ def test_roi_bins_cut_each_cluster_by_predicted_roi_and_stream_bit_for_bit(tmp_p
     """``cluster.roi_bins: 2``: twice the cells, the upper one of each cluster holds its users of higher
     predicted ROI (so its estimated incremental ROI is mostly higher), and the streamed fit is the
     in-memory policy. ``train.decay_rows`` below the network's rows scales the decay, with a note."""
-    raw = {**TINY_PARAMS, "cluster": {**TINY_PARAMS["cluster"], "roi_bins": 2},
+    raw = {**TINY_PARAMS, "cluster": {**TINY_PARAMS["cluster"], "roi_bins": 2, "roi_min_rows": 0},
            "train": {**TINY_PARAMS["train"], "decay_rows": 2000}}
     params = params_from_dict(raw)
     world = simulate_trial(SimulateParams(n_users=12_000), seed=1)
@@ -133,8 +134,16 @@ def test_roi_bins_cut_each_cluster_by_predicted_roi_and_stream_bit_for_bit(tmp_p
 
 
 def test_roi_bins_refuse_soft_targets():
-    with pytest.raises(ParamsError, match="cluster.roi_bins 2 needs distill.soft_temperature 0"):
-        params_from_dict({"cluster": {"roi_bins": 2}, "distill": {"soft_temperature": 0.5}})
+    with pytest.raises(ParamsError, match="distill.soft_temperature 0.5 needs cluster.roi_bins 1"):
+        params_from_dict({"distill": {"soft_temperature": 0.5}})  # roi_bins: 2 by default
+
+
+@pytest.mark.parametrize("rows,arms,parts", [(160_000, 5, 1), (639_999, 5, 1), (640_000, 5, 2), (800_000, 5, 2),
+                                             (800_000, 10, 1)])
+def test_the_clusters_are_cut_only_where_the_rows_keep_roi_min_rows_per_cell_and_arm(rows, arms, parts):
+    params = params_from_dict({})  # K 64, 2 parts, 1000 rows
+    assert roi_parts(n_rows=rows, n_arms=arms, params=params) == parts
+    assert roi_parts(n_rows=rows, n_arms=arms, params=params_from_dict({"cluster": {"roi_min_rows": 0}})) == 2
 
 
 def test_streamed_fit_through_the_cli_with_every_cap_and_option_below_the_data(tmp_path):
@@ -142,7 +151,7 @@ def test_streamed_fit_through_the_cli_with_every_cap_and_option_below_the_data(t
     raw = {**TINY_PARAMS,
            "train": {**TINY_PARAMS["train"], "max_rows": 1500},
            "distill": {**TINY_PARAMS["distill"], "max_rows": 2500, "soft_temperature": 0.5},
-           "cluster": {**TINY_PARAMS["cluster"], "streaming_threshold": 1000, "batch_size": 700},
+           "cluster": {**TINY_PARAMS["cluster"], "streaming_threshold": 1000, "batch_size": 700, "roi_bins": 1},
            "statistics": {"n_scenarios": 5, "estimator": "median_of_means", "clip_sample": 500}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     df = simulate_trial(SimulateParams(n_users=6000, missing_rate=0.02), seed=4).frame

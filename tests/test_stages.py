@@ -43,7 +43,7 @@ PARAMS = {
     "seed": 4,
     "simulate": {"n_users": 7000, "missing_rate": 0.02},
     "train": {"hidden": 32, "head_hidden": 8, "epochs": 6, "batch_size": 512, "patience": 2},
-    "cluster": {"k": 50, "n_init": 1},
+    "cluster": {"k": 50, "n_init": 1, "roi_bins": 1},  # soft targets are over the k-means clusters
     "distill": {"hidden": 32, "epochs": 6, "batch_size": 512, "soft_temperature": 0.5},
     "statistics": {"n_scenarios": 10},
     "program": {"budget_levels": [0.05, 0.2, 0.5]},

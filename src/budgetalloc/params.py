@@ -108,8 +108,12 @@ class ClusterParams(_Section):
     )
     batch_size: int = Field(8192, ge=1)
     roi_bins: int = Field(
-        1, ge=1, le=16,
+        2, ge=1, le=16,
         description="each k-means cluster cut into this many cells by the network's predicted best incremental ROI",
+    )
+    roi_min_rows: int = Field(
+        1000, ge=0,
+        description="roi_bins cut the clusters only where every (cell, arm) keeps this many fit rows on average",
     )
 
 
@@ -232,8 +236,9 @@ def params_from_dict(raw: dict, *, source: str = "params") -> Params:
     except ValidationError as err:
         raise ParamsError(_describe(err, source)) from None
     if params.cluster.roi_bins > 1 and params.distill.soft_temperature > 0:
-        raise ParamsError(f"{source}: cluster.roi_bins {params.cluster.roi_bins} needs distill.soft_temperature 0 "
-                          f"(soft targets are over the k-means clusters), got {params.distill.soft_temperature}")
+        raise ParamsError(f"{source}: distill.soft_temperature {params.distill.soft_temperature} needs "
+                          f"cluster.roi_bins 1 (soft targets are over the k-means clusters), "
+                          f"got {params.cluster.roi_bins}")
     return params
 
 

@@ -27,6 +27,7 @@ from budgetalloc.fit.pipeline import (
     assemble_policy,
     cluster_k,
     program_stage,
+    roi_parts,
 )
 from budgetalloc.fit.trial_scan import (
     HELD,
@@ -114,18 +115,18 @@ def cluster_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: 
 
 
 def teacher_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: RepresentationModel,
-                 clusters: ClusterModel, params: Params, *, soft_targets: bool = True, roi_parts: bool = True):
+                 clusters: ClusterModel, params: Params, *, soft_targets: bool = True, parts: int = 1):
     """Pass 3: every row's teacher cell.
 
-    A cell is a k-means cluster, or with ``cluster.roi_bins`` > 1 one of its equal parts
-    by the network's predicted best incremental ROI (the cuts are the student sample's
-    quantiles per cluster). Returns the student sample's cells (and soft targets, or
-    ``None``), the holdout's cells, and the rows per k-means cluster. ``soft_targets=False``:
-    no soft targets; ``roi_parts=False``: the cells are the clusters (the cluster stage's count).
+    A cell is a k-means cluster, or with ``parts`` > 1 (:func:`~budgetalloc.fit.pipeline.roi_parts`)
+    one of its equal parts by the network's predicted best incremental ROI (the cuts are the
+    student sample's quantiles per cluster). Returns the student sample's cells (and soft
+    targets, or ``None``; none with ``soft_targets=False``), the holdout's cells, and the rows
+    per k-means cluster.
     """
     size = inference_batch_size(trial.n, EMBED_BATCH)
     temperature = params.distill.soft_temperature if soft_targets else 0.0
-    bins = params.cluster.roi_bins if roi_parts else 1
+    bins = parts
     student, holdout, soft, scores = [], [], [], ([], [])
     sizes = np.zeros(clusters.k, dtype=np.int64)
     soft_blocks = Rebatcher(ASSIGN_BATCH)  # soft targets in fixed blocks of ASSIGN_BATCH rows
@@ -251,9 +252,13 @@ def student_step(trial: TrialRows, roles: np.ndarray, scan: Scan, pre: Preproces
                  clusters: ClusterModel, params: Params, reporter: Reporter):
     """Pass 3 and the student trained on its sample; returns the student and the holdout's teacher clusters."""
     reporter.stage("distillation")
-    labels, soft, teacher_holdout, _ = teacher_pass(trial, roles, pre, model, clusters, params)
+    parts = roi_parts(n_rows=int(np.count_nonzero(estimating(roles, params))), n_arms=scan.facts.n_arms,
+                      params=params)
+    if parts > 1:
+        reporter.note(f"cluster.roi_bins: each of the {clusters.k} clusters cut into {parts} cells by predicted ROI")
+    labels, soft, teacher_holdout, _ = teacher_pass(trial, roles, pre, model, clusters, params, parts=parts)
     chosen = scan.held.having(STUDENT)
-    student = train_student(pre.transform(scan.held.X[chosen]), labels, n_clusters=clusters.k * params.cluster.roi_bins,
+    student = train_student(pre.transform(scan.held.X[chosen]), labels, n_clusters=clusters.k * parts,
                             params=params.distill,
                             seed=params.seed, soft_targets=soft,
                             progress=reporter.epoch_callback("distillation", params.distill.epochs))

@@ -51,9 +51,16 @@ class Reporter:
         return lambda epoch, metrics: self.epoch(stage, epoch, total, metrics)
 
 
+def roi_parts(*, n_rows: int, n_arms: int, params: Params) -> int:
+    """Parts each k-means cluster is cut into: ``cluster.roi_bins`` where ``n_rows`` estimating rows
+    keep ``cluster.roi_min_rows`` per (cell, arm) at the requested K, else 1."""
+    c = params.cluster
+    return c.roi_bins if n_rows >= c.k * c.roi_bins * n_arms * c.roi_min_rows else 1
+
+
 def cluster_k(*, n_rows: int, n_arms: int, params: Params, reporter: Reporter) -> int:
     """K for the rows the statistics are estimated on (``clustering.effective_k``), with a note when lowered."""
-    bins = params.cluster.roi_bins
+    bins = roi_parts(n_rows=n_rows, n_arms=n_arms, params=params)
     k = effective_k(params.cluster.k, n_rows // bins, n_arms, rows_per_cell=MIN_ROWS_PER_CELL)
     if k < params.cluster.k:
         rows = "fit rows" if params.statistics.rows == "all" else "honest rows"

@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 
 from budgetalloc.files import atomic_directory, write_json
-from budgetalloc.fit.fit_stream import cluster_pass, scan_file, teacher_pass
+from budgetalloc.fit.fit_stream import cluster_pass, estimating, scan_file, teacher_pass
+from budgetalloc.fit.pipeline import roi_parts
 from budgetalloc.method.clustering import save_clusters
 from budgetalloc.models.representation import load_representation
 from budgetalloc.params import load_params
@@ -33,14 +35,15 @@ def main(
     trial, roles, scan = scan_file(data, p, reporter, held_roles=0)  # no samples: only the checks and facts
     pre, net = read_preprocessor(preprocess), load_representation(model)
     clusters = cluster_pass(trial, roles, pre, net, scan.facts, p, reporter)
-    *_, sizes = teacher_pass(trial, roles, pre, net, clusters, p, soft_targets=False, roi_parts=False)
+    parts = roi_parts(n_rows=int(np.count_nonzero(estimating(roles, p))), n_arms=scan.facts.n_arms, params=p)
+    *_, sizes = teacher_pass(trial, roles, pre, net, clusters, p, soft_targets=False)
     with atomic_directory(out) as tmp:
         save_clusters(clusters, tmp)
     write_json(
         {
             "k": clusters.k,
             "k_requested": p.cluster.k,
-            "cells": clusters.k * p.cluster.roi_bins,  # what the student learns (cluster.roi_bins parts each)
+            "cells": clusters.k * parts,  # the student's classes (cluster.roi_bins)
             "inertia": clusters.inertia,
             "smallest_cluster": int(sizes.min()),
             "largest_cluster": int(sizes.max()),
