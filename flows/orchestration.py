@@ -27,6 +27,7 @@ import pandas as pd
 import yaml
 
 from budgetalloc.files import atomic_path
+from budgetalloc.fit.pipeline import agreement_text
 from budgetalloc.progress_line import parse_progress
 from budgetalloc.serve import dashboards
 
@@ -478,7 +479,7 @@ def training_markdown(root: Path, rev: Revision) -> str:
         "# Training run",
         f"- trial rows: {s['rows']} ({s['train_rows']} train / {s['honest_rows']} honest)",
         f"- clusters K = {s['k']}, arms = {s['n_arms']}",
-        f"- student agreement with the teacher (held-out): {s['student_agreement']:.4f}",
+        f"- student agreement with the teacher (held-out): {agreement_text(s)}",
         f"- representation epochs: {s['representation_epochs']}",
         *(f"- note: {n}" for n in s["notes"]),
     ]

@@ -22,7 +22,7 @@ from budgetalloc.commands import fit_path
 from budgetalloc.data.contract import load_trial, trial_from_frame
 from budgetalloc.errors import DataError, ParamsError
 from budgetalloc.fit.fit_stream import fit_policy, fit_policy_file
-from budgetalloc.fit.pipeline import roi_parts
+from budgetalloc.fit.pipeline import agreement_text, roi_parts
 from budgetalloc.fit.trial_scan import (
     CLIP,
     HOLDOUT,
@@ -101,6 +101,8 @@ def test_the_cells_are_estimated_on_every_fit_row_or_on_the_honest_rows_only(tin
     directory, _, params = tiny_fitted
     every = load_policy(directory)
     assert every.params.statistics.rows == "all"
+    assert every.summary["student_cluster_agreement"] == every.summary["student_agreement"]  # no ROI cells here
+    assert agreement_text(every.summary) == f"{every.summary['student_agreement']:.4f}"
     assert int(every.statistics.counts.sum()) == every.summary["rows"] == 12_000
     world = simulate_trial(SimulateParams(n_users=12_000), seed=1)  # the fixture's trial
     honest_params = params.model_copy(update={"statistics": params.statistics.model_copy(update={"rows": "honest"})})
@@ -128,6 +130,9 @@ def test_roi_bins_cut_each_cluster_by_predicted_roi_and_stream_bit_for_bit(tmp_p
     roi = ((stats.response[:, 1:] - stats.response[:, :1]) / stats.cost[:, 1:]).max(axis=1).reshape(12, 2)
     assert np.mean(roi[:, 1] > roi[:, 0]) >= 0.75
     assert any("train.weight_decay scaled to" in n for n in policy.summary["notes"])
+    cells, clusters = policy.summary["student_agreement"], policy.summary["student_cluster_agreement"]
+    assert 0 < cells < clusters <= 1  # a student that confuses two parts of one cluster still finds the cluster
+    assert agreement_text(policy.summary) == f"{cells:.4f} (clusters {clusters:.4f})"
     src = write_parquet(world.frame, tmp_path / "trial.parquet", row_group=2500)
     save_policy(fit_policy_file(src, params, batch_rows=1000), tmp_path / "streamed")
     assert_same_policy(tmp_path / "streamed", tmp_path / "memory")

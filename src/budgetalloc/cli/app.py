@@ -20,6 +20,7 @@ from rich.table import Table
 
 from budgetalloc.cli.extra import register
 from budgetalloc.errors import handle_errors
+from budgetalloc.fit.pipeline import agreement_text
 
 app = typer.Typer(
     name="budgetalloc",
@@ -112,7 +113,7 @@ def fit(
         ("trial read", "streamed in batches" if summary["fit_path"] == "streamed" else "whole, in memory"),
         ("clusters K", str(summary["k"])),
         ("arms", str(summary["n_arms"])),
-        ("student agreement (held-out)", f"{summary['student_agreement']:.4f}"),
+        ("student agreement (held-out)", agreement_text(summary)),
         ("representation epochs", str(summary["representation_epochs"])),
         ("budget per user in table", f"{lo:.4g} .. {hi:.4g}"),
     ):

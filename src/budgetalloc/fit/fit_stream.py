@@ -163,19 +163,29 @@ def teacher_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: 
 
 
 def student_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, student,
-                 teacher_holdout: np.ndarray | None) -> tuple[np.ndarray, float | None]:
-    """Every row's student cluster: the rows per cluster, and the agreement with ``teacher_holdout``."""
+                 teacher_holdout: np.ndarray | None, parts: int = 1) -> tuple[np.ndarray, float | None, float | None]:
+    """Every row's student cell: the rows per cell, and the agreement with ``teacher_holdout`` on
+    the cell and on its k-means cluster (the cell's ``// parts``; the same number with one part)."""
     size = inference_batch_size(trial.n, STUDENT_BATCH)
     sizes = np.zeros(student.n_clusters, dtype=np.int64)
-    agree, seen = 0, 0
+    agree, agree_cluster, seen = 0, 0, 0
     for Z, r in fixed_blocks(_features(trial, roles, pre), size):
         labels = fixed_shape_clusters(student, Z, size)
         sizes += np.bincount(labels, minlength=student.n_clusters)
         if teacher_holdout is not None:
             held_out = labels[(r & HOLDOUT) != 0]
-            agree += int(np.count_nonzero(held_out == teacher_holdout[seen : seen + held_out.shape[0]]))
+            teacher = teacher_holdout[seen : seen + held_out.shape[0]]
+            agree += int(np.count_nonzero(held_out == teacher))
+            agree_cluster += int(np.count_nonzero(held_out // parts == teacher // parts))
             seen += held_out.shape[0]
-    return sizes, (None if teacher_holdout is None else agree / max(seen, 1))
+    if teacher_holdout is None:
+        return sizes, None, None
+    return sizes, agree / max(seen, 1), agree_cluster / max(seen, 1)
+
+
+def cell_parts(roles: np.ndarray, facts: TrialFacts, params: Params) -> int:
+    """The parts each k-means cluster is cut into for this trial (:func:`~budgetalloc.fit.pipeline.roi_parts`)."""
+    return roi_parts(n_rows=int(np.count_nonzero(estimating(roles, params))), n_arms=facts.n_arms, params=params)
 
 
 def statistics_pass(trial: TrialRows, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
@@ -252,8 +262,7 @@ def student_step(trial: TrialRows, roles: np.ndarray, scan: Scan, pre: Preproces
                  clusters: ClusterModel, params: Params, reporter: Reporter):
     """Pass 3 and the student trained on its sample; returns the student and the holdout's teacher clusters."""
     reporter.stage("distillation")
-    parts = roi_parts(n_rows=int(np.count_nonzero(estimating(roles, params))), n_arms=scan.facts.n_arms,
-                      params=params)
+    parts = cell_parts(roles, scan.facts, params)
     if parts > 1:
         reporter.note(f"cluster.roi_bins: each of the {clusters.k} clusters cut into {parts} cells by predicted ROI")
     labels, soft, teacher_holdout, _ = teacher_pass(trial, roles, pre, model, clusters, params, parts=parts)
@@ -267,11 +276,13 @@ def student_step(trial: TrialRows, roles: np.ndarray, scan: Scan, pre: Preproces
 
 def budget_step(trial: TrialRows, roles: np.ndarray, scan: Scan, pre: Preprocessor, model, student,
                 teacher_holdout: np.ndarray | None, params: Params, reporter: Reporter):
-    """Pass 4, the student's cluster sizes (and agreement), the budget table: ``(stats, sizes, agreement, table)``."""
+    """Pass 4, the student's cell sizes (and agreements), the budget table:
+    ``(stats, sizes, (agreement, cluster_agreement), table)``."""
     reporter.stage("statistics")
     stats = statistics_pass(trial, roles, scan, pre, model, student, params)
-    sizes, agreement = student_pass(trial, roles, pre, student, teacher_holdout)
-    return stats, sizes, agreement, program_stage(stats, sizes, params, reporter)
+    parts = cell_parts(roles, scan.facts, params)
+    sizes, *agreements = student_pass(trial, roles, pre, student, teacher_holdout, parts)
+    return stats, sizes, tuple(agreements), program_stage(stats, sizes, params, reporter)
 
 
 def fit_source(trial: TrialRows, params: Params, reporter: Reporter | None = None, *,
@@ -283,11 +294,11 @@ def fit_source(trial: TrialRows, params: Params, reporter: Reporter | None = Non
     clusters = cluster_pass(trial, roles, pre, model, scan.facts, params, reporter)
     student, teacher_holdout = student_step(trial, roles, scan, pre, model, clusters, params, reporter)
     scan.held = None  # the samples are no longer needed
-    stats, n_users, agreement, table = budget_step(trial, roles, scan, pre, model, student, teacher_holdout,
-                                                   params, reporter)
+    stats, n_users, agreements, table = budget_step(trial, roles, scan, pre, model, student, teacher_holdout,
+                                                    params, reporter)
     return assemble_policy(scan.facts, params, preprocessor=pre, network=model, student=student,
                            statistics=stats, budget_table=table, n_users=n_users,
-                           train_rows=train_rows(roles), agreement=agreement, notes=reporter.notes,
+                           train_rows=train_rows(roles), agreement=agreements, notes=reporter.notes,
                            fit_path=fit_path)
 
 

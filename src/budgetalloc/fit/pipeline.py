@@ -104,11 +104,12 @@ def program_stage(stats: ClusterStatistics, n_users: np.ndarray, params: Params,
 def assemble_policy(trial: Trial, params: Params, *, preprocessor: Preprocessor,
                     network: RepresentationModel, student: StudentModel,
                     statistics: ClusterStatistics, budget_table: list[dict], n_users: np.ndarray,
-                    train_rows: int, agreement: float | None, notes: list[str],
+                    train_rows: int, agreement: tuple[float | None, float | None], notes: list[str],
                     fit_path: str = "in memory") -> Policy:
     """The :class:`Policy` from the fitted parts (not yet saved), with the fit diagnostics it stores
     (``summary.json``). ``trial`` needs ``n``, ``n_arms``, ``feature_names`` and
-    ``binary_response`` only (the streamed fit passes its file's facts).
+    ``binary_response`` only (the streamed fit passes its file's facts). ``agreement``: the
+    student's on the held-out cells and on their k-means clusters.
     """
     summary = {
         "rows": trial.n,
@@ -116,7 +117,8 @@ def assemble_policy(trial: Trial, params: Params, *, preprocessor: Preprocessor,
         "honest_rows": trial.n - train_rows,
         "k": student.n_clusters,
         "n_arms": trial.n_arms,
-        "student_agreement": agreement,
+        "student_agreement": agreement[0],
+        "student_cluster_agreement": agreement[1],
         "representation_epochs": int(network.history.epochs_run),
         "cluster_sizes": n_users.tolist(),
         "budget_per_user_range": [budget_table[i]["budget_per_user"] for i in (0, -1)],
@@ -126,3 +128,12 @@ def assemble_policy(trial: Trial, params: Params, *, preprocessor: Preprocessor,
     return Policy(feature_names=trial.feature_names, n_arms=trial.n_arms,
                   binary_response=trial.binary_response, preprocessor=preprocessor, student=student,
                   statistics=statistics, budget_table=budget_table, params=params, summary=summary)
+
+
+def agreement_text(summary: dict) -> str:
+    """The student's held-out agreement with the teacher's cells, and with their k-means clusters
+    where the clusters were cut into ROI cells."""
+    cells, clusters = summary["student_agreement"], summary.get("student_cluster_agreement")
+    if clusters is None or clusters == cells:
+        return f"{cells:.4f}"
+    return f"{cells:.4f} (clusters {clusters:.4f})"

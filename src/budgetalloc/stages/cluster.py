@@ -9,12 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
 from budgetalloc.files import atomic_directory, write_json
-from budgetalloc.fit.fit_stream import cluster_pass, estimating, scan_file, teacher_pass
-from budgetalloc.fit.pipeline import roi_parts
+from budgetalloc.fit.fit_stream import cell_parts, cluster_pass, scan_file, teacher_pass
 from budgetalloc.method.clustering import save_clusters
 from budgetalloc.models.representation import load_representation
 from budgetalloc.params import load_params
@@ -35,7 +33,7 @@ def main(
     trial, roles, scan = scan_file(data, p, reporter, held_roles=0)  # no samples: only the checks and facts
     pre, net = read_preprocessor(preprocess), load_representation(model)
     clusters = cluster_pass(trial, roles, pre, net, scan.facts, p, reporter)
-    parts = roi_parts(n_rows=int(np.count_nonzero(estimating(roles, p))), n_arms=scan.facts.n_arms, params=p)
+    parts = cell_parts(roles, scan.facts, p)
     *_, sizes = teacher_pass(trial, roles, pre, net, clusters, p, soft_targets=False)
     with atomic_directory(out) as tmp:
         save_clusters(clusters, tmp)

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from budgetalloc.files import atomic_directory, write_json
-from budgetalloc.fit.fit_stream import scan_file, student_pass, student_step
+from budgetalloc.fit.fit_stream import cell_parts, scan_file, student_pass, student_step
 from budgetalloc.fit.trial_scan import STUDENT
 from budgetalloc.method.clustering import load_clusters
 from budgetalloc.models.distill import save_student
@@ -40,13 +40,15 @@ def main(
     student, teacher_holdout = student_step(trial, roles, scan, pre, load_representation(model),
                                             load_clusters(clusters), p, reporter)
     scan.held = None
-    _, agreement = student_pass(trial, roles, pre, student, teacher_holdout)
+    _, agreement, cluster_agreement = student_pass(trial, roles, pre, student, teacher_holdout,
+                                                   cell_parts(roles, scan.facts, p))
     with atomic_directory(out) as tmp:
         save_student(student, tmp)
     h = student.history
     write_json(
         {
             "agreement": agreement,
+            "cluster_agreement": cluster_agreement,
             "holdout_rows": len(teacher_holdout),
             "epochs_run": h.epochs_run,
             "best_val_loss": h.best_val_loss,

@@ -66,10 +66,11 @@ def main(
     stats, n_users, _, table = budget_step(trial, roles, scan, pre, net, student_model, None, p, reporter)
     scenario_free = p.model_copy(update={"allocate": AllocateParams(batch_size=p.allocate.batch_size)})
     notes = read_json(train_report)["notes"] + read_json(cluster_report)["notes"]
+    distilled = read_json(distill_report)
     policy = assemble_policy(scan.facts, scenario_free, preprocessor=pre, network=net,
                              student=student_model, statistics=stats, budget_table=table,
                              n_users=n_users, train_rows=train_rows(roles),
-                             agreement=read_json(distill_report)["agreement"], notes=notes)
+                             agreement=(distilled["agreement"], distilled["cluster_agreement"]), notes=notes)
     save_policy(policy, out)
     curve_table, cluster_table = curve_frame(table), cluster_frame(stats, n_users)
     write_table(curve_table, curve)
