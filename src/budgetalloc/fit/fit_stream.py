@@ -126,7 +126,6 @@ def teacher_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: 
     """
     size = inference_batch_size(trial.n, EMBED_BATCH)
     temperature = params.distill.soft_temperature if soft_targets else 0.0
-    bins = parts
     student, holdout, soft, scores = [], [], [], ([], [])
     sizes = np.zeros(clusters.k, dtype=np.int64)
     soft_blocks = Rebatcher(ASSIGN_BATCH)  # soft targets in fixed blocks of ASSIGN_BATCH rows
@@ -141,7 +140,7 @@ def teacher_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: 
         chosen, held_out = (r & STUDENT) != 0, (r & HOLDOUT) != 0
         student.append(labels[chosen])
         holdout.append(labels[held_out])
-        if bins > 1:
+        if parts > 1:
             pred_r, pred_c = predict_outcomes(model, padded(Z, size), batch_size=EMBED_BATCH)
             score = roi_scores(pred_r[: Z.shape[0]], pred_c[: Z.shape[0]])
             scores[0].append(score[chosen])
@@ -153,11 +152,11 @@ def teacher_pass(trial: TrialRows, roles: np.ndarray, pre: Preprocessor, model: 
     if temperature > 0 and last is not None:
         add_soft(last[0])
     student, holdout = np.concatenate(student), np.concatenate(holdout)
-    if bins > 1:
+    if parts > 1:
         student_scores, holdout_scores = np.concatenate(scores[0]), np.concatenate(scores[1])
-        edges = roi_bin_edges(student, student_scores, k=clusters.k, bins=bins)
+        edges = roi_bin_edges(student, student_scores, k=clusters.k, bins=parts)
         student, holdout = roi_cells(student, student_scores, edges), roi_cells(holdout, holdout_scores, edges)
-    cells = clusters.k * bins
+    cells = clusters.k * parts
     holdout = holdout.astype(np.int16 if cells <= 2**15 else np.int32)
     return student, (np.concatenate(soft) if soft else None), holdout, sizes
 
